@@ -1,0 +1,197 @@
+"""Command line: `python -m app.cli {run,prestart,api,worker}`.
+
+- `prestart`: apply migrations and make sure the default project's admin key exists;
+- `run`: prestart, then the API and one worker side by side (what `make run` does); Ctrl-C stops both;
+- `api` / `worker`: one process each, for docker-compose and clusters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from app.core.config import Settings, get_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def migrate(settings: Settings) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(ROOT / "migrations"))
+    config.set_main_option("sqlalchemy.url", settings.effective_database_url.replace("%", "%%"))
+    config.attributes["configure_logging"] = False
+    command.upgrade(config, "head")
+
+
+def prestart(settings: Settings) -> str | None:
+    """Migrate and bootstrap; returns the admin key when Graft generated it (None when it came from the
+    environment, which Graft never echoes)."""
+    from app.core.db import make_engine, make_session_factory, session_scope
+    from app.projects.service import bootstrap
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    migrate(settings)
+    engine = make_engine(settings.effective_database_url)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            result = bootstrap(session, settings)
+            if result.created and result.key is not None:
+                print(f"Created the admin API key of project {result.project.id}.", flush=True)
+            return result.key
+    finally:
+        engine.dispose()
+
+
+def recover_embedded_jobs(settings: Settings) -> None:
+    """Embedded mode has exactly one worker, started by `run`: a job left running was interrupted by the
+    last stop, so it goes back to the queue; every queued job is sent again (a delivery of a job that
+    already started is a no-op, so duplicates are harmless)."""
+    from sqlalchemy import select
+
+    from app.core.db import make_engine, make_session_factory, session_scope
+    from app.core.queue import JobQueue
+    from app.jobs import repository
+    from app.tables import Job
+
+    engine = make_engine(settings.effective_database_url)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            for job_id in session.scalars(select(Job.id).where(Job.status == "running")):
+                repository.transition(
+                    session, job_id, "running", status="queued", started_at=None, progress=None
+                )
+                repository.add_event(
+                    session, job_id, "The service stopped while this job ran; it was queued again"
+                )
+            queued = list(session.scalars(select(Job.id).where(Job.status == "queued").order_by(Job.pk)))
+    finally:
+        engine.dispose()
+    queue = JobQueue(settings)
+    for job_id in queued:
+        queue.send(job_id)
+
+
+def api_command(settings: Settings) -> list[str]:
+    return [
+        sys.executable, "-m", "uvicorn", "app.main:app",
+        "--host", settings.host, "--port", str(settings.port), "--no-access-log",
+    ]  # fmt: skip
+
+
+def worker_command(settings: Settings) -> list[str]:
+    command = [
+        sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+        "--queues", settings.worker_queue, "--concurrency", str(settings.worker_concurrency),
+        "--loglevel", "INFO", "--hostname", f"graft-{settings.worker_queue}@%h",
+    ]  # fmt: skip
+    if settings.uses_filesystem_broker:
+        command += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
+    return command
+
+
+def _wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float = 120.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.3)
+    return False
+
+
+def run(settings: Settings) -> int:
+    key = prestart(settings)
+    embedded = settings.database_url is None and settings.uses_filesystem_broker
+    if embedded:
+        recover_embedded_jobs(settings)
+    env = {**os.environ, "GRAFT_HOME": str(settings.home)}
+    # Own sessions: a terminal's Ctrl-C reaches only this launcher, which forwards one SIGTERM to each.
+    api = subprocess.Popen(api_command(settings), env=env, start_new_session=True)
+    worker = subprocess.Popen(worker_command(settings), env=env, start_new_session=True)
+    processes = {"api": api, "worker": worker}
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if stopping:
+            # A second Ctrl-C: stop now. An interrupted job is queued again at the next start.
+            for process in processes.values():
+                if process.poll() is None:
+                    process.kill()
+            return
+        stopping = True
+        print(
+            "\nStopping Graft (a running job finishes its current work first; Ctrl-C again to force)...",
+            flush=True,
+        )
+        for process in processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+    base = f"http://{settings.host}:{settings.port}"
+    if _wait_until_up(f"{base}/healthz", api):
+        shown = key if key is not None else "(the value of GRAFT_BOOTSTRAP_API_KEY)"
+        print(
+            "\n"
+            "  Graft is running\n"
+            f"    API docs       {base}/docs\n"
+            f"    Admin API key  {shown}\n"
+            f"    Data           {settings.home}\n"
+            "  Press Ctrl-C to stop.\n",
+            flush=True,
+        )
+    # Whichever process ends first (Ctrl-C, or a crash) brings the other one down with it.
+    while all(process.poll() is None for process in processes.values()):
+        time.sleep(0.5)
+    if not stopping:
+        stop(signal.SIGTERM, None)
+    for process in processes.values():
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    failed = [
+        name
+        for name, process in processes.items()
+        if process.returncode not in (0, -signal.SIGTERM, -signal.SIGINT)
+    ]
+    if failed and not stopping:
+        print(f"Graft stopped because the {failed[0]} process exited.", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app.cli", description="Graft service commands")
+    parser.add_argument("command", choices=["run", "prestart", "api", "worker"])
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    if args.command == "prestart":
+        key = prestart(settings)
+        if key is not None:
+            print(f"Admin API key: {key}")
+        return 0
+    if args.command == "run":
+        return run(settings)
+    command = api_command(settings) if args.command == "api" else worker_command(settings)
+    os.execv(command[0], command)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

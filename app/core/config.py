@@ -1,0 +1,88 @@
+"""The one settings class. Every value comes from a `GRAFT_*` environment variable or its default.
+
+The defaults give the embedded single-machine setup: SQLite, Celery's filesystem broker and local
+storage, all under `GRAFT_HOME`. Pointing `GRAFT_DATABASE_URL` at PostgreSQL and `GRAFT_BROKER_URL`
+at Redis runs the same code as a cluster.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GIB = 1024**3
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GRAFT_", extra="ignore")
+
+    home: Path = Field(default=Path("var"), description="Root of the embedded database, broker and storage.")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; SQLite under home when unset."
+    )
+    broker_url: str | None = Field(
+        default=None, description="Celery broker URL; filesystem broker when unset."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_upload_bytes: int = Field(default=2 * GIB, gt=0)
+    bootstrap_api_key: SecretStr | None = Field(
+        default=None, description="Admin key of the default project; generated when unset."
+    )
+    worker_queue: str = Field(default="gpu", min_length=1)
+    worker_concurrency: int = Field(default=1, ge=1)
+    # Archive limits (zip bombs and file floods are rejected before anything is extracted).
+    max_archive_members: int = Field(default=50_000, gt=0)
+    max_archive_uncompressed_bytes: int = Field(default=8 * GIB, gt=0)
+    max_compression_ratio: float = Field(default=200.0, gt=1)
+    max_image_pixels: int = Field(default=40_000_000, gt=0)
+    # Serving.
+    max_predict_inputs: int = Field(default=256, gt=0)
+    model_cache_size: int = Field(default=4, ge=1)
+    # Training: how often (seconds) a running job looks for a cancel request.
+    cancel_poll_seconds: float = Field(default=1.0, gt=0)
+    torch_threads: int | None = Field(default=None, ge=1)
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @field_validator("bootstrap_api_key")
+    @classmethod
+    def _strong_bootstrap_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("GRAFT_BOOTSTRAP_API_KEY must be at least 16 characters")
+        return value
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.home / "storage"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.home / "broker"
+
+    @property
+    def admin_key_file(self) -> Path:
+        return self.home / "admin.key"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'graft.db'}"
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def uses_filesystem_broker(self) -> bool:
+        return self.effective_broker_url.startswith("filesystem://")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

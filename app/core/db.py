@@ -1,0 +1,105 @@
+"""Engine and session factory. Sessions commit only at the edge: the request dependency or a worker's
+session scope."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, MetaData, create_engine, event, text
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+
+# Stable constraint names so that Alembic migrations are reproducible on SQLite and PostgreSQL.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets the API read while a worker writes progress; busy_timeout waits out short write locks.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def make_engine(url: str, *, pool_size: int = 5) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
+
+
+log = logging.getLogger("graft.db")
+
+
+def after_commit(session: Session, callback: Callable[[], object]) -> None:
+    """Run `callback` once this unit of work has committed (enqueue a job only when its row exists)."""
+    session.info.setdefault("after_commit", []).append(callback)
+
+
+def after_rollback(session: Session, callback: Callable[[], object]) -> None:
+    """Run `callback` if this unit of work fails (remove a file written for a row that never landed)."""
+    session.info.setdefault("after_rollback", []).append(callback)
+
+
+def _run_hooks(session: Session, name: str) -> None:
+    for callback in session.info.pop(name, []):
+        try:
+            callback()
+        except Exception:
+            log.exception("%s hook failed", name)
+    session.info.pop("after_commit", None)
+    session.info.pop("after_rollback", None)
+
+
+def commit(session: Session) -> None:
+    """Commit, then run the after-commit hooks; on failure roll back and run the rollback hooks."""
+    try:
+        session.commit()
+    except BaseException:
+        rollback(session)
+        raise
+    _run_hooks(session, "after_commit")
+
+
+def rollback(session: Session) -> None:
+    session.rollback()
+    _run_hooks(session, "after_rollback")
+
+
+@contextmanager
+def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """One unit of work: commit on success, roll back on any error."""
+    session = factory()
+    try:
+        yield session
+    except BaseException:
+        rollback(session)
+        raise
+    else:
+        commit(session)
+    finally:
+        session.close()
+
+
+def ping(engine: Engine) -> None:
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))

@@ -1,0 +1,166 @@
+"""One exception hierarchy, rendered by one handler as `{"error": {"code", "message", "param"}}`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("graft.api")
+
+
+class GraftError(Exception):
+    status_code = 400
+    code = "invalid_request"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers
+
+
+class InvalidRequest(GraftError):
+    status_code = 400
+    code = "invalid_request"
+
+
+class Unauthorized(GraftError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class Forbidden(GraftError):
+    status_code = 403
+    code = "forbidden"
+
+
+class NotFound(GraftError):
+    status_code = 404
+    code = "not_found"
+
+
+class Conflict(GraftError):
+    status_code = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(GraftError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(GraftError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class Unprocessable(GraftError):
+    status_code = 422
+    code = "invalid_data"
+
+
+class ServiceUnavailable(GraftError):
+    status_code = 503
+    code = "service_unavailable"
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+def not_found(kind: str, object_id: str, param: str | None = None) -> NotFound:
+    return NotFound(f"No {kind} with id '{object_id}'", param=param, code=f"{kind}_not_found")
+
+
+def error_payload(code: str, message: str, param: str | None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "param": param}}
+
+
+# Responses documented on every route that can fail.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "Invalid request",
+        401: "Missing or unknown API key",
+        404: "Not found (also for objects of another project)",
+        422: "Invalid data; `param` names the field, row or file",
+    }.items()
+}
+
+_STATUS_CODES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "rate_limited",
+    503: "service_unavailable",
+}
+
+
+def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in {"body", "query", "path", "header", "cookie", "form"}:
+        parts = parts[1:]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(GraftError)
+    async def _graft_error(_request: Request, exc: GraftError) -> JSONResponse:
+        return JSONResponse(
+            error_payload(exc.code, exc.message, exc.param), status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "Invalid request"}
+        param = _param_from_loc(tuple(first.get("loc", ())))
+        message = str(first.get("msg", "Invalid request"))
+        if param:
+            message = f"{param}: {message}"
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        return JSONResponse(error_payload("invalid_request", message, param), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(exc.status_code, "error")
+        return JSONResponse(
+            error_payload(code, str(exc.detail), None),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return JSONResponse(
+            error_payload("internal_error", "The server failed to handle this request", None), status_code=500
+        )

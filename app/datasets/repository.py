@@ -1,0 +1,39 @@
+"""All SQL of datasets."""
+
+from __future__ import annotations
+
+from sqlalchemy import exists, or_, select
+from sqlalchemy.orm import Session
+
+from app.tables import Dataset, Job
+
+ACTIVE_JOB_STATUSES = ("queued", "running")
+
+
+def get(session: Session, project_id: str, dataset_id: str) -> Dataset | None:
+    return session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.project_id == project_id))
+
+
+def add(session: Session, row: Dataset) -> None:
+    session.add(row)
+    session.flush()
+
+
+def delete(session: Session, row: Dataset) -> None:
+    session.delete(row)
+    session.flush()
+
+
+def used_by_active_job(session: Session, dataset_id: str) -> str | None:
+    return session.scalar(
+        select(Job.id)
+        .where(
+            Job.status.in_(ACTIVE_JOB_STATUSES),
+            or_(Job.training_dataset == dataset_id, Job.validation_dataset == dataset_id),
+        )
+        .limit(1)
+    )
+
+
+def any_exist(session: Session, project_id: str) -> bool:
+    return bool(session.scalar(select(exists().where(Dataset.project_id == project_id))))

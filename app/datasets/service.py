@@ -1,0 +1,132 @@
+"""Dataset rules: validate an upload completely before it becomes a dataset; never leave half a file."""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.core.db import after_commit, after_rollback
+from app.core.errors import Conflict, Unprocessable, not_found
+from app.core.ids import new_id, utcnow
+from app.core.security import Principal
+from app.core.storage import Storage
+from app.datasets import repository
+from app.datasets.formats import TASKS, ArchiveLimits, FormatError, detect_format, inspect_dataset
+from app.datasets.upload import ReceivedUpload
+from app.tables import Dataset
+
+UPLOAD_FIELDS = {"task", "name", "text_column", "label_column"}
+
+
+def archive_limits(settings: Settings) -> ArchiveLimits:
+    return ArchiveLimits(
+        max_members=settings.max_archive_members,
+        max_uncompressed_bytes=settings.max_archive_uncompressed_bytes,
+        max_compression_ratio=settings.max_compression_ratio,
+        max_image_pixels=settings.max_image_pixels,
+    )
+
+
+def _optional_field(fields: dict[str, str], name: str) -> str | None:
+    value = fields.get(name)
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        raise Unprocessable(f"'{name}' is empty", param=name, code="invalid_request")
+    return value
+
+
+def create_dataset(
+    session: Session, storage: Storage, settings: Settings, principal: Principal, upload: ReceivedUpload
+) -> Dataset:
+    """Validate the received upload and register it. The temporary file is moved into place or removed."""
+    try:
+        fields = upload.fields
+        unknown = sorted(set(fields) - UPLOAD_FIELDS)
+        if unknown:
+            raise Unprocessable(
+                f"unknown form field '{unknown[0]}' (expected: file, {', '.join(sorted(UPLOAD_FIELDS))})",
+                param=unknown[0],
+                code="invalid_request",
+            )
+        task = fields.get("task", "").strip()
+        if not task:
+            raise Unprocessable(
+                "'task' is required: one of " + ", ".join(TASKS), param="task", code="invalid_request"
+            )
+        if task not in TASKS:
+            raise Unprocessable(
+                f"unknown task '{task}': one of " + ", ".join(TASKS), param="task", code="invalid_request"
+            )
+        if upload.path is None:
+            raise Unprocessable("a 'file' part is required", param="file", code="invalid_request")
+        if upload.size == 0:
+            raise Unprocessable("the file is empty", param="file")
+        name = (
+            _optional_field(fields, "name") or PurePosixPath(upload.filename or "dataset").name or "dataset"
+        )
+        if len(name) > 300:
+            raise Unprocessable("'name' is longer than 300 characters", param="name", code="invalid_request")
+        try:
+            fmt = detect_format(upload.filename, upload.head)
+            info = inspect_dataset(
+                upload.path,
+                task=task,
+                fmt=fmt,
+                text_column=_optional_field(fields, "text_column"),
+                label_column=_optional_field(fields, "label_column"),
+                limits=archive_limits(settings),
+            )
+        except FormatError as exc:
+            raise Unprocessable(exc.message, param=exc.param) from None
+
+        dataset_id = new_id("ds")
+        folder = f"datasets/{dataset_id}"
+        key = f"{folder}/data.{fmt}"
+        storage.commit(upload.path, key)
+        after_rollback(session, lambda: storage.delete_tree(folder))
+    finally:
+        upload.discard()
+
+    row = Dataset(
+        id=dataset_id,
+        project_id=principal.project_id,
+        name=name,
+        task=task,
+        format=info.format,
+        num_examples=info.num_examples,
+        labeled=info.labeled,
+        classes=info.classes,
+        class_counts=info.class_counts,
+        schema_info=info.schema_info,
+        bytes=upload.size,
+        sha256=upload.sha256,
+        filename=PurePosixPath(upload.filename).name if upload.filename else None,
+        path=key,
+        created_at=utcnow(),
+    )
+    repository.add(session, row)
+    return row
+
+
+def get_dataset(session: Session, principal: Principal, dataset_id: str, param: str | None = None) -> Dataset:
+    row = repository.get(session, principal.project_id, dataset_id)
+    if row is None:
+        raise not_found("dataset", dataset_id, param=param)
+    return row
+
+
+def delete_dataset(session: Session, storage: Storage, principal: Principal, dataset_id: str) -> Dataset:
+    row = get_dataset(session, principal, dataset_id)
+    job_id = repository.used_by_active_job(session, row.id)
+    if job_id is not None:
+        raise Conflict(
+            f"dataset {row.id} is used by {job_id}, which is queued or running", code="dataset_in_use"
+        )
+    repository.delete(session, row)
+    folder = f"datasets/{row.id}"
+    after_commit(session, lambda: storage.delete_tree(folder))
+    return row

@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response, status
+from fastapi.responses import FileResponse
+
+from app.core.deps import ContextDep, PrincipalDep, SessionDep
+from app.core.errors import ERROR_RESPONSES, ErrorResponse
+from app.core.pagination import AfterQuery, LimitQuery, ListResponse, paginate
+from app.jobs import service
+from app.jobs.schemas import CheckpointOut, JobCreate, JobEventOut, JobOut, JobStatus
+from app.tables import Checkpoint, Job, JobEvent
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
+checkpoints_router = APIRouter(prefix="/v1/checkpoints", tags=["jobs"], responses=ERROR_RESPONSES)
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        max_length=255,
+        description="Retry-safe creation: the same key and body return the first job; a different body is a 409.",
+    ),
+]
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobOut,
+    summary="Create a fine-tuning job",
+    description=JobCreate.__doc__ or "",
+    responses={
+        200: {"model": JobOut, "description": "Replay of an earlier request with the same Idempotency-Key"},
+        409: {"model": ErrorResponse, "description": "Idempotency-Key reused with a different body"},
+    },
+)
+def create_job(
+    body: JobCreate,
+    response: Response,
+    context: ContextDep,
+    session: SessionDep,
+    principal: PrincipalDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Job:
+    job, created = service.create_job(session, context.queue, principal, body, idempotency_key)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return job
+
+
+@router.get("", response_model=ListResponse[JobOut], summary="List jobs, newest first")
+def list_jobs(
+    session: SessionDep,
+    principal: PrincipalDep,
+    status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
+    limit: LimitQuery = 20,
+    after: AfterQuery = None,
+) -> dict[str, object]:
+    where = [Job.project_id == principal.project_id]
+    if status is not None:
+        where.append(Job.status == status)
+    rows, has_more = paginate(session, Job, where, after=after, limit=limit)
+    return {"data": rows, "has_more": has_more}
+
+
+@router.get("/{job_id}", response_model=JobOut, summary="Get a job (poll this for status and progress)")
+def get_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> Job:
+    return service.get_job(session, principal, job_id)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobOut,
+    summary="Cancel a job",
+    responses={409: {"model": ErrorResponse, "description": "The job already finished"}},
+)
+def cancel_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> Job:
+    return service.cancel_job(session, principal, job_id)
+
+
+@router.get(
+    "/{job_id}/events", response_model=ListResponse[JobEventOut], summary="A job's events, oldest first"
+)
+def list_events(
+    job_id: str,
+    session: SessionDep,
+    principal: PrincipalDep,
+    limit: LimitQuery = 20,
+    after: AfterQuery = None,
+) -> dict[str, object]:
+    job = service.get_job(session, principal, job_id)
+    rows, has_more = paginate(
+        session, JobEvent, [JobEvent.job_id == job.id], after=after, limit=limit, ascending=True
+    )
+    return {"data": rows, "has_more": has_more}
+
+
+@router.get(
+    "/{job_id}/checkpoints",
+    response_model=ListResponse[CheckpointOut],
+    summary="A job's checkpoints, one per epoch",
+)
+def list_checkpoints(
+    job_id: str,
+    session: SessionDep,
+    principal: PrincipalDep,
+    limit: LimitQuery = 20,
+    after: AfterQuery = None,
+) -> dict[str, object]:
+    job = service.get_job(session, principal, job_id)
+    rows, has_more = paginate(
+        session, Checkpoint, [Checkpoint.job_id == job.id], after=after, limit=limit, ascending=True
+    )
+    return {"data": rows, "has_more": has_more}
+
+
+@checkpoints_router.get("/{checkpoint_id}", response_model=CheckpointOut, summary="Get a checkpoint")
+def get_checkpoint(checkpoint_id: str, session: SessionDep, principal: PrincipalDep) -> Checkpoint:
+    return service.get_checkpoint(session, principal, checkpoint_id)
+
+
+@checkpoints_router.get(
+    "/{checkpoint_id}/content",
+    summary="Download a checkpoint (safetensors)",
+    description=(
+        "The tensors the job trained up to that epoch (`head.*` for linear_probe, every tensor for full), "
+        "with the model spec and epoch in the safetensors metadata."
+    ),
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "A safetensors file"}},
+)
+def get_checkpoint_content(
+    checkpoint_id: str, context: ContextDep, session: SessionDep, principal: PrincipalDep
+) -> FileResponse:
+    row = service.get_checkpoint(session, principal, checkpoint_id)
+    return FileResponse(
+        context.storage.path(row.path),
+        media_type="application/octet-stream",
+        filename=f"{row.id}.safetensors",
+    )

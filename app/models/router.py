@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from app.core.deps import ContextDep, PrincipalDep, SessionDep
+from app.core.errors import (
+    ERROR_RESPONSES,
+    InvalidRequest,
+    PayloadTooLarge,
+    Unprocessable,
+    UnsupportedMediaType,
+)
+from app.core.pagination import AfterQuery, LimitQuery, ListResponse
+from app.models import service
+from app.models.schemas import ModelOut, PredictResponse, TextOrTabularPredictRequest
+from workers.backbones.catalog import BUILTIN_MODELS
+
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
+
+MAX_PREDICT_BODY = 64 * 1024 * 1024
+
+PREDICT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {"$ref": "#/components/schemas/TextOrTabularPredictRequest"},
+                "examples": {
+                    "text": {"value": {"inputs": ["a wonderful film", "a waste of two hours"]}},
+                    "tabular": {"value": {"inputs": [{"petal_length": 1.4, "petal_width": 0.2}]}},
+                },
+            },
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {
+                        "files": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "PNG or JPEG images, any size and colour mode (image models).",
+                        }
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+@router.get(
+    "",
+    response_model=ListResponse[ModelOut],
+    summary="List models: built-in upstream models, then the project's",
+)
+def list_models(
+    session: SessionDep, principal: PrincipalDep, limit: LimitQuery = 20, after: AfterQuery = None
+) -> dict[str, object]:
+    data, has_more = service.list_models(session, principal, after=after, limit=limit)
+    return {"data": data, "has_more": has_more}
+
+
+@router.get("/{model_id}", response_model=ModelOut, summary="Get a model")
+def get_model(model_id: str, session: SessionDep, principal: PrincipalDep) -> dict[str, Any]:
+    return service.view(session, principal, model_id)
+
+
+async def _json_inputs(request: Request) -> list[Any]:
+    try:
+        payload = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"the body is not valid JSON ({exc})") from None
+    try:
+        body = TextOrTabularPredictRequest.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or "inputs"
+        raise Unprocessable(f"{param}: {first['msg']}", param=param, code="invalid_request") from None
+    return list(body.inputs)
+
+
+async def _image_inputs(request: Request, max_files: int) -> list[tuple[str, bytes]]:
+    form = await request.form(max_files=max_files + 1, max_fields=8)
+    try:
+        files = [item for item in form.getlist("files") if isinstance(item, UploadFile)]
+        if not files:
+            raise Unprocessable(
+                "send the images as multipart 'files' parts", param="files", code="invalid_request"
+            )
+        if len(files) > max_files:
+            raise Unprocessable(
+                f"at most {max_files} files per request", param="files", code="invalid_request"
+            )
+        return [(item.filename or f"files[{i}]", await item.read()) for i, item in enumerate(files)]
+    finally:
+        await form.close()
+
+
+@router.post(
+    "/{model_id}/predict",
+    response_model=PredictResponse,
+    summary="Predict with a model",
+    description=(
+        'Text models take JSON `{"inputs": ["..."]}`; tabular models JSON `{"inputs": [{column: number}]}`; '
+        "image models multipart `files` (PNG/JPEG of any size and colour mode, converted exactly as in training)."
+    ),
+    openapi_extra=PREDICT_BODY,
+)
+async def predict(
+    model_id: str, request: Request, context: ContextDep, session: SessionDep, principal: PrincipalDep
+) -> dict[str, Any]:
+    if model_id in BUILTIN_MODELS:
+        raise InvalidRequest(
+            f"{model_id} is an upstream model without a classification head; fine-tune it, then predict with "
+            "the job's result_model",
+            param="model",
+            code="model_not_servable",
+        )
+    row = service.get_registered(session, principal, model_id)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_PREDICT_BODY:
+        raise PayloadTooLarge(f"prediction requests are limited to {MAX_PREDICT_BODY} bytes")
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    limit = context.settings.max_predict_inputs
+    inputs: list[Any]
+    if row.modality == "image":
+        if content_type != "multipart/form-data":
+            raise UnsupportedMediaType(
+                "image models take multipart/form-data with 'files' parts", param="files"
+            )
+        inputs = await _image_inputs(request, limit)
+    else:
+        if content_type != "application/json":
+            raise UnsupportedMediaType(
+                f'{row.modality} models take application/json {{"inputs": [...]}}', param="inputs"
+            )
+        inputs = await _json_inputs(request)
+        if len(inputs) > limit:
+            raise Unprocessable(f"at most {limit} inputs per request", param="inputs", code="invalid_request")
+    predictions = await run_in_threadpool(context.model_server.predict, row, inputs)
+    return {"model": row.id, "predictions": predictions}

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ProjectCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "sentiment-team"}]})
+
+    name: str = Field(min_length=1, max_length=200)
+
+
+class ProjectOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    object: Literal["project"] = "project"
+    id: str
+    name: str
+    created_at: datetime
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"name": "ci", "role": "member"}]}
+    )
+
+    name: str | None = Field(default=None, max_length=200)
+    role: Literal["member", "admin"] = Field(
+        default="member",
+        description="member: the project's own objects; admin: can also manage projects and keys.",
+    )
+
+
+class ApiKeyOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    object: Literal["api_key"] = "api_key"
+    id: str
+    project_id: str
+    name: str | None
+    role: str
+    prefix: str = Field(description="The key's first characters, to recognise it.")
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class ApiKeyCreated(ApiKeyOut):
+    key: str = Field(description="The secret key. Shown only in this response.")

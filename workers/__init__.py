@@ -1,0 +1,1 @@
+"""Graft workers: the Celery app, its tasks, and the PyTorch training code they run."""

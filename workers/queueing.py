@@ -1,0 +1,59 @@
+"""Celery configuration shared by the API (which sends) and the worker (which consumes).
+
+The broker carries only job ids; job state lives in the database.
+
+Long training tasks: acks_late with prefetch 1, so a worker takes one job at a time and a job whose
+worker died is delivered again (the runner makes every delivery after the first a no-op). JSON only.
+Queues are per kind of worker (`GRAFT_WORKER_QUEUE`, default `gpu`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from app.core.config import Settings
+
+RUN_JOB = "graft.run_job"
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    if settings.uses_filesystem_broker:
+        queue_dir = settings.broker_dir / "queue"
+        processed_dir = settings.broker_dir / "processed"
+        queue_dir.mkdir(parents=True, exist_ok=True)
+        processed_dir.mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(queue_dir),
+            "data_folder_out": str(queue_dir),
+            "processed_folder": str(processed_dir),
+            "store_processed": False,
+        }
+    # Redis: a message not acknowledged within this time is delivered again. Training jobs run long,
+    # and a second delivery of a job that is already running does nothing.
+    return {"visibility_timeout": 24 * 3600, "socket_connect_timeout": 5, "socket_timeout": 30}
+
+
+def make_celery(settings: Settings) -> Celery:
+    celery = Celery("graft")
+    celery.conf.update(
+        broker_url=settings.effective_broker_url,
+        broker_transport_options=transport_options(settings),
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=5,
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        result_backend=None,
+        task_ignore_result=True,
+        task_acks_late=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=settings.worker_queue,
+        task_routes={RUN_JOB: {"queue": settings.worker_queue}},
+        worker_hijack_root_logger=False,
+        # The filesystem broker has no fan-out exchange for remote control; nothing in Graft needs it.
+        worker_enable_remote_control=not settings.uses_filesystem_broker,
+        imports=("workers.tasks",),
+    )
+    return celery

@@ -1,0 +1,156 @@
+"""Datasets as model inputs: read a stored dataset, map labels to head indices, split, and build batches
+with the same preprocessing the served model uses."""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from app.datasets.formats import (
+    ArchiveLimits,
+    open_archive,
+    read_member,
+    read_tabular,
+    read_text,
+    scan_archive,
+)
+from workers.backbones.preprocess import TextPipeline, images_to_tensor, prepare_image
+from workers.backbones.spec import ModelSpec
+from workers.recipes.base import DatasetSource
+
+# Decoded images are kept as uint8 up to this many bytes per dataset, so later epochs skip decoding.
+IMAGE_CACHE_BYTES = 2 * 1024**3
+
+
+class Inputs:
+    """Indexable model inputs of one dataset; `batch(indices)` returns CPU tensors for the network."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def batch(self, indices: Sequence[int]) -> Any:
+        raise NotImplementedError
+
+
+class TextInputs(Inputs):
+    def __init__(self, texts: Sequence[str], spec: ModelSpec) -> None:
+        self.pipeline = TextPipeline(spec)
+        self.token_ids = self.pipeline.tokenize(texts)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def batch(self, indices: Sequence[int]) -> dict[str, Tensor]:
+        return self.pipeline.collate([self.token_ids[i] for i in indices])
+
+
+class ImageInputs(Inputs):
+    def __init__(self, source: DatasetSource, names: Sequence[str], spec: ModelSpec) -> None:
+        self.path = source.path
+        self.names = list(names)
+        self.input_spec = spec.input_spec
+        self._archive: zipfile.ZipFile | None = None
+        per_image = int(
+            np.prod([self.input_spec.get("channels", 3), self.input_spec["height"], self.input_spec["width"]])
+        )
+        self._cache_enabled = per_image * len(self.names) <= IMAGE_CACHE_BYTES
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _image(self, index: int) -> np.ndarray:
+        cached = self._cache.get(index)
+        if cached is not None:
+            return cached
+        if self._archive is None:
+            self._archive = open_archive(self.path)
+        array = prepare_image(read_member(self._archive, self.names[index]), self.input_spec)
+        if self._cache_enabled:
+            self._cache[index] = array
+        return array
+
+    def batch(self, indices: Sequence[int]) -> Tensor:
+        return images_to_tensor([self._image(i) for i in indices], self.input_spec)
+
+
+class TabularInputs(Inputs):
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+
+    def __len__(self) -> int:
+        return int(self.values.shape[0])
+
+    def batch(self, indices: Sequence[int]) -> Tensor:
+        return self.values[torch.as_tensor(list(indices), dtype=torch.long)]
+
+
+def load_inputs(source: DatasetSource, spec: ModelSpec) -> tuple[Inputs, list[str] | None]:
+    """The dataset's inputs for a network of `spec`, and its labels (None when unlabelled)."""
+    if source.task == "text_classification":
+        texts, labels = read_text(source.path, source.format, source.schema_info)
+        return TextInputs(texts, spec), labels
+    if source.task == "tabular_classification":
+        values, labels = read_tabular(source.path, source.format, source.schema_info)
+        wanted = spec.input_spec.get("feature_columns")
+        have = source.schema_info["feature_columns"]
+        if wanted and list(wanted) != list(have):
+            index = [have.index(column) for column in wanted]
+            values = values[:, index]
+        return TabularInputs(values), labels
+    if source.task == "image_classification":
+        with open_archive(source.path) as archive:
+            scanned = scan_archive(archive, ArchiveLimits())
+        names = [name for name, _ in scanned.entries]
+        labels = [str(label) for _, label in scanned.entries] if scanned.layout == "class_folders" else None
+        return ImageInputs(source, names, spec), labels
+    raise ValueError(f"unknown task {source.task!r}")
+
+
+def label_indices(labels: Sequence[str], classes: Sequence[str]) -> Tensor:
+    position = {name: i for i, name in enumerate(classes)}
+    unknown = sorted({label for label in labels if label not in position})
+    if unknown:
+        raise ValueError(f"labels not among the model's classes: {', '.join(unknown[:5])}")
+    return torch.tensor([position[label] for label in labels], dtype=torch.long)
+
+
+def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded split that keeps each class's share; classes with fewer than 2 examples stay in train."""
+    if fraction <= 0:
+        return list(range(len(labels))), []
+    rng = np.random.default_rng(seed)
+    train: list[int] = []
+    held_out: list[int] = []
+    for cls in torch.unique(labels).tolist():
+        members = np.flatnonzero(labels.numpy() == cls)
+        rng.shuffle(members)
+        n_val = round(len(members) * fraction) if len(members) >= 2 else 0
+        n_val = min(max(n_val, 1 if len(members) >= 4 else 0), len(members) - 1)
+        held_out.extend(members[:n_val].tolist())
+        train.extend(members[n_val:].tolist())
+    return sorted(train), sorted(held_out)
+
+
+class Subset(Inputs):
+    def __init__(self, inputs: Inputs, indices: Sequence[int]) -> None:
+        self.inputs = inputs
+        self.indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batch(self, indices: Sequence[int]) -> Any:
+        return self.inputs.batch([self.indices[i] for i in indices])
+
+
+def batches(
+    n: int, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None
+) -> list[list[int]]:
+    order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
