@@ -20,14 +20,14 @@ RUN_JOB = "graft.run_job"
 
 def transport_options(settings: Settings) -> dict[str, Any]:
     if settings.uses_filesystem_broker:
-        queue_dir = settings.broker_dir / "queue"
-        processed_dir = settings.broker_dir / "processed"
-        queue_dir.mkdir(parents=True, exist_ok=True)
-        processed_dir.mkdir(parents=True, exist_ok=True)
+        folders = {name: settings.broker_dir / name for name in ("queue", "processed", "control")}
+        for folder in folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
         return {
-            "data_folder_in": str(queue_dir),
-            "data_folder_out": str(queue_dir),
-            "processed_folder": str(processed_dir),
+            "data_folder_in": str(folders["queue"]),
+            "data_folder_out": str(folders["queue"]),
+            "processed_folder": str(folders["processed"]),
+            "control_folder": str(folders["control"]),
             "store_processed": False,
         }
     # Redis: a message not acknowledged within this time is delivered again. Training jobs run long,

@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import math
+import re
 import stat
 import warnings
 import zipfile
@@ -73,14 +74,15 @@ def detect_format(filename: str | None, head: bytes) -> str:
         if not is_zip:
             raise FormatError(f"'{filename}' is named .zip but is not a ZIP archive")
         return "zip"
+    if suffix not in (".jsonl", ".ndjson", ".csv", ".txt", ""):
+        # Checked before the ZIP signature: an .xlsx or .docx is a ZIP too, and renaming it will not help.
+        raise FormatError(f"unsupported file type '{suffix}': upload a .csv, .jsonl or .zip file")
     if is_zip:
         raise FormatError(f"'{filename}' is a ZIP archive; name it .zip")
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
-    if suffix in (".csv", ".tsv", ".txt") or not suffix:
-        stripped = head.lstrip(b"\xef\xbb\xbf \t\r\n")
-        return "jsonl" if suffix != ".csv" and stripped.startswith(b"{") else "csv"
-    raise FormatError(f"unsupported file type '{suffix}': upload a .csv, .jsonl or .zip file")
+    stripped = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    return "jsonl" if suffix != ".csv" and stripped.startswith(b"{") else "csv"
 
 
 def expected_formats(task: str) -> tuple[str, ...]:
@@ -90,15 +92,29 @@ def expected_formats(task: str) -> tuple[str, ...]:
 # ------------------------------------------------------------------------------------ records
 
 
+# A NUL, or (decoded with surrogateescape) a byte that is not UTF-8: found per field, so the error names
+# the row and column; the text layer decodes ahead in 8 KiB chunks, so its errors cannot name the line.
+_BAD_CHARACTER = re.compile("[\x00\udc80-\udcff]")
+
+
+def _check_characters(where: str, columns: list[str], values: list[str]) -> None:
+    for column, value in zip(columns, values, strict=False):
+        found = _BAD_CHARACTER.search(value)
+        if found:
+            problem = "contains a NUL character" if found.group() == "\x00" else "not valid UTF-8 text"
+            raise FormatError(f"{where}, {column}: {problem}")
+
+
 def _csv_records(path: Path) -> Iterator[tuple[str, int, dict[str, str]]]:
     """(where, data row number, record) for every non-blank data row; `where` reads 'row 3 (line 4)'."""
-    with path.open("r", encoding="utf-8-sig", newline="") as handle:
+    with path.open("r", encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
         reader = csv.reader(handle)
         try:
             try:
                 header = next(reader)
             except StopIteration:
                 raise FormatError("the file is empty: expected a header row") from None
+            _check_characters("header", [f"column {n}" for n in range(1, len(header) + 1)], header)
             header = [name.strip() for name in header]
             for position, name in enumerate(header, 1):
                 if not name:
@@ -107,17 +123,17 @@ def _csv_records(path: Path) -> Iterator[tuple[str, int, dict[str, str]]]:
             if duplicates:
                 raise FormatError(f"header: duplicate column name '{duplicates[0]}'")
             yield "header", 0, {name: name for name in header}
+            columns = [f"column '{name}'" for name in header]
             row = 0
             for record in reader:
                 if not record or (len(record) == 1 and not record[0].strip()):
                     continue
                 row += 1
                 where = f"row {row} (line {reader.line_num})"
+                _check_characters(where, columns, record)
                 if len(record) != len(header):
                     raise FormatError(f"{where}: expected {len(header)} fields, found {len(record)}")
                 yield where, row, dict(zip(header, record, strict=True))
-        except UnicodeDecodeError:
-            raise FormatError(f"the file is not valid UTF-8 text (near line {reader.line_num + 1})") from None
         except csv.Error as exc:
             raise FormatError(f"line {reader.line_num}: malformed CSV ({exc})") from None
 
@@ -193,13 +209,15 @@ def _resolve_label_column(header: dict[str, Any], label_column: str | None) -> s
     return DEFAULT_LABEL_COLUMN if DEFAULT_LABEL_COLUMN in header else None
 
 
-def _check_classes(counts: Counter[str], label_column: str) -> tuple[list[str], dict[str, int]]:
+def _check_classes(counts: Counter[str], label_column: str | None) -> tuple[list[str], dict[str, int]]:
+    """label_column None: the classes are an archive's folder names, which no request field names."""
     classes = sorted(counts)
     if len(classes) < 2:
         only = f" ('{classes[0]}')" if classes else ""
+        source = f"the label column '{label_column}'" if label_column else "the archive"
         raise FormatError(
-            f"the label column '{label_column}' has a single class{only}; classification needs at least two",
-            param="label_column",
+            f"{source} has a single class{only}; classification needs at least two",
+            param="label_column" if label_column else "file",
         )
     return classes, {name: counts[name] for name in classes}
 
@@ -386,11 +404,11 @@ def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
         return "backslash in path"
     if any(part == ".." for part in name.split("/")):
         return "'..' in path"
-    mode = info.external_attr >> 16
-    if stat.S_ISLNK(mode):
+    file_type = stat.S_IFMT(info.external_attr >> 16)  # 0 when the archiver recorded no Unix mode
+    if file_type == stat.S_IFLNK:
         return "symbolic link"
-    if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        return "not a regular file"
+    if file_type not in (0, stat.S_IFREG, stat.S_IFDIR):
+        return "special file"
     if info.flag_bits & 0x1:
         return "encrypted member"
     return None
@@ -512,7 +530,7 @@ def inspect_images(path: Path, limits: ArchiveLimits) -> DatasetInfo:
             decode_image(read_member(archive, name), name, limits, draft=True)
     counts = Counter(label for _, label in scanned.entries if label is not None)
     labeled = scanned.layout == "class_folders"
-    classes, class_counts = _check_classes(counts, "folder names") if labeled else ([], {})
+    classes, class_counts = _check_classes(counts, None) if labeled else ([], {})
     return DatasetInfo(
         format="zip",
         num_examples=len(scanned.entries),

@@ -1,0 +1,182 @@
+"""Test data made on the fly (nothing is stored in the repository) and small HTTP helpers."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import time
+import zipfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+POSITIVE = [
+    "a wonderful film", "I loved every minute", "brilliant acting and a great story", "truly delightful",
+    "an excellent movie", "fantastic and moving", "great fun for everyone", "superb direction",
+    "a joy to watch", "beautifully made", "the best film this year", "charming and warm",
+]  # fmt: skip
+NEGATIVE = [
+    "a terrible film", "I hated every minute", "awful acting and a dull story", "truly boring",
+    "a dreadful movie", "bad and tedious", "a waste of time", "poor direction",
+    "painful to watch", "badly made", "the worst film this year", "cold and lifeless",
+]  # fmt: skip
+FILLERS = ["", " indeed", " really", " overall", " to be honest", " in my opinion"]
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """n labelled review snippets, alternating positive and negative."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "positive" if i % 2 == 0 else "negative"
+        phrase = rng.choice(POSITIVE if label == "positive" else NEGATIVE)
+        rows.append((phrase + rng.choice(FILLERS), label))
+    return rows
+
+
+def text_csv(rows: Iterable[tuple[str, str]], header: tuple[str, str] = ("text", "label")) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return out.getvalue().encode()
+
+
+def text_jsonl(rows: Iterable[tuple[str, str | None]]) -> bytes:
+    lines = []
+    for text, label in rows:
+        record: dict[str, Any] = {"text": text}
+        if label is not None:
+            record["label"] = label
+        lines.append(json.dumps(record))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def iris_csv(n: int | None = None, seed: int = 0) -> bytes:
+    from sklearn.datasets import load_iris
+
+    data = load_iris()
+    order = np.random.default_rng(seed).permutation(len(data.target))[: n or len(data.target)]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    columns = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+    writer.writerow([*columns, "species"])
+    for i in order:
+        writer.writerow([*(f"{v:.1f}" for v in data.data[i]), data.target_names[data.target[i]]])
+    return out.getvalue().encode()
+
+
+def digit_images(n: int, classes: Iterable[int] = (0, 1), seed: int = 0) -> list[tuple[int, Image.Image]]:
+    """Real handwritten digits (scikit-learn's 8x8 set), upscaled to 32x32 greyscale images."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    wanted = list(classes)
+    rng = np.random.default_rng(seed)
+    picks = [i for i in rng.permutation(len(digits.target)) if digits.target[i] in wanted][:n]
+    images = []
+    for i in picks:
+        pixels = (digits.images[i] * (255.0 / 16.0)).astype(np.uint8)
+        images.append((int(digits.target[i]), Image.fromarray(pixels, mode="L").resize((32, 32))))
+    return images
+
+
+def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+def image_zip(
+    images: Iterable[tuple[int | str | None, Image.Image]], *, root: str = "", fmt: str = "PNG"
+) -> bytes:
+    """A ZIP with one folder per class (labelled) or images at the root (label None)."""
+    out = io.BytesIO()
+    suffix = ".png" if fmt == "PNG" else ".jpg"
+    with zipfile.ZipFile(out, "w") as archive:
+        for i, (label, image) in enumerate(images):
+            folder = f"{label}/" if label is not None else ""
+            archive.writestr(f"{root}{folder}img_{i:04d}{suffix}", png_bytes(image, fmt))
+    return out.getvalue()
+
+
+def digits_zip(n: int = 40, classes: Iterable[int] = (0, 1), seed: int = 0) -> bytes:
+    names = {0: "zero", 1: "one", 2: "two", 3: "three"}
+    return image_zip(
+        [(names.get(label, str(label)), image) for label, image in digit_images(n, classes, seed)]
+    )
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.25, message: str = "") -> Any:
+    """Poll until `predicate` returns something truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message or predicate}")
+        time.sleep(interval)
+
+
+class Api:
+    """An HTTP client (TestClient or httpx.Client) that sends one API key with every request."""
+
+    def __init__(self, http: Any, key: str, project_id: str | None = None) -> None:
+        self.http = http
+        self.key = key
+        self.project_id = project_id
+
+    def _headers(self, headers: dict[str, str] | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}", **(headers or {})}
+
+    def get(self, url: str, **kwargs: Any) -> Any:
+        return self.http.get(url, headers=self._headers(kwargs.pop("headers", None)), **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> Any:
+        return self.http.post(url, headers=self._headers(kwargs.pop("headers", None)), **kwargs)
+
+    def delete(self, url: str, **kwargs: Any) -> Any:
+        return self.http.delete(url, headers=self._headers(kwargs.pop("headers", None)), **kwargs)
+
+    def upload(self, data: bytes, filename: str, task: str, **fields: str) -> Any:
+        return self.post("/v1/datasets", files={"file": (filename, data)}, data={"task": task, **fields})
+
+    def upload_ok(self, data: bytes, filename: str, task: str, **fields: str) -> dict[str, Any]:
+        response = self.upload(data, filename, task, **fields)
+        assert response.status_code == 201, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+    def create_job(self, body: dict[str, Any], **kwargs: Any) -> Any:
+        return self.post("/v1/jobs", json={"type": "finetune", **body}, **kwargs)
+
+    def wait_job(
+        self,
+        job_id: str,
+        statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
+        timeout: float = 180,
+    ) -> dict[str, Any]:
+        def done() -> dict[str, Any] | None:
+            job = self.get(f"/v1/jobs/{job_id}").json()
+            return job if job["status"] in statuses else None
+
+        return wait_for(done, timeout, interval=0.5, message=f"job {job_id} to reach {statuses}")  # type: ignore[no-any-return]
+
+
+def new_project(admin: Api, name: str = "test") -> Api:
+    """A fresh project with a member key: each test works in a project of its own."""
+    project = admin.post("/v1/projects", json={"name": name})
+    assert project.status_code == 201, project.text
+    key = admin.post(f"/v1/projects/{project.json()['id']}/api_keys", json={"name": "test"})
+    assert key.status_code == 201, key.text
+    return Api(admin.http, key.json()["key"], project.json()["id"])

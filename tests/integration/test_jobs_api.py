@@ -1,0 +1,215 @@
+"""Job creation rules, idempotency, cancellation and listing, with no worker consuming the queue."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from app.core.config import Settings
+from tests.helpers import Api, digits_zip, iris_csv, sentiment_rows, text_csv, text_jsonl
+
+
+def queued_messages(settings: Settings) -> list[str]:
+    """Job ids waiting in this session's broker queue."""
+    if settings.uses_filesystem_broker:
+        bodies = [
+            p.read_text() for p in (settings.broker_dir / "queue").glob(f"*.{settings.worker_queue}.msg")
+        ]
+    else:
+        import redis
+
+        client = redis.Redis.from_url(settings.effective_broker_url)
+        bodies = [raw.decode() for raw in client.lrange(settings.worker_queue, 0, -1)]
+        client.close()
+    ids = []
+    for body in bodies:
+        message = json.loads(body)
+        ids.append(message["headers"]["argsrepr"].strip("[]()',\""))
+    return ids
+
+
+@pytest.fixture
+def text_dataset(api: Api) -> dict[str, Any]:
+    return api.upload_ok(text_csv(sentiment_rows(20)), "reviews.csv", "text_classification")
+
+
+def test_create_job_resolves_defaults_and_queues_only_the_id(
+    api: Api, settings: Settings, text_dataset: dict[str, Any]
+) -> None:
+    response = api.create_job(
+        {
+            "base_model": "minilm-l6",
+            "training_dataset": text_dataset["id"],
+            "method": "linear_probe",
+            "hyperparameters": {"epochs": 3},
+            "seed": 7,
+            "metadata": {"team": "nlp"},
+        }
+    )
+    assert response.status_code == 201, response.text
+    job = response.json()
+    assert job["id"].startswith("job_") and job["object"] == "job"
+    assert job["status"] == "queued"
+    assert job["hyperparameters"]["epochs"] == 3
+    assert job["hyperparameters"]["learning_rate"] == 3e-3  # the linear_probe default for minilm-l6
+    assert job["seed"] == 7 and job["metadata"] == {"team": "nlp"}
+    assert job["progress"] is None and job["result_model"] is None and job["error"] is None
+    assert job["created_at"] and job["started_at"] is None
+    assert job["id"] in queued_messages(settings)
+    events = api.get(f"/v1/jobs/{job['id']}/events").json()["data"]
+    assert [e["message"] for e in events] == [
+        f"Job created: linear_probe fine-tune of minilm-l6 on {text_dataset['id']}"
+    ]
+
+
+def test_seed_is_chosen_and_recorded_when_left_out(api: Api, text_dataset: dict[str, Any]) -> None:
+    job = api.create_job({"base_model": "minilm-l6", "training_dataset": text_dataset["id"]}).json()
+    assert isinstance(job["seed"], int)
+    assert job["method"] == "full"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "code"),
+    [
+        ({"base_model": "bert-huge"}, 404, "base_model", "model_not_found"),
+        ({"training_dataset": "ds_missing"}, 404, "training_dataset", "dataset_not_found"),
+        ({"validation_dataset": "ds_missing"}, 404, "validation_dataset", "dataset_not_found"),
+        ({"base_model": "efficientnet-lite0"}, 422, "base_model", "modality_mismatch"),
+        ({"method": "lora"}, 422, "method", "invalid_request"),
+        ({"hyperparameters": {"epochs": 0}}, 422, "hyperparameters.epochs", "invalid_request"),
+        ({"hyperparameters": {"learning_rate": -1}}, 422, "hyperparameters.learning_rate", "invalid_request"),
+        ({"hyperparameters": {"epohcs": 3}}, 422, "hyperparameters.epohcs", "invalid_request"),
+        ({"type": "distill"}, 422, "type", "invalid_request"),
+        ({"seed": -1}, 422, "seed", "invalid_request"),
+    ],
+)
+def test_bad_jobs_are_refused_naming_the_field(
+    api: Api, text_dataset: dict[str, Any], body: dict[str, Any], status: int, param: str, code: str
+) -> None:
+    request = {"base_model": "minilm-l6", "training_dataset": text_dataset["id"], **body}
+    response = api.create_job(request)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert error["code"] == code
+    assert api.get("/v1/jobs").json()["data"] == []
+
+
+def test_dataset_rules(api: Api, text_dataset: dict[str, Any]) -> None:
+    unlabelled = api.upload_ok(
+        text_jsonl([(t, None) for t, _ in sentiment_rows(6)]), "u.jsonl", "text_classification"
+    )
+    response = api.create_job({"base_model": "minilm-l6", "training_dataset": unlabelled["id"]})
+    assert response.status_code == 422 and response.json()["error"]["param"] == "training_dataset"
+    assert "no labels" in response.json()["error"]["message"]
+
+    other_classes = api.upload_ok(
+        text_csv([("fine", "neutral"), ("ok", "mixed")]), "v.csv", "text_classification"
+    )
+    response = api.create_job(
+        {
+            "base_model": "minilm-l6",
+            "training_dataset": text_dataset["id"],
+            "validation_dataset": other_classes["id"],
+        }
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["param"] == "validation_dataset"
+    assert "mixed" in response.json()["error"]["message"]
+
+    images = api.upload_ok(digits_zip(8), "d.zip", "image_classification")
+    response = api.create_job(
+        {
+            "base_model": "minilm-l6",
+            "training_dataset": text_dataset["id"],
+            "validation_dataset": images["id"],
+        }
+    )
+    assert response.status_code == 422 and response.json()["error"]["param"] == "validation_dataset"
+
+    response = api.create_job(
+        {"base_model": "cnn-small", "training_dataset": images["id"], "method": "linear_probe"}
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["param"] == "method"
+    assert "random initial weights" in response.json()["error"]["message"]
+    assert api.create_job({"base_model": "cnn-small", "training_dataset": images["id"]}).status_code == 201
+
+
+def test_idempotency_key(api: Api, settings: Settings, text_dataset: dict[str, Any]) -> None:
+    body = {"base_model": "minilm-l6", "training_dataset": text_dataset["id"], "method": "linear_probe"}
+    first = api.create_job(body, headers={"Idempotency-Key": "run-1"})
+    assert first.status_code == 201
+    again = api.create_job(body, headers={"Idempotency-Key": "run-1"})
+    assert again.status_code == 200
+    assert again.json()["id"] == first.json()["id"]
+    changed = api.create_job({**body, "method": "full"}, headers={"Idempotency-Key": "run-1"})
+    assert changed.status_code == 409
+    assert changed.json()["error"]["param"] == "Idempotency-Key"
+    assert len(api.get("/v1/jobs").json()["data"]) == 1
+    assert queued_messages(settings).count(first.json()["id"]) == 1
+    other_key = api.create_job(body, headers={"Idempotency-Key": "run-2"})
+    assert other_key.status_code == 201 and other_key.json()["id"] != first.json()["id"]
+
+
+def test_idempotency_keys_are_per_project(api: Api, other: Api) -> None:
+    mine = api.upload_ok(iris_csv(30), "i.csv", "tabular_classification", label_column="species")
+    theirs = other.upload_ok(iris_csv(30), "i.csv", "tabular_classification", label_column="species")
+    a = api.create_job(
+        {"base_model": "mlp", "training_dataset": mine["id"]}, headers={"Idempotency-Key": "same"}
+    )
+    b = other.create_job(
+        {"base_model": "mlp", "training_dataset": theirs["id"]}, headers={"Idempotency-Key": "same"}
+    )
+    assert a.status_code == b.status_code == 201
+    assert a.json()["id"] != b.json()["id"]
+
+
+def test_cancel_a_queued_job(api: Api, text_dataset: dict[str, Any]) -> None:
+    job = api.create_job({"base_model": "minilm-l6", "training_dataset": text_dataset["id"]}).json()
+    cancelled = api.post(f"/v1/jobs/{job['id']}/cancel")
+    assert cancelled.status_code == 200
+    assert cancelled.json()["status"] == "cancelled"
+    assert cancelled.json()["finished_at"] is not None
+    again = api.post(f"/v1/jobs/{job['id']}/cancel")
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "job_not_cancellable"
+    events = [e["message"] for e in api.get(f"/v1/jobs/{job['id']}/events").json()["data"]]
+    assert events[-1] == "Job cancelled before it started"
+
+
+def test_list_jobs_with_status_filter(api: Api, text_dataset: dict[str, Any]) -> None:
+    ids = [
+        api.create_job({"base_model": "minilm-l6", "training_dataset": text_dataset["id"]}).json()["id"]
+        for _ in range(3)
+    ]
+    api.post(f"/v1/jobs/{ids[1]}/cancel")
+    assert [j["id"] for j in api.get("/v1/jobs").json()["data"]] == ids[::-1]
+    assert [j["id"] for j in api.get("/v1/jobs?status=queued").json()["data"]] == [ids[2], ids[0]]
+    assert [j["id"] for j in api.get("/v1/jobs?status=cancelled").json()["data"]] == [ids[1]]
+    assert api.get("/v1/jobs?status=exploded").status_code == 422
+
+
+def test_models_list_builtins_and_pages(api: Api) -> None:
+    models = api.get("/v1/models").json()
+    ids = [m["id"] for m in models["data"]]
+    assert ids == ["minilm-l6", "efficientnet-lite0", "cnn-small", "mlp"]
+    by_id = {m["id"]: m for m in models["data"]}
+    assert by_id["minilm-l6"]["pretrained"] is True and by_id["minilm-l6"]["modality"] == "text"
+    assert by_id["efficientnet-lite0"]["input_spec"]["height"] == 224
+    assert by_id["cnn-small"]["pretrained"] is False
+    assert by_id["mlp"]["num_parameters"] is None
+    page = api.get("/v1/models?limit=3").json()
+    assert page["has_more"] is True and len(page["data"]) == 3
+    rest = api.get("/v1/models?limit=3&after=cnn-small").json()
+    assert [m["id"] for m in rest["data"]] == ["mlp"] and rest["has_more"] is False
+    assert (
+        api.get("/v1/models/efficientnet-lite0").json()["num_parameters"]
+        == by_id["efficientnet-lite0"]["num_parameters"]
+    )
+    assert api.get("/v1/models/mdl_nothing").status_code == 404
+    builtin_predict = api.post("/v1/models/minilm-l6/predict", json={"inputs": ["hi"]})
+    assert builtin_predict.status_code == 400
+    assert "fine-tune it" in builtin_predict.json()["error"]["message"]
