@@ -254,12 +254,13 @@ def iter_text(
         yield where, text, label
 
 
-def inspect_text(path: Path, fmt: str, text_column: str | None, label_column: str | None) -> DatasetInfo:
-    rows = iter_text(path, fmt, text_column, label_column)
-    _, text_col, label_col = next(rows)
+def _summarise(
+    fmt: str, rows: Iterator[tuple[str, Any, str | None]], label_col: str | None, schema_info: dict[str, Any]
+) -> DatasetInfo:
+    """Count the examples and classes of a validated row stream."""
     counts: Counter[str] = Counter()
     n = 0
-    for _where, _text, label in rows:
+    for _where, _value, label in rows:
         n += 1
         if label is not None:
             counts[label] += 1
@@ -272,8 +273,14 @@ def inspect_text(path: Path, fmt: str, text_column: str | None, label_column: st
         labeled=label_col is not None,
         classes=classes,
         class_counts=class_counts,
-        schema_info={"text_column": text_col, "label_column": label_col},
+        schema_info={**schema_info, "label_column": label_col},
     )
+
+
+def inspect_text(path: Path, fmt: str, text_column: str | None, label_column: str | None) -> DatasetInfo:
+    rows = iter_text(path, fmt, text_column, label_column)
+    _, text_col, label_col = next(rows)
+    return _summarise(fmt, rows, label_col, {"text_column": text_col})
 
 
 def read_text(path: Path, fmt: str, schema_info: dict[str, Any]) -> tuple[list[str], list[str] | None]:
@@ -344,23 +351,7 @@ def iter_tabular(
 def inspect_tabular(path: Path, fmt: str, label_column: str | None) -> DatasetInfo:
     rows = iter_tabular(path, fmt, label_column)
     _, features, label_col = next(rows)
-    counts: Counter[str] = Counter()
-    n = 0
-    for _where, _values, label in rows:
-        n += 1
-        if label is not None:
-            counts[label] += 1
-    if n == 0:
-        raise FormatError("the file has a header but no rows")
-    classes, class_counts = _check_classes(counts, label_col) if label_col else ([], {})
-    return DatasetInfo(
-        format=fmt,
-        num_examples=n,
-        labeled=label_col is not None,
-        classes=classes,
-        class_counts=class_counts,
-        schema_info={"feature_columns": list(features), "label_column": label_col},
-    )
+    return _summarise(fmt, rows, label_col, {"feature_columns": list(features)})
 
 
 def read_tabular(path: Path, fmt: str, schema_info: dict[str, Any]) -> tuple[np.ndarray, list[str] | None]:

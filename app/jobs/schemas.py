@@ -97,7 +97,43 @@ class JobError(BaseModel):
 
 
 class JobOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
+    model_config = ConfigDict(
+        from_attributes=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "object": "job",
+                    "id": "job_k3m9x2c7v5b1n8z4q6w0e2r4",
+                    "project_id": "proj_2b4k7xq9z3m5n6p8r1t0v2w4",
+                    "type": "finetune",
+                    "status": "running",
+                    "base_model": "minilm-l6",
+                    "training_dataset": "ds_mb2kqv7gq3zd5w4bn6e2c3x1",
+                    "validation_dataset": None,
+                    "method": "linear_probe",
+                    "hyperparameters": {
+                        "epochs": 30,
+                        "batch_size": 32,
+                        "learning_rate": 0.01,
+                        "weight_decay": 0.01,
+                        "validation_split": 0.1,
+                        "warmup_ratio": 0.06,
+                        "max_grad_norm": 1.0,
+                    },
+                    "seed": 42,
+                    "metadata": {"experiment": "baseline"},
+                    "progress": {"epoch": 12, "epochs": 30, "step": 456, "total_steps": 1140},
+                    "metrics": {"epoch": 11, "train_loss": 0.31, "val_loss": 0.35, "val_accuracy": 0.88},
+                    "error": None,
+                    "result_model": None,
+                    "cancel_requested": False,
+                    "created_at": "2026-11-27T10:00:00Z",
+                    "started_at": "2026-11-27T10:00:02Z",
+                    "finished_at": None,
+                }
+            ]
+        },
+    )
 
     object: Literal["job"] = "job"
     id: str

@@ -9,6 +9,7 @@ import pytest
 
 from app.core.config import Settings
 from tests.helpers import Api, digits_zip, iris_csv, sentiment_rows, text_csv, text_jsonl
+from workers.recipes.defaults import default_hyperparameters
 
 
 def queued_messages(settings: Settings) -> list[str]:
@@ -53,7 +54,8 @@ def test_create_job_resolves_defaults_and_queues_only_the_id(
     assert job["id"].startswith("job_") and job["object"] == "job"
     assert job["status"] == "queued"
     assert job["hyperparameters"]["epochs"] == 3
-    assert job["hyperparameters"]["learning_rate"] == 3e-3  # the linear_probe default for minilm-l6
+    defaults = default_hyperparameters("minilm-l6", "linear_probe")
+    assert job["hyperparameters"] == {**defaults, "epochs": 3}  # what was sent, defaults for the rest
     assert job["seed"] == 7 and job["metadata"] == {"team": "nlp"}
     assert job["progress"] is None and job["result_model"] is None and job["error"] is None
     assert job["created_at"] and job["started_at"] is None

@@ -82,3 +82,19 @@ def test_bootstrap_with_a_key_from_the_environment(tmp_path: Path) -> None:
     assert prestart(settings) is None
     assert not (tmp_path / "admin.key").exists()
     assert count(settings, ApiKey) == 1
+
+
+def test_celery_is_configured_for_long_training_tasks(tmp_path: Path) -> None:
+    from workers.queueing import RUN_JOB, make_celery
+
+    settings = Settings(home=tmp_path, worker_queue="a100")
+    conf = make_celery(settings).conf
+    assert conf.task_acks_late is True
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.task_serializer == "json" and conf.accept_content == ["json"]
+    assert conf.task_ignore_result is True and conf.result_backend is None
+    assert conf.task_routes[RUN_JOB] == {"queue": "a100"}
+    # The embedded broker keeps every folder under GRAFT_HOME, none in the working directory.
+    options = conf.broker_transport_options
+    for key in ("data_folder_in", "data_folder_out", "processed_folder", "control_folder"):
+        assert Path(options[key]).is_relative_to(tmp_path), key

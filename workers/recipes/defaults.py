@@ -14,9 +14,9 @@ COMMON_DEFAULTS: dict[str, Any] = {
 
 # (architecture, method) -> epochs, batch_size, learning_rate
 METHOD_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
-    ("minilm-l6", "linear_probe"): {"epochs": 30, "batch_size": 32, "learning_rate": 3e-3},
+    ("minilm-l6", "linear_probe"): {"epochs": 30, "batch_size": 32, "learning_rate": 1e-2},
     ("minilm-l6", "full"): {"epochs": 4, "batch_size": 16, "learning_rate": 5e-5},
-    ("efficientnet-lite0", "linear_probe"): {"epochs": 30, "batch_size": 32, "learning_rate": 3e-3},
+    ("efficientnet-lite0", "linear_probe"): {"epochs": 30, "batch_size": 32, "learning_rate": 1e-2},
     ("efficientnet-lite0", "full"): {"epochs": 8, "batch_size": 32, "learning_rate": 3e-4},
     ("cnn-small", "linear_probe"): {"epochs": 30, "batch_size": 32, "learning_rate": 3e-3},
     ("cnn-small", "full"): {"epochs": 15, "batch_size": 32, "learning_rate": 2e-3},
