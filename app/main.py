@@ -13,6 +13,7 @@ from app.core.config import Settings, get_settings
 from app.core.db import make_engine, make_session_factory
 from app.core.deps import ServiceContext
 from app.core.errors import install_error_handlers
+from app.core.limits import RequestGuard
 from app.core.queue import JobQueue
 from app.core.storage import Storage
 from app.datasets import router as datasets
@@ -74,6 +75,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ],
     )
     install_error_handlers(app)
+    app.add_middleware(
+        RequestGuard,  # type: ignore[arg-type]
+        max_body_bytes=settings.max_request_bytes,
+        streaming_routes={("POST", "/v1/datasets")},
+    )
     for module in (datasets, models, jobs, projects, health):
         app.include_router(module.router)
     app.include_router(jobs.checkpoints_router)

@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     max_upload_bytes: int = Field(default=2 * GIB, gt=0)
+    # Every other request body (JSON, images to predict on).
+    max_request_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     bootstrap_api_key: SecretStr | None = Field(
         default=None, description="Admin key of the default project; generated when unset."
     )

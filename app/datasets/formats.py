@@ -17,8 +17,10 @@ import json
 import math
 import re
 import stat
+import struct
 import warnings
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from app.core.text import unsafe_character
+
 TASKS = ("text_classification", "image_classification", "tabular_classification")
 IMAGE_EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 DEFAULT_TEXT_COLUMN = "text"
@@ -35,6 +39,8 @@ DEFAULT_LABEL_COLUMN = "label"
 MAX_LINE_BYTES = 16 * 1024 * 1024
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 MAX_FEATURES = 10_000
+MAX_LABEL_CHARS = 1000
+FLOAT32_MAX = 3.4028234663852886e38
 csv.field_size_limit(MAX_LINE_BYTES)
 
 
@@ -161,8 +167,15 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, int, dict[str, Any]]]:
                 record = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise FormatError(f"line {line_no}: invalid JSON ({exc.msg})") from None
+            except (ValueError, RecursionError) as exc:  # numbers too long to convert, nesting too deep
+                raise FormatError(f"line {line_no}: invalid JSON ({type(exc).__name__})") from None
             if not isinstance(record, dict):
                 raise FormatError(f"line {line_no}: expected a JSON object, found {type(record).__name__}")
+            for key, value in record.items():
+                for part in (key, value) if isinstance(value, str) else (key,):
+                    problem = unsafe_character(part)
+                    if problem:
+                        raise FormatError(f"line {line_no}, column '{key!r}': contains {problem}")
             row += 1
             yield f"line {line_no}", row, record
 
@@ -188,12 +201,16 @@ def _label_value(value: Any, where: str, column: str) -> str | None:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
+        if abs(value) >= 10**MAX_LABEL_CHARS:
+            raise FormatError(f"{where}, column '{column}': label longer than {MAX_LABEL_CHARS} characters")
         return str(value)
     if isinstance(value, float):
         if not math.isfinite(value):
             raise FormatError(f"{where}, column '{column}': label must be finite")
         return str(int(value)) if value.is_integer() else str(value)
     if isinstance(value, str):
+        if len(value) > MAX_LABEL_CHARS:
+            raise FormatError(f"{where}, column '{column}': label longer than {MAX_LABEL_CHARS} characters")
         return value.strip() or None
     raise FormatError(f"{where}, column '{column}': label must be a string or a number")
 
@@ -302,7 +319,10 @@ def _number(value: Any, where: str, column: str) -> float:
     if isinstance(value, bool):
         raise FormatError(f"{where}, column '{column}': {value!r} is not a number")
     if isinstance(value, int | float):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
     elif isinstance(value, str):
         if not value.strip():
             raise FormatError(f"{where}, column '{column}': missing value")
@@ -314,8 +334,8 @@ def _number(value: Any, where: str, column: str) -> float:
         raise FormatError(f"{where}, column '{column}': missing value")
     else:
         raise FormatError(f"{where}, column '{column}': {type(value).__name__} is not a number")
-    if not math.isfinite(number):
-        raise FormatError(f"{where}, column '{column}': value must be finite")
+    if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
+        raise FormatError(f"{where}, column '{column}': value must be finite (within float32 range)")
     return number
 
 
@@ -499,18 +519,31 @@ def decode_image(data: bytes, name: str, limits: ArchiveLimits, *, draft: bool =
         raise FormatError(f"file '{name}': not a readable image ({type(exc).__name__}: {exc})") from None
 
 
+# What zipfile raises on damaged or exotic archives (bad headers, unknown versions, odd names).
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    OSError,
+    EOFError,
+    ValueError,
+    NotImplementedError,
+    RuntimeError,
+    struct.error,
+    zlib.error,
+)
+
+
 def open_archive(path: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise FormatError(f"not a valid ZIP archive ({exc})") from None
+    except _ZIP_ERRORS as exc:
+        raise FormatError(f"not a valid ZIP archive ({type(exc).__name__}: {exc})") from None
 
 
 def read_member(archive: zipfile.ZipFile, name: str) -> bytes:
     try:
         with archive.open(name) as member:
             return member.read(MAX_IMAGE_BYTES + 1)
-    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as exc:
+    except _ZIP_ERRORS as exc:
         raise FormatError(f"file '{name}': cannot be read from the archive ({exc})") from None
 
 

@@ -10,8 +10,10 @@ from app.tables import Dataset, Job
 ACTIVE_JOB_STATUSES = ("queued", "running")
 
 
-def get(session: Session, project_id: str, dataset_id: str) -> Dataset | None:
-    return session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.project_id == project_id))
+def get(session: Session, project_id: str, dataset_id: str, *, for_update: bool = False) -> Dataset | None:
+    """`for_update` locks the row: deleting a dataset and queueing a job on it never interleave."""
+    stmt = select(Dataset).where(Dataset.id == dataset_id, Dataset.project_id == project_id)
+    return session.scalar(stmt.with_for_update() if for_update else stmt)
 
 
 def add(session: Session, row: Dataset) -> None:

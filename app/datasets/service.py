@@ -12,6 +12,7 @@ from app.core.errors import Conflict, Unprocessable, not_found
 from app.core.ids import new_id, utcnow
 from app.core.security import Principal
 from app.core.storage import Storage
+from app.core.text import unsafe_character
 from app.datasets import repository
 from app.datasets.formats import TASKS, ArchiveLimits, FormatError, detect_format, inspect_dataset
 from app.datasets.upload import ReceivedUpload
@@ -45,6 +46,18 @@ def create_dataset(
     """Validate the received upload and register it. The temporary file is moved into place or removed."""
     try:
         fields = upload.fields
+        for field_name, value in fields.items():
+            problem = unsafe_character(field_name + value)
+            if problem:
+                raise Unprocessable(
+                    f"form field '{field_name}' contains {problem}", param=field_name, code="invalid_request"
+                )
+        if upload.filename is not None and unsafe_character(upload.filename):
+            raise Unprocessable(
+                "the file name contains a character that cannot be stored",
+                param="file",
+                code="invalid_request",
+            )
         unknown = sorted(set(fields) - UPLOAD_FIELDS)
         if unknown:
             raise Unprocessable(
@@ -66,7 +79,7 @@ def create_dataset(
         if upload.size == 0:
             raise Unprocessable("the file is empty", param="file")
         name = (
-            _optional_field(fields, "name") or PurePosixPath(upload.filename or "dataset").name or "dataset"
+            _optional_field(fields, "name") or (PurePosixPath(upload.filename or "").name or "dataset")[-300:]
         )
         if len(name) > 300:
             raise Unprocessable("'name' is longer than 300 characters", param="name", code="invalid_request")
@@ -104,7 +117,7 @@ def create_dataset(
         schema_info=info.schema_info,
         bytes=upload.size,
         sha256=upload.sha256,
-        filename=PurePosixPath(upload.filename).name if upload.filename else None,
+        filename=PurePosixPath(upload.filename).name[-300:] if upload.filename else None,
         path=key,
         created_at=utcnow(),
     )
@@ -112,15 +125,22 @@ def create_dataset(
     return row
 
 
-def get_dataset(session: Session, principal: Principal, dataset_id: str, param: str | None = None) -> Dataset:
-    row = repository.get(session, principal.project_id, dataset_id)
+def get_dataset(
+    session: Session,
+    principal: Principal,
+    dataset_id: str,
+    param: str | None = None,
+    *,
+    for_update: bool = False,
+) -> Dataset:
+    row = repository.get(session, principal.project_id, dataset_id, for_update=for_update)
     if row is None:
         raise not_found("dataset", dataset_id, param=param)
     return row
 
 
 def delete_dataset(session: Session, storage: Storage, principal: Principal, dataset_id: str) -> Dataset:
-    row = get_dataset(session, principal, dataset_id)
+    row = get_dataset(session, principal, dataset_id, for_update=True)
     job_id = repository.used_by_active_job(session, row.id)
     if job_id is not None:
         raise Conflict(

@@ -17,8 +17,8 @@ from app.core.storage import Storage
 
 MAX_FIELD_BYTES = 64 * 1024
 MAX_FIELDS = 32
-# Room for the multipart framing and the small text fields around the file.
-ENVELOPE_BYTES = 1024 * 1024
+# Room for the multipart framing and the text fields around the file.
+ENVELOPE_BYTES = 64 * 1024 + MAX_FIELDS * MAX_FIELD_BYTES
 HEAD_BYTES = 512
 
 

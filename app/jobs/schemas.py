@@ -5,6 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.core.text import SafeStr
 from workers.recipes.defaults import defaults_table
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -15,7 +16,7 @@ TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 class HyperparametersIn(BaseModel):
     """Every field is optional; what is left out takes the default for the base model and method."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     epochs: int | None = Field(default=None, ge=1, le=1000, description="Passes over the training data.")
     batch_size: int | None = Field(default=None, ge=1, le=4096)
@@ -30,7 +31,7 @@ class HyperparametersIn(BaseModel):
     warmup_ratio: float | None = Field(
         default=None, ge=0, lt=1, description="Share of steps of linear warm-up."
     )
-    max_grad_norm: float | None = Field(default=None, gt=0, description="Gradient clipping norm.")
+    max_grad_norm: float | None = Field(default=None, gt=0, le=1e6, description="Gradient clipping norm.")
 
 
 class JobCreate(BaseModel):
@@ -52,11 +53,11 @@ class JobCreate(BaseModel):
     )
 
     type: Literal["finetune"] = Field(description="finetune: adapt an upstream model to a labelled dataset.")
-    base_model: str = Field(
+    base_model: SafeStr = Field(
         min_length=1, max_length=64, description="A built-in model id or a project's mdl_ id."
     )
-    training_dataset: str = Field(min_length=1, max_length=64)
-    validation_dataset: str | None = Field(default=None, max_length=64)
+    training_dataset: SafeStr = Field(min_length=1, max_length=64)
+    validation_dataset: SafeStr | None = Field(default=None, max_length=64)
     method: Literal["full", "linear_probe"] = Field(
         default="full",
         description="full: every weight trains. linear_probe: the backbone is frozen and a new head trains "
@@ -64,7 +65,7 @@ class JobCreate(BaseModel):
     )
     hyperparameters: HyperparametersIn = Field(default_factory=HyperparametersIn)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1, description="Random when left out; recorded.")
-    metadata: dict[str, str] | None = Field(
+    metadata: dict[SafeStr, SafeStr] | None = Field(
         default=None, description="Up to 16 string pairs for your bookkeeping."
     )
 

@@ -73,7 +73,9 @@ def create_job(
             return _replay(existing, fingerprint), False
 
     base = models.resolve(session, principal, body.base_model, param="base_model")
-    train = datasets.get_dataset(session, principal, body.training_dataset, param="training_dataset")
+    train = datasets.get_dataset(
+        session, principal, body.training_dataset, param="training_dataset", for_update=True
+    )
     _check_dataset_fits(train, base, "training_dataset")
     if train.num_examples < 2:
         raise Unprocessable(
@@ -91,6 +93,15 @@ def create_job(
                 code="task_mismatch",
             )
         _check_dataset_fits(validation, base, "validation_dataset")
+        if train.task == "tabular_classification":
+            needed = base.spec.input_spec.get("feature_columns") or train.schema_info["feature_columns"]
+            missing = [c for c in needed if c not in validation.schema_info.get("feature_columns", [])]
+            if missing:
+                raise Unprocessable(
+                    f"validation dataset {validation.id} lacks the feature column '{missing[0]}'",
+                    param="validation_dataset",
+                    code="columns_mismatch",
+                )
         unknown = sorted(set(validation.classes) - set(train.classes))
         if unknown:
             raise Unprocessable(

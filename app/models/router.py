@@ -12,7 +12,6 @@ from app.core.deps import ContextDep, PrincipalDep, SessionDep
 from app.core.errors import (
     ERROR_RESPONSES,
     InvalidRequest,
-    PayloadTooLarge,
     Unprocessable,
     UnsupportedMediaType,
 )
@@ -22,8 +21,6 @@ from app.models.schemas import ModelOut, PredictResponse, TextOrTabularPredictRe
 from workers.backbones.catalog import BUILTIN_MODELS
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
-
-MAX_PREDICT_BODY = 64 * 1024 * 1024
 
 PREDICT_BODY: dict[str, Any] = {
     "requestBody": {
@@ -74,8 +71,8 @@ def get_model(model_id: str, session: SessionDep, principal: PrincipalDep) -> di
 async def _json_inputs(request: Request) -> list[Any]:
     try:
         payload = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"the body is not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, overlong numbers, deep nesting
+        raise InvalidRequest(f"the body is not valid JSON ({type(exc).__name__})") from None
     try:
         body = TextOrTabularPredictRequest.model_validate(payload)
     except ValidationError as exc:
@@ -123,9 +120,6 @@ async def predict(
             code="model_not_servable",
         )
     row = service.get_registered(session, principal, model_id)
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_PREDICT_BODY:
-        raise PayloadTooLarge(f"prediction requests are limited to {MAX_PREDICT_BODY} bytes")
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     limit = context.settings.max_predict_inputs
     inputs: list[Any]

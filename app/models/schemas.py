@@ -5,6 +5,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.core.text import SafeStr
+
 
 class ModelOut(BaseModel):
     model_config = ConfigDict(
@@ -72,7 +74,7 @@ class TextOrTabularPredictRequest(BaseModel):
         },
     )
 
-    inputs: list[str] | list[dict[str, Any]] = Field(
+    inputs: list[SafeStr] | list[dict[str, Any]] = Field(
         min_length=1, description="Texts for a text model; objects of column: number for a tabular model."
     )
 

@@ -5,11 +5,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.core.text import SafeStr
+
 
 class ProjectCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "sentiment-team"}]})
 
-    name: str = Field(min_length=1, max_length=200)
+    name: SafeStr = Field(min_length=1, max_length=200)
 
 
 class ProjectOut(BaseModel):
@@ -26,7 +28,7 @@ class ApiKeyCreate(BaseModel):
         extra="forbid", json_schema_extra={"examples": [{"name": "ci", "role": "member"}]}
     )
 
-    name: str | None = Field(default=None, max_length=200)
+    name: SafeStr | None = Field(default=None, max_length=200)
     role: Literal["member", "admin"] = Field(
         default="member",
         description="member: the project's own objects; admin: can also manage projects and keys.",

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
@@ -19,6 +20,8 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from workers.backbones.spec import ModelSpec
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class InputError(ValueError):
@@ -130,7 +133,13 @@ def rows_to_array(rows: Sequence[Mapping[str, Any]], feature_columns: Sequence[s
             value = row[column]
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise InputError(f"inputs[{i}], column '{column}': {value!r} is not a number", index=i)
-            if not np.isfinite(value):
-                raise InputError(f"inputs[{i}], column '{column}': value must be finite", index=i)
-            out[i, j] = value
+            try:
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
+                raise InputError(
+                    f"inputs[{i}], column '{column}': {value!r} is not a finite float32 number", index=i
+                )
+            out[i, j] = number
     return out

