@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         RequestGuard,  # type: ignore[arg-type]
         max_body_bytes=settings.max_request_bytes,
-        streaming_routes={("POST", "/v1/datasets")},
+        streaming_routes={("POST", "/v1/datasets"), ("POST", "/v1/models")},
     )
     for module in (datasets, models, jobs, projects, health):
         app.include_router(module.router)

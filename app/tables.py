@@ -21,6 +21,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
@@ -118,6 +119,8 @@ class Model(Base):
     weights_path: Mapped[str] = mapped_column(String(500))
     weights_bytes: Mapped[int] = mapped_column(BigInteger)
     weights_sha256: Mapped[str] = mapped_column(String(64))
+    # LoRA models also keep their adapter on its own.
+    adapter_path: Mapped[str | None] = mapped_column(String(500))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -135,11 +138,21 @@ class Job(Base):
     type: Mapped[str] = mapped_column(String(20))
     status: Mapped[str] = mapped_column(String(20))
     base_model: Mapped[str] = mapped_column(String(64))
-    training_dataset: Mapped[str] = mapped_column(String(64))
+    # Evaluation jobs have no training dataset and no method.
+    training_dataset: Mapped[str | None] = mapped_column(String(64))
     validation_dataset: Mapped[str | None] = mapped_column(String(64))
-    method: Mapped[str] = mapped_column(String(32))
+    method: Mapped[str | None] = mapped_column(String(32))
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSONType)
     seed: Mapped[int] = mapped_column(BigInteger)
+    # Transfer options as requested, and what the worker found.
+    head: Mapped[str | None] = mapped_column(String(8))
+    initialization: Mapped[str | None] = mapped_column(String(16))
+    from_checkpoint: Mapped[str | None] = mapped_column(String(64))
+    baseline: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    seeds: Mapped[list[int] | None] = mapped_column(JSONType)
+    transfer: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    best_checkpoint: Mapped[str | None] = mapped_column(String(64))
     user_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSONType)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
@@ -152,6 +165,10 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    @property
+    def report_url(self) -> str | None:
+        return f"/v1/jobs/{self.id}/report" if self.report is not None else None
 
 
 class JobEvent(Base):

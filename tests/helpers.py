@@ -71,14 +71,19 @@ def iris_csv(n: int | None = None, seed: int = 0) -> bytes:
     return out.getvalue().encode()
 
 
-def digit_images(n: int, classes: Iterable[int] = (0, 1), seed: int = 0) -> list[tuple[int, Image.Image]]:
-    """Real handwritten digits (scikit-learn's 8x8 set), upscaled to 32x32 greyscale images."""
+def digit_images(
+    n: int, classes: Iterable[int] = (0, 1), seed: int = 0, offset: int = 0
+) -> list[tuple[int, Image.Image]]:
+    """Real handwritten digits (scikit-learn's 8x8 set), upscaled to 32x32 greyscale images. The same seed
+    with different offsets gives disjoint sets."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     wanted = list(classes)
     rng = np.random.default_rng(seed)
-    picks = [i for i in rng.permutation(len(digits.target)) if digits.target[i] in wanted][:n]
+    picks = [i for i in rng.permutation(len(digits.target)) if digits.target[i] in wanted][
+        offset : offset + n
+    ]
     images = []
     for i in picks:
         pixels = (digits.images[i] * (255.0 / 16.0)).astype(np.uint8)
@@ -105,11 +110,11 @@ def image_zip(
     return out.getvalue()
 
 
-def digits_zip(n: int = 40, classes: Iterable[int] = (0, 1), seed: int = 0) -> bytes:
-    names = {0: "zero", 1: "one", 2: "two", 3: "three"}
-    return image_zip(
-        [(names.get(label, str(label)), image) for label, image in digit_images(n, classes, seed)]
-    )
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def digits_zip(n: int = 40, classes: Iterable[int] = (0, 1), seed: int = 0, offset: int = 0) -> bytes:
+    return image_zip([(DIGIT_NAMES[label], image) for label, image in digit_images(n, classes, seed, offset)])
 
 
 def write(path: Path, data: bytes) -> Path:

@@ -22,11 +22,12 @@ from app.core.db import make_engine, make_session_factory, session_scope
 from app.core.ids import new_id, utcnow
 from app.core.storage import Storage, sha256_file
 from app.datasets.formats import FormatError
+from app.datasets.service import dataset_source
 from app.jobs import repository as jobs
 from app.tables import Checkpoint, Dataset, Job, Model
 from workers.backbones.catalog import BUILTIN_MODELS
 from workers.backbones.spec import ModelSpec
-from workers.recipes.base import BaseModelSource, DatasetSource, JobCancelled
+from workers.recipes.base import BaseModelSource, CheckpointRef, DatasetSource, JobCancelled
 
 log = logging.getLogger("graft.worker")
 
@@ -60,6 +61,15 @@ def worker_context() -> WorkerContext:
     return _context
 
 
+# What a checkpoint of each method holds.
+CHECKPOINT_CONTENTS = {
+    "linear_probe": "head",
+    "partial": "unfrozen blocks and head",
+    "lora": "adapter and head",
+    "full": "full",
+}
+
+
 class DatabaseReporter:
     """The recipe's reporter: events, progress, metrics and checkpoints go to the database as the job
     runs. Progress writes and cancel checks are throttled so that fast steps stay fast."""
@@ -77,9 +87,11 @@ class DatabaseReporter:
     def _session(self) -> Any:
         return session_scope(self.context.session_factory)
 
-    def event(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
+    def event(
+        self, message: str, *, level: str = "info", data: dict[str, Any] | None = None, type: str = "message"
+    ) -> None:
         with self._session() as session:
-            jobs.add_event(session, self.job_id, message, level=level, data=data)
+            jobs.add_event(session, self.job_id, message, level=level, data=data, type=type)
 
     def progress(self, *, epoch: int, epochs: int, step: int, total_steps: int) -> None:
         now = time.monotonic()
@@ -107,21 +119,31 @@ class DatabaseReporter:
             )
 
     def checkpoint(
-        self, *, epoch: int, step: int, tensors: dict[str, Any], spec: ModelSpec, metrics: dict[str, float]
+        self,
+        *,
+        epoch: int,
+        step: int,
+        tensors: dict[str, Any],
+        spec: ModelSpec,
+        metrics: dict[str, float],
+        metadata: dict[str, str],
+        best: bool,
     ) -> None:
         from workers.backbones.weights import save_weights
 
         storage = self.context.storage
         checkpoint_id = new_id("ckpt")
         key = f"checkpoints/{self.job_id}/{checkpoint_id}.safetensors"
-        contains = "full" if any(name.startswith("backbone.") for name in tensors) else "head"
+        method = metadata.get("method", "full")
+        extra = {
+            **metadata,
+            "job_id": self.job_id,
+            "epoch": str(epoch),
+            "step": str(step),
+            "contains": CHECKPOINT_CONTENTS.get(method, method),
+        }
         with storage.atomic_path(key) as temp:
-            save_weights(
-                temp,
-                tensors,
-                spec,
-                extra={"job_id": self.job_id, "epoch": str(epoch), "step": str(step), "contains": contains},
-            )
+            save_weights(temp, tensors, spec, extra=extra)
             size, digest = temp.stat().st_size, sha256_file(temp)
         try:
             with self._session() as session:
@@ -140,6 +162,8 @@ class DatabaseReporter:
                         created_at=utcnow(),
                     ),
                 )
+                if best:
+                    jobs.update_fields(session, self.job_id, best_checkpoint=checkpoint_id)
         except Exception:
             storage.delete(key)
             raise
@@ -177,64 +201,99 @@ def _dataset_source(context: WorkerContext, session: Session, dataset_id: str) -
     row = session.scalar(select(Dataset).where(Dataset.id == dataset_id))
     if row is None:
         raise FileNotFoundError(f"dataset {dataset_id} was deleted")
-    return DatasetSource(
-        id=row.id,
-        path=context.storage.path(row.path),
-        task=row.task,
-        format=row.format,
-        labeled=row.labeled,
-        classes=list(row.classes),
-        schema_info=dict(row.schema_info),
-    )
+    return dataset_source(row, context.storage)
 
 
-def _base_source(context: WorkerContext, session: Session, job: Job) -> BaseModelSource:
+def _model_row(session: Session, project_id: str, model_id: str) -> Model:
+    row = session.scalar(select(Model).where(Model.id == model_id, Model.project_id == project_id))
+    if row is None:
+        raise FileNotFoundError(f"model {model_id} no longer exists")
+    return row
+
+
+def _base_source(context: WorkerContext, session: Session, job: Job, depth: int = 0) -> BaseModelSource:
+    """The job's upstream model; a checkpoint it starts from goes on top of the model beneath it."""
+    if job.from_checkpoint is not None:
+        checkpoint = session.scalar(
+            select(Checkpoint).where(
+                Checkpoint.id == job.from_checkpoint, Checkpoint.project_id == job.project_id
+            )
+        )
+        source_job = jobs.get_any(session, checkpoint.job_id) if checkpoint is not None else None
+        if checkpoint is None or source_job is None or depth > 20:
+            raise FileNotFoundError(f"checkpoint {job.from_checkpoint} no longer exists")
+        beneath = _base_source(context, session, source_job, depth + 1)
+        reference = CheckpointRef(path=context.storage.path(checkpoint.path), sha256=checkpoint.sha256)
+        return beneath.model_copy(
+            update={"id": checkpoint.id, "checkpoints": [*beneath.checkpoints, reference]}
+        )
     builtin = BUILTIN_MODELS.get(job.base_model)
     if builtin is not None:
-        return BaseModelSource(
-            id=builtin.id, spec=ModelSpec.for_builtin(builtin.id), pretrained=builtin.pretrained
-        )
-    row = session.scalar(select(Model).where(Model.id == job.base_model, Model.project_id == job.project_id))
-    if row is None:
-        raise FileNotFoundError(f"base model {job.base_model} no longer exists")
+        pretrained = builtin.pretrained and job.initialization != "random"
+        return BaseModelSource(id=builtin.id, spec=ModelSpec.for_builtin(builtin.id), pretrained=pretrained)
+    row = _model_row(session, job.project_id, job.base_model)
     return BaseModelSource(
         id=row.id,
         spec=ModelSpec.model_validate(row.spec),
         weights_path=context.storage.path(row.weights_path),
+        weights_sha256=row.weights_sha256,
     )
 
 
-def _register_result(context: WorkerContext, job: Job, result: Any) -> None:
-    """Save the model's weights, then register the model and mark the job succeeded in one transaction."""
+def _save(
+    context: WorkerContext, key: str, tensors: dict[str, Any], spec: ModelSpec, extra: dict[str, str]
+) -> tuple[int, str]:
     from workers.backbones.weights import save_weights
 
-    storage = context.storage
+    with context.storage.atomic_path(key) as temp:
+        save_weights(temp, tensors, spec, extra=extra)
+        return temp.stat().st_size, sha256_file(temp)
+
+
+def _register_result(context: WorkerContext, job: Job, study: Any) -> None:
+    """Save the model's weights (and a LoRA adapter on its own), then register the model and mark the job
+    succeeded in one transaction."""
+    from workers.recipes.methods import lora_metadata
+
+    result = study.result
     model_id = new_id("mdl")
-    key = f"models/{model_id}/model.safetensors"
-    with storage.atomic_path(key) as temp:
-        save_weights(temp, result.state, result.spec, extra={"job_id": job.id, "base_model": job.base_model})
-        size, digest = temp.stat().st_size, sha256_file(temp)
+    folder = f"models/{model_id}"
+    lineage = {"job_id": job.id, "base_model": job.base_model}
     try:
+        size, digest = _save(context, f"{folder}/model.safetensors", result.state, result.spec, lineage)
+        adapter_key = None
+        if result.adapter is not None:
+            adapter_key = f"{folder}/adapter.safetensors"
+            _save(
+                context,
+                adapter_key,
+                result.adapter,
+                result.spec,
+                {**lineage, **lora_metadata(result.adapter_config)},
+            )
         with session_scope(context.session_factory) as session:
             dataset_name = session.scalar(select(Dataset.name).where(Dataset.id == job.training_dataset))
+            kind = "pretrained" if job.type == "pretrain" else "finetuned"
+            verb = "pretrained" if kind == "pretrained" else f"{job.method} fine-tuned"
             session.add(
                 Model(
                     id=model_id,
                     project_id=job.project_id,
-                    name=f"{job.base_model} fine-tuned on {dataset_name or job.training_dataset}",
-                    kind="finetuned",
+                    name=f"{job.base_model} {verb} on {dataset_name or job.training_dataset}",
+                    kind=kind,
                     architecture=result.spec.architecture,
                     modality=result.spec.modality,
                     classes=list(result.spec.classes),
-                    metrics=result.metrics,
+                    metrics={**result.metrics, "best_epoch": result.best_epoch},
                     spec=result.spec.model_dump(),
                     num_parameters=result.num_parameters,
                     job_id=job.id,
                     base_model=job.base_model,
                     training_dataset=job.training_dataset,
-                    weights_path=key,
+                    weights_path=f"{folder}/model.safetensors",
                     weights_bytes=size,
                     weights_sha256=digest,
+                    adapter_path=adapter_key,
                     created_at=utcnow(),
                 )
             )
@@ -245,16 +304,67 @@ def _register_result(context: WorkerContext, job: Job, result: Any) -> None:
                 status="succeeded",
                 finished_at=utcnow(),
                 result_model=model_id,
-                metrics=result.metrics,
+                metrics={**result.metrics, "best_epoch": result.best_epoch},
+                transfer=result.transfer,
+                report=study.report,
             )
             if not finished:
                 raise RuntimeError(f"job {job.id} left the running state while it trained")
             jobs.add_event(
-                session, job.id, f"Job succeeded; registered model {model_id}", data={"model": model_id}
+                session,
+                job.id,
+                f"Job succeeded; registered model {model_id} from epoch {result.best_epoch}",
+                data={"model": model_id, "best_epoch": result.best_epoch},
             )
     except Exception:
-        storage.delete_tree(f"models/{model_id}")
+        context.storage.delete_tree(folder)
         raise
+
+
+def _run_training(context: WorkerContext, job: Job, reporter: DatabaseReporter) -> None:
+    from workers.recipes.finetune import FinetuneConfig, Hyperparameters
+    from workers.recipes.transfer import run_study
+
+    with session_scope(context.session_factory) as session:
+        assert job.training_dataset is not None and job.method is not None
+        config = FinetuneConfig(
+            job_id=job.id,
+            seed=job.seed,
+            method=job.method,  # type: ignore[arg-type]
+            base=_base_source(context, session, job),
+            train=_dataset_source(context, session, job.training_dataset),
+            validation=_dataset_source(context, session, job.validation_dataset)
+            if job.validation_dataset
+            else None,
+            hyperparameters=Hyperparameters.model_validate(job.hyperparameters),
+            head=job.head,  # type: ignore[arg-type]
+            feature_cache_dir=context.storage.path("cache"),
+        )
+    study = run_study(config, reporter, seeds=job.seeds, baseline=job.baseline)
+    _register_result(context, job, study)
+
+
+def _run_evaluation(context: WorkerContext, job: Job, reporter: DatabaseReporter) -> None:
+    from workers.backbones.weights import load_model
+    from workers.recipes.evaluate import evaluate_model
+
+    with session_scope(context.session_factory) as session:
+        assert job.validation_dataset is not None
+        row = _model_row(session, job.project_id, job.base_model)
+        spec = ModelSpec.model_validate(row.spec)
+        weights = context.storage.path(row.weights_path)
+        dataset = _dataset_source(context, session, job.validation_dataset)
+    reporter.event(f"Evaluating {row.id} on {dataset.id}")
+    metrics = evaluate_model(load_model(weights, spec), spec, dataset)
+    with session_scope(context.session_factory) as session:
+        if jobs.transition(
+            session, job.id, "running", status="succeeded", finished_at=utcnow(), metrics=metrics
+        ):
+            jobs.add_event(
+                session,
+                job.id,
+                f"Evaluation done: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}",
+            )
 
 
 def _error_for(exc: BaseException) -> dict[str, str]:
@@ -283,26 +393,12 @@ def execute_job(job_id: str, context: WorkerContext | None = None) -> None:
     job = _claim(context, job_id)
     if job is None:
         return
+    reporter = DatabaseReporter(context, job)
     try:
-        from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe, Hyperparameters
-
-        with session_scope(context.session_factory) as session:
-            config = FinetuneConfig(
-                job_id=job.id,
-                seed=job.seed,
-                method=job.method,  # type: ignore[arg-type]
-                base=_base_source(context, session, job),
-                train=_dataset_source(context, session, job.training_dataset),
-                validation=(
-                    _dataset_source(context, session, job.validation_dataset)
-                    if job.validation_dataset
-                    else None
-                ),
-                hyperparameters=Hyperparameters.model_validate(job.hyperparameters),
-            )
-        reporter = DatabaseReporter(context, job)
-        result = FinetuneRecipe(config, reporter).run()
-        _register_result(context, job, result)
+        if job.type == "evaluate":
+            _run_evaluation(context, job, reporter)
+        else:
+            _run_training(context, job, reporter)
     except JobCancelled:
         _finish(context, job.id, "cancelled", "Job cancelled")
     except Exception as exc:

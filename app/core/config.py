@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(default=40_000_000, gt=0)
     # Serving.
     max_predict_inputs: int = Field(default=256, gt=0)
+    # Evaluations of datasets up to this size are answered within the request; larger ones become jobs.
+    evaluate_sync_max_examples: int = Field(default=2000, ge=0)
     model_cache_size: int = Field(default=4, ge=1)
     # Training: how often (seconds) a running job looks for a cancel request.
     cancel_poll_seconds: float = Field(default=1.0, gt=0)

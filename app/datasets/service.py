@@ -17,6 +17,7 @@ from app.datasets import repository
 from app.datasets.formats import TASKS, ArchiveLimits, FormatError, detect_format, inspect_dataset
 from app.datasets.upload import ReceivedUpload
 from app.tables import Dataset
+from workers.recipes.base import DatasetSource
 
 UPLOAD_FIELDS = {"task", "name", "text_column", "label_column"}
 
@@ -150,3 +151,17 @@ def delete_dataset(session: Session, storage: Storage, principal: Principal, dat
     folder = f"datasets/{row.id}"
     after_commit(session, lambda: storage.delete_tree(folder))
     return row
+
+
+def dataset_source(row: Dataset, storage: Storage) -> DatasetSource:
+    """A stored dataset as the training and evaluation code reads it."""
+    return DatasetSource(
+        id=row.id,
+        path=storage.path(row.path),
+        task=row.task,
+        format=row.format,
+        labeled=row.labeled,
+        classes=list(row.classes),
+        schema_info=dict(row.schema_info),
+        sha256=row.sha256,
+    )

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Response, status
 from fastapi.responses import FileResponse
@@ -9,7 +9,7 @@ from app.core.deps import ContextDep, PrincipalDep, SessionDep
 from app.core.errors import ERROR_RESPONSES, ErrorResponse
 from app.core.pagination import AfterQuery, LimitQuery, ListResponse, paginate
 from app.jobs import service
-from app.jobs.schemas import CheckpointOut, JobCreate, JobEventOut, JobOut, JobStatus
+from app.jobs.schemas import CheckpointOut, JobCreate, JobEventOut, JobOut, JobStatus, TransferReport
 from app.tables import Checkpoint, Job, JobEvent
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
@@ -29,7 +29,7 @@ IdempotencyKey = Annotated[
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=JobOut,
-    summary="Create a fine-tuning job",
+    summary="Create a fine-tuning or pretraining job",
     description=JobCreate.__doc__ or "",
     responses={
         200: {"model": JobOut, "description": "Replay of an earlier request with the same Idempotency-Key"},
@@ -44,7 +44,9 @@ def create_job(
     principal: PrincipalDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Job:
-    job, created = service.create_job(session, context.queue, principal, body, idempotency_key)
+    job, created = service.create_job(
+        session, context.storage, context.queue, principal, body, idempotency_key
+    )
     if not created:
         response.status_code = status.HTTP_200_OK
     return job
@@ -113,12 +115,44 @@ def list_checkpoints(
     rows, has_more = paginate(
         session, Checkpoint, [Checkpoint.job_id == job.id], after=after, limit=limit, ascending=True
     )
-    return {"data": rows, "has_more": has_more}
+    return {"data": [_checkpoint_view(row, job) for row in rows], "has_more": has_more}
+
+
+def _checkpoint_view(row: Checkpoint, job: Job) -> dict[str, Any]:
+    return {**CheckpointOut.model_validate(row).model_dump(), "best": row.id == job.best_checkpoint}
+
+
+@router.get(
+    "/{job_id}/report",
+    summary="The transfer report: transferred against from-scratch (JSON, or ?format=png)",
+    description=(
+        "For finetune jobs created with `baseline: true`, once they succeeded: validation metrics of the "
+        "transferred model and of the same architecture trained from scratch on the same data and budget "
+        "(per seed, mean and spread), the transfer gain, a negative-transfer flag (worse than scratch beyond "
+        "the spread), the convergence speed-up, the train/validation gap of each, per-class accuracy, confusion "
+        "matrices and learning curves. `?format=png` draws the learning curves and the per-class comparison."
+    ),
+    response_model=TransferReport,
+    responses={200: {"content": {"image/png": {}}}},
+)
+def get_report(
+    job_id: str,
+    session: SessionDep,
+    principal: PrincipalDep,
+    format: Annotated[Literal["json", "png"], Query(description="json (default) or png")] = "json",
+) -> Any:
+    report = service.report_of(service.get_job(session, principal, job_id))
+    if format == "png":
+        from workers.recipes.report import render_png
+
+        return Response(render_png(report), media_type="image/png")
+    return report
 
 
 @checkpoints_router.get("/{checkpoint_id}", response_model=CheckpointOut, summary="Get a checkpoint")
-def get_checkpoint(checkpoint_id: str, session: SessionDep, principal: PrincipalDep) -> Checkpoint:
-    return service.get_checkpoint(session, principal, checkpoint_id)
+def get_checkpoint(checkpoint_id: str, session: SessionDep, principal: PrincipalDep) -> dict[str, Any]:
+    row = service.get_checkpoint(session, principal, checkpoint_id)
+    return _checkpoint_view(row, service.get_job(session, principal, row.job_id))
 
 
 @checkpoints_router.get(

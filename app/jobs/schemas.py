@@ -13,12 +13,30 @@ JOB_STATUSES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "ca
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 
 
+class EarlyStoppingIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    metric: Literal["val_loss", "val_accuracy"] = "val_loss"
+    patience: int = Field(default=3, ge=1, le=100, description="Epochs without improvement before stopping.")
+    min_delta: float = Field(default=0.0, ge=0, le=1, description="The smallest change that counts as one.")
+
+
+METHOD_KEYS: dict[str, tuple[str, ...]] = {
+    "partial": ("unfreeze_blocks", "layer_lr_decay"),
+    "full": ("layer_lr_decay",),
+    "lora": ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules"),
+    "linear_probe": (),
+}
+
+
 class HyperparametersIn(BaseModel):
     """Every field is optional; what is left out takes the default for the base model and method."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    epochs: int | None = Field(default=None, ge=1, le=1000, description="Passes over the training data.")
+    epochs: int | None = Field(
+        default=None, ge=1, le=1000, description="Passes over the training data (at most)."
+    )
     batch_size: int | None = Field(default=None, ge=1, le=4096)
     learning_rate: float | None = Field(default=None, gt=0, le=1, description="Peak learning rate (AdamW).")
     weight_decay: float | None = Field(default=None, ge=0, le=1)
@@ -32,6 +50,27 @@ class HyperparametersIn(BaseModel):
         default=None, ge=0, lt=1, description="Share of steps of linear warm-up."
     )
     max_grad_norm: float | None = Field(default=None, gt=0, le=1e6, description="Gradient clipping norm.")
+    early_stopping: EarlyStoppingIn | None = Field(
+        default=None,
+        description="Stop when the metric has not improved for `patience` epochs (needs validation data).",
+    )
+    unfreeze_blocks: int | None = Field(
+        default=None, ge=0, le=100, description="partial: top blocks that train."
+    )
+    layer_lr_decay: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="partial, full: the k-th block from the top trains at lr * decay^k.",
+    )
+    lora_rank: int | None = Field(default=None, ge=1, le=256, description="lora: adapter rank.")
+    lora_alpha: float | None = Field(default=None, gt=0, le=4096, description="lora: scaling numerator.")
+    lora_dropout: float | None = Field(
+        default=None, ge=0, lt=1, description="lora: dropout on the adapter input."
+    )
+    lora_target_modules: list[SafeStr] | None = Field(
+        default=None, min_length=1, max_length=32, description="lora: module names (suffixes) to adapt."
+    )
 
 
 class JobCreate(BaseModel):
@@ -47,23 +86,70 @@ class JobCreate(BaseModel):
                     "hyperparameters": {"epochs": 20},
                     "seed": 42,
                     "metadata": {"experiment": "baseline"},
-                }
+                },
+                {
+                    "type": "finetune",
+                    "base_model": "mdl_q2c7x5m8n4b6v1z3k9j0h2g4",
+                    "training_dataset": "ds_mb2kqv7gq3zd5w4bn6e2c3x1",
+                    "method": "partial",
+                    "baseline": True,
+                    "seeds": [1, 2, 3],
+                    "hyperparameters": {
+                        "unfreeze_blocks": 1,
+                        "early_stopping": {"metric": "val_accuracy", "patience": 3},
+                    },
+                },
+                {
+                    "type": "pretrain",
+                    "base_model": "cnn-small",
+                    "training_dataset": "ds_4k7q2m9x5c3v8b1n6z0w2e4r",
+                },
             ]
         },
     )
 
-    type: Literal["finetune"] = Field(description="finetune: adapt an upstream model to a labelled dataset.")
-    base_model: SafeStr = Field(
-        min_length=1, max_length=64, description="A built-in model id or a project's mdl_ id."
+    type: Literal["finetune", "pretrain"] = Field(
+        description="finetune: adapt an upstream model to a labelled downstream dataset. pretrain: train an "
+        "upstream model on a labelled source dataset (from scratch, or continuing from a base model); it is "
+        "registered as a pretrained model for later jobs."
+    )
+    base_model: SafeStr | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="A built-in model id or a project's mdl_ id. May be left out with from_checkpoint.",
     )
     training_dataset: SafeStr = Field(min_length=1, max_length=64)
     validation_dataset: SafeStr | None = Field(default=None, max_length=64)
-    method: Literal["full", "linear_probe"] = Field(
+    method: Literal["full", "linear_probe", "partial", "lora"] = Field(
         default="full",
-        description="full: every weight trains. linear_probe: the backbone is frozen and a new head trains "
-        "on its features (computed once per example).",
+        description="full: every weight trains. linear_probe: the backbone is frozen and a new head trains on its "
+        "features (computed once per example, cached across jobs). partial: the top `unfreeze_blocks` blocks "
+        "and the head train, with layer-wise learning rates. lora: low-rank adapters on the backbone and the "
+        "head train; the adapter is kept on its own and merged into the served model.",
     )
     hyperparameters: HyperparametersIn = Field(default_factory=HyperparametersIn)
+    head: Literal["new", "keep"] | None = Field(
+        default=None,
+        description="Left out: the head is kept when the dataset's label set is the base model's (domain "
+        "transfer) and replaced otherwise (task transfer). Classes are matched by name.",
+    )
+    baseline: bool = Field(
+        default=False,
+        description="Also train the same architecture from scratch on the same data and budget, and write the "
+        "transfer report (GET /v1/jobs/{id}/report).",
+    )
+    seeds: list[int] | None = Field(
+        default=None, min_length=1, max_length=5, description="With baseline: repeat both runs for each seed."
+    )
+    from_checkpoint: SafeStr | None = Field(
+        default=None, max_length=64, description="Start from another job's checkpoint (a ckpt_ id)."
+    )
+    initialization: Literal["pretrained", "random"] | None = Field(
+        default=None,
+        description="pretrain only: start from the base model's weights, or train its architecture from scratch. "
+        "Default: pretrained when the base model has weights.",
+    )
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1, description="Random when left out; recorded.")
     metadata: dict[SafeStr, SafeStr] | None = Field(
         default=None, description="Up to 16 string pairs for your bookkeeping."
@@ -79,6 +165,16 @@ class JobCreate(BaseModel):
         for key, item in value.items():
             if len(key) > 64 or len(item) > 512:
                 raise ValueError("keys are at most 64 characters and values at most 512")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None:
+            if len(set(value)) != len(value):
+                raise ValueError("seeds must be distinct")
+            if any(not 0 <= seed < 2**32 for seed in value):
+                raise ValueError("seeds are between 0 and 2^32 - 1")
         return value
 
 
@@ -139,17 +235,35 @@ class JobOut(BaseModel):
     object: Literal["job"] = "job"
     id: str
     project_id: str
-    type: str
+    type: Literal["finetune", "pretrain", "evaluate"]
     status: JobStatus
     base_model: str
-    training_dataset: str
+    training_dataset: str | None
     validation_dataset: str | None
-    method: str
+    method: str | None
     hyperparameters: dict[str, Any] = Field(description="As resolved: what you sent, defaults for the rest.")
+    head: str | None
+    initialization: str | None
+    from_checkpoint: str | None
+    baseline: bool
+    seeds: list[int] | None
+    transfer: dict[str, Any] | None = Field(
+        description="kind: task (new label set, new head) or domain (same label set, head kept); what the worker "
+        "found once it started."
+    )
+    best_checkpoint: str | None = Field(
+        description="The checkpoint of the best epoch so far; the result model's."
+    )
+    report_url: str | None = Field(
+        default=None, description="Where the transfer report is, once there is one."
+    )
     seed: int
     metadata: dict[str, str] | None = Field(validation_alias="user_metadata")
     progress: Progress | None
-    metrics: dict[str, Any] | None = Field(description="Latest epoch's train_loss, val_loss, val_accuracy.")
+    metrics: dict[str, Any] | None = Field(
+        description="While training: the latest epoch's train_loss, train_accuracy, val_loss, val_accuracy. Once "
+        "succeeded: the best epoch's (the result model's). Evaluation jobs: the evaluation."
+    )
     error: JobError | None
     result_model: str | None
     cancel_requested: bool
@@ -179,6 +293,67 @@ class CheckpointOut(BaseModel):
     epoch: int
     step: int
     metrics: dict[str, Any]
+    best: bool = Field(
+        default=False, description="The best epoch so far (the one the result model comes from)."
+    )
     bytes: int
     sha256: str
     created_at: datetime
+
+
+class Stat(BaseModel):
+    mean: float | None
+    std: float = Field(description="Sample standard deviation over seeds (0 with one seed).")
+    values: list[float] = Field(description="One value per seed.")
+
+
+class ArmSummary(BaseModel):
+    val_accuracy: Stat
+    val_macro_f1: Stat
+    val_loss: Stat
+    train_accuracy: Stat
+    train_val_gap: Stat = Field(description="Training minus validation accuracy: how much it overfits.")
+    best_epoch: list[int]
+    epochs_run: list[int]
+
+
+class Convergence(BaseModel):
+    per_seed: list[dict[str, Any]] = Field(
+        description="The scratch model's best validation accuracy, the epoch it reached it, and the epoch the "
+        "transferred model first reached it (null: never)."
+    )
+    speedup: float | None = Field(
+        description="Scratch epochs to its best over transferred epochs to the same."
+    )
+
+
+class TransferReport(BaseModel):
+    object: Literal["job.report"] = "job.report"
+    job_id: str
+    metric: str
+    seeds: list[int]
+    validation_examples: int
+    budget: dict[str, Any] = Field(description="Epochs, batch size, and each arm's method and learning rate.")
+    transferred: ArmSummary
+    scratch: ArmSummary
+    gain: dict[str, Stat] = Field(
+        description="Transferred minus scratch per seed (for val_loss: scratch minus transferred; positive is better)."
+    )
+    spread: float = Field(
+        description="The noise level: the spread of the gain over seeds, never below the sampling error of the "
+        "validation accuracy."
+    )
+    negative_transfer: bool = Field(
+        description="The transferred model is worse than scratch by more than the spread."
+    )
+    convergence: Convergence
+    per_class: dict[str, dict[str, float | None]] = Field(
+        description="Validation accuracy (recall) per class, both arms."
+    )
+    confusion_matrix: dict[str, Any] = Field(
+        description="labels; rows are true classes, columns predictions; summed over seeds."
+    )
+    learning_curves: dict[str, list[list[dict[str, float]]]] = Field(
+        description="Per arm, per seed, per epoch."
+    )
+    summary: str

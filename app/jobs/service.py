@@ -5,22 +5,25 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.db import after_commit
-from app.core.errors import Conflict, Unprocessable, not_found
+from app.core.errors import Conflict, NotFound, Unprocessable, not_found
 from app.core.ids import new_id, utcnow
 from app.core.queue import JobQueue
 from app.core.security import Principal
+from app.core.storage import Storage
 from app.datasets import service as datasets
 from app.jobs import repository
-from app.jobs.schemas import JobCreate
+from app.jobs.schemas import METHOD_KEYS, JobCreate
 from app.models import service as models
 from app.tables import Checkpoint, Dataset, Job
 from workers.backbones.catalog import BUILTIN_MODELS, TASK_MODALITY
+from workers.backbones.spec import SPEC_METADATA_KEY, ModelSpec
 from workers.recipes.defaults import default_hyperparameters
 
 
@@ -29,31 +32,82 @@ def request_fingerprint(body: JobCreate) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _check_dataset_fits(dataset: Dataset, base: models.ResolvedModel, param: str) -> None:
+@dataclass
+class Upstream:
+    """What a job starts from, as far as the rules need to know."""
+
+    base_model: str  # recorded on the job: a built-in id or an mdl_ id
+    architecture: str
+    modality: str
+    has_weights: bool  # learned weights (a pretrained built-in, a registered model, a checkpoint)
+    classes: list[str]  # the source head's classes; empty when there is no head
+    feature_columns: list[str]
+
+
+def _upstream(session: Session, storage: Storage, principal: Principal, body: JobCreate) -> Upstream:
+    if body.from_checkpoint is not None:
+        checkpoint = get_checkpoint(session, principal, body.from_checkpoint, param="from_checkpoint")
+        source = repository.get(session, principal.project_id, checkpoint.job_id)
+        assert source is not None
+        if body.base_model is not None and body.base_model != source.base_model:
+            raise Unprocessable(
+                f"checkpoint {checkpoint.id} comes from a job on {source.base_model}, not {body.base_model}; "
+                "leave base_model out",
+                param="base_model",
+                code="checkpoint_mismatch",
+            )
+        spec = _checkpoint_spec(storage, checkpoint)
+        return Upstream(
+            base_model=source.base_model,
+            architecture=spec.architecture,
+            modality=spec.modality,
+            has_weights=True,
+            classes=list(spec.classes),
+            feature_columns=list(spec.input_spec.get("feature_columns", [])),
+        )
+    if body.base_model is None:
+        raise Unprocessable(
+            "base_model is required (or start from_checkpoint)", param="base_model", code="invalid_request"
+        )
+    base = models.resolve(session, principal, body.base_model, param="base_model")
+    random_start = body.type == "pretrain" and body.initialization == "random"
+    return Upstream(
+        base_model=base.id,
+        architecture=base.architecture,
+        modality=base.modality,
+        has_weights=base.pretrained and not random_start,
+        classes=list(base.spec.classes),
+        feature_columns=list(base.spec.input_spec.get("feature_columns", [])) if base.row is not None else [],
+    )
+
+
+def _checkpoint_spec(storage: Storage, checkpoint: Checkpoint) -> ModelSpec:
+    from safetensors import safe_open
+
+    with safe_open(str(storage.path(checkpoint.path)), framework="pt") as handle:
+        return ModelSpec.from_metadata((handle.metadata() or {})[SPEC_METADATA_KEY])
+
+
+def _check_dataset_fits(dataset: Dataset, upstream: Upstream, param: str) -> None:
     if not dataset.labeled:
         raise Unprocessable(
-            f"dataset {dataset.id} has no labels; fine-tuning needs a labelled dataset",
+            f"dataset {dataset.id} has no labels; training needs a labelled dataset",
             param=param,
             code="dataset_unlabeled",
         )
-    modality = TASK_MODALITY[dataset.task]
-    if modality != base.modality:
+    if TASK_MODALITY[dataset.task] != upstream.modality:
         raise Unprocessable(
-            f"{base.id} is a {base.modality} model and dataset {dataset.id} is {dataset.task}",
+            f"{upstream.base_model} is a {upstream.modality} model and dataset {dataset.id} is {dataset.task}",
             param="base_model",
             code="modality_mismatch",
         )
-    if dataset.task == "tabular_classification" and base.row is not None:
-        wanted = base.spec.input_spec.get("feature_columns", [])
-        missing = [
-            column for column in wanted if column not in dataset.schema_info.get("feature_columns", [])
-        ]
-        if missing:
-            raise Unprocessable(
-                f"dataset {dataset.id} lacks the column '{missing[0]}' that {base.id} was trained on",
-                param=param,
-                code="columns_mismatch",
-            )
+    missing = [c for c in upstream.feature_columns if c not in dataset.schema_info.get("feature_columns", [])]
+    if missing:
+        raise Unprocessable(
+            f"dataset {dataset.id} lacks the column '{missing[0]}' that {upstream.base_model} was trained on",
+            param=param,
+            code="columns_mismatch",
+        )
 
 
 def resolve_hyperparameters(architecture: str, method: str, given: dict[str, Any]) -> dict[str, Any]:
@@ -62,8 +116,97 @@ def resolve_hyperparameters(architecture: str, method: str, given: dict[str, Any
     return resolved
 
 
+def _check_method(body: JobCreate, upstream: Upstream, given: dict[str, Any]) -> None:
+    builtin = BUILTIN_MODELS[upstream.architecture]
+    allowed = builtin.architecture_methods if upstream.has_weights else ("full",)
+    if body.method not in allowed:
+        reason = (
+            f"{upstream.base_model} starts from random weights, so {body.method} would train on random features"
+            if not upstream.has_weights
+            else f"{body.method} is not offered for {upstream.architecture}"
+        )
+        raise Unprocessable(
+            f"{reason}; use one of: {', '.join(allowed)}", param="method", code="method_not_supported"
+        )
+    for method, keys in METHOD_KEYS.items():
+        for key in keys:
+            if key in given and key not in METHOD_KEYS[body.method]:
+                raise Unprocessable(
+                    f"{key} applies to method {method if key != 'layer_lr_decay' else 'partial or full'}, "
+                    f"not {body.method}",
+                    param=f"hyperparameters.{key}",
+                    code="invalid_request",
+                )
+    blocks = given.get("unfreeze_blocks")
+    if blocks is not None and blocks > builtin.num_blocks:
+        raise Unprocessable(
+            f"{upstream.architecture} has {builtin.num_blocks} blocks; unfreeze_blocks is {blocks}",
+            param="hyperparameters.unfreeze_blocks",
+            code="invalid_request",
+        )
+
+
+def _check_options(
+    body: JobCreate, upstream: Upstream, train: Dataset, hyperparameters: dict[str, Any]
+) -> dict[str, Any]:
+    """Head, initialization, baseline and seeds; returns the transfer the job is expected to make."""
+    if body.initialization is not None and body.type != "pretrain":
+        raise Unprocessable(
+            "initialization applies to pretrain jobs", param="initialization", code="invalid_request"
+        )
+    if body.initialization == "random" and body.base_model not in BUILTIN_MODELS:
+        raise Unprocessable(
+            "a random initialization needs a built-in architecture as base_model (e.g. cnn-small)",
+            param="initialization",
+            code="invalid_request",
+        )
+    same_labels = bool(upstream.classes) and sorted(upstream.classes) == sorted(train.classes)
+    if body.head == "keep":
+        if not upstream.classes:
+            raise Unprocessable(
+                f"{upstream.base_model} has no classification head to keep",
+                param="head",
+                code="invalid_request",
+            )
+        if not set(upstream.classes) & set(train.classes):
+            raise Unprocessable(
+                "the base model's classes and the dataset's have no name in common; a kept head would match none",
+                param="head",
+                code="invalid_request",
+            )
+    if body.baseline:
+        if body.type != "finetune":
+            raise Unprocessable("baseline applies to finetune jobs", param="baseline", code="invalid_request")
+        if not upstream.has_weights:
+            raise Unprocessable(
+                f"{upstream.base_model} has random weights: there is no transfer to compare with training from "
+                "scratch",
+                param="baseline",
+                code="invalid_request",
+            )
+        if body.validation_dataset is None and not hyperparameters["validation_split"]:
+            raise Unprocessable(
+                "the report compares validation metrics: give a validation_dataset or a validation_split above 0",
+                param="baseline",
+                code="invalid_request",
+            )
+    if body.seeds is not None and not body.baseline:
+        raise Unprocessable(
+            "seeds repeat the baseline comparison; set baseline to true",
+            param="seeds",
+            code="invalid_request",
+        )
+    keep = body.head == "keep" or (body.head is None and same_labels)
+    return {"kind": "domain" if same_labels else "task", "head": "keep" if keep else "new"}
+
+
 def create_job(
-    session: Session, queue: JobQueue, principal: Principal, body: JobCreate, idempotency_key: str | None
+    session: Session,
+    storage: Storage,
+    queue: JobQueue,
+    principal: Principal,
+    body: JobCreate,
+    idempotency_key: str | None,
 ) -> tuple[Job, bool]:
     """The job, and whether it was created now (False: an earlier request with the same key made it)."""
     fingerprint = request_fingerprint(body)
@@ -72,11 +215,11 @@ def create_job(
         if existing is not None:
             return _replay(existing, fingerprint), False
 
-    base = models.resolve(session, principal, body.base_model, param="base_model")
+    upstream = _upstream(session, storage, principal, body)
     train = datasets.get_dataset(
         session, principal, body.training_dataset, param="training_dataset", for_update=True
     )
-    _check_dataset_fits(train, base, "training_dataset")
+    _check_dataset_fits(train, upstream, "training_dataset")
     if train.num_examples < 2:
         raise Unprocessable(
             f"dataset {train.id} has {train.num_examples} example; at least 2 are needed",
@@ -84,7 +227,7 @@ def create_job(
         )
     if body.validation_dataset is not None:
         validation = datasets.get_dataset(
-            session, principal, body.validation_dataset, param="validation_dataset"
+            session, principal, body.validation_dataset, param="validation_dataset", for_update=True
         )
         if validation.task != train.task:
             raise Unprocessable(
@@ -92,9 +235,9 @@ def create_job(
                 param="validation_dataset",
                 code="task_mismatch",
             )
-        _check_dataset_fits(validation, base, "validation_dataset")
+        _check_dataset_fits(validation, upstream, "validation_dataset")
         if train.task == "tabular_classification":
-            needed = base.spec.input_spec.get("feature_columns") or train.schema_info["feature_columns"]
+            needed = upstream.feature_columns or train.schema_info["feature_columns"]
             missing = [c for c in needed if c not in validation.schema_info.get("feature_columns", [])]
             if missing:
                 raise Unprocessable(
@@ -109,28 +252,31 @@ def create_job(
                 param="validation_dataset",
                 code="classes_mismatch",
             )
-    builtin = BUILTIN_MODELS.get(base.id)
-    if builtin is not None and body.method not in builtin.methods:
-        raise Unprocessable(
-            f"{base.id} has random initial weights, so {body.method} would train a head on random features; "
-            f"use one of: {', '.join(builtin.methods)}",
-            param="method",
-            code="method_not_supported",
-        )
+    given = body.hyperparameters.model_dump(exclude_none=True)
+    _check_method(body, upstream, given)
+    hyperparameters = resolve_hyperparameters(upstream.architecture, body.method, given)
+    transfer = _check_options(body, upstream, train, hyperparameters)
+    initialization = body.initialization
+    if body.type == "pretrain" and initialization is None:
+        initialization = "pretrained" if upstream.has_weights else "random"
 
     job = Job(
         id=new_id("job"),
         project_id=principal.project_id,
         type=body.type,
         status="queued",
-        base_model=base.id,
+        base_model=upstream.base_model,
         training_dataset=train.id,
         validation_dataset=body.validation_dataset,
         method=body.method,
-        hyperparameters=resolve_hyperparameters(
-            base.architecture, body.method, body.hyperparameters.model_dump(exclude_none=True)
-        ),
+        hyperparameters=hyperparameters,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
+        head=body.head,
+        initialization=initialization,
+        from_checkpoint=body.from_checkpoint,
+        baseline=body.baseline,
+        seeds=body.seeds,
+        transfer=transfer,
         user_metadata=body.metadata,
         idempotency_key=idempotency_key,
         request_hash=fingerprint,
@@ -150,7 +296,9 @@ def create_job(
             return _replay(existing, fingerprint), False
     else:
         repository.add(session, job)
-    repository.add_event(session, job.id, f"Job created: {body.method} fine-tune of {base.id} on {train.id}")
+    start = f"checkpoint {body.from_checkpoint}" if body.from_checkpoint else upstream.base_model
+    what = "pretraining" if body.type == "pretrain" else f"{body.method} fine-tune"
+    repository.add_event(session, job.id, f"Job created: {what} of {start} on {train.id}")
     job_id = job.id
     after_commit(session, lambda: queue.send(job_id))
     return job, True
@@ -189,8 +337,22 @@ def cancel_job(session: Session, principal: Principal, job_id: str) -> Job:
     return job
 
 
-def get_checkpoint(session: Session, principal: Principal, checkpoint_id: str) -> Checkpoint:
+def get_checkpoint(
+    session: Session, principal: Principal, checkpoint_id: str, param: str | None = None
+) -> Checkpoint:
     row = repository.get_checkpoint(session, principal.project_id, checkpoint_id)
     if row is None:
-        raise not_found("checkpoint", checkpoint_id)
+        raise not_found("checkpoint", checkpoint_id, param=param)
     return row
+
+
+def report_of(job: Job) -> dict[str, Any]:
+    if job.report is None:
+        if not job.baseline:
+            reason = (
+                "this job has no report: create it with baseline true to compare with training from scratch"
+            )
+        else:
+            reason = f"the report is written when the job succeeds; it is {job.status}"
+        raise NotFound(reason, code="report_not_available")
+    return {"job_id": job.id, **job.report}

@@ -8,6 +8,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.core.text import SafeStr
 
 
+class Lineage(BaseModel):
+    parent_model: str | None = Field(description="The model it was trained from (null: imported).")
+    source_dataset: str | None = Field(description="The dataset it was trained on.")
+    job: str | None = Field(description="The job that trained it.")
+
+
 class ModelOut(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -42,7 +48,9 @@ class ModelOut(BaseModel):
     name: str
     owned_by: str = Field(description="'graft' for built-in models, else the owning project's id.")
     builtin: bool
-    kind: Literal["builtin", "finetuned", "pretrained", "imported"]
+    kind: Literal["builtin", "finetuned", "pretrained", "imported"] = Field(
+        description="pretrained: an upstream model from a pretrain job; finetuned: a downstream model."
+    )
     architecture: str
     modality: Literal["text", "image", "tabular"]
     pretrained: bool = Field(description="Whether the weights were learned (false: random initial weights).")
@@ -56,6 +64,12 @@ class ModelOut(BaseModel):
     job_id: str | None = None
     base_model: str | None = None
     training_dataset: str | None = None
+    lineage: Lineage | None = Field(default=None, description="Where a registered model comes from.")
+    adapter: bool = Field(default=False, description="A LoRA adapter can be downloaded on its own.")
+    config: dict[str, Any] | None = Field(
+        default=None,
+        description="What loading the weights needs: architecture, classes (head order), input_spec, options.",
+    )
     created_at: datetime | None = None
 
 
@@ -88,3 +102,52 @@ class PredictResponse(BaseModel):
     object: Literal["list"] = "list"
     model: str
     predictions: list[Prediction]
+
+
+class ImportConfig(BaseModel):
+    """The `config` part of a model import."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"architecture": "cnn-small", "classes": ["cat", "dog"], "name": "pets v2"}]
+        },
+    )
+
+    architecture: Literal["minilm-l6", "efficientnet-lite0", "cnn-small", "mlp"]
+    classes: list[SafeStr] = Field(
+        default_factory=list,
+        max_length=10_000,
+        description="Head classes in row order; empty: a bare backbone.",
+    )
+    name: SafeStr | None = Field(default=None, max_length=300)
+    feature_columns: list[SafeStr] | None = Field(
+        default=None, max_length=10_000, description="mlp: input columns in order."
+    )
+    hidden: list[int] | None = Field(
+        default=None, min_length=1, max_length=8, description="mlp: hidden layer sizes."
+    )
+    max_length: int | None = Field(default=None, ge=8, le=512, description="minilm-l6: tokens per text.")
+
+
+class EvaluateRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"dataset": "ds_mb2kqv7gq3zd5w4bn6e2c3x1"}]}
+    )
+
+    dataset: SafeStr = Field(max_length=64, description="A labelled dataset whose classes the model knows.")
+
+
+class Evaluation(BaseModel):
+    object: Literal["evaluation"] = "evaluation"
+    model: str
+    dataset: str
+    num_examples: int
+    accuracy: float
+    macro_f1: float
+    per_class: dict[str, dict[str, float | int]] = Field(
+        description="precision, recall, f1, support per class."
+    )
+    confusion_matrix: dict[str, Any] = Field(
+        description="labels, and matrix: rows are true classes, columns predictions."
+    )

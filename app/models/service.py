@@ -48,13 +48,21 @@ def registered_view(row: Model) -> dict[str, Any]:
         "num_parameters": row.num_parameters,
         "feature_dim": builtin.feature_dim,
         "input_spec": row.spec.get("input_spec", {}),
-        # Trained weights are worth probing whatever the architecture started from.
-        "methods": ["full", "linear_probe"],
+        # Trained weights are worth every method the architecture offers.
+        "methods": list(builtin.architecture_methods),
+        "description": None,
         "classes": row.classes,
         "metrics": row.metrics,
         "job_id": row.job_id,
         "base_model": row.base_model,
         "training_dataset": row.training_dataset,
+        "lineage": {
+            "parent_model": row.base_model,
+            "source_dataset": row.training_dataset,
+            "job": row.job_id,
+        },
+        "adapter": row.adapter_path is not None,
+        "config": row.spec,
         "created_at": row.created_at,
     }
 

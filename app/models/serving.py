@@ -91,6 +91,14 @@ class ModelServer:
             arrays.append(prepare_image(image, loaded.spec.input_spec))
         return lambda idx: images_to_tensor([arrays[i] for i in idx], loaded.spec.input_spec)
 
+    def evaluate(self, row: Model, dataset: Any) -> dict[str, Any]:
+        """Scores of the model on a labelled dataset (a workers.recipes.base.DatasetSource)."""
+        from workers.recipes.evaluate import evaluate_model
+
+        loaded = self._load(row)
+        with loaded.lock:
+            return evaluate_model(loaded.network, loaded.spec, dataset, device="cpu")
+
     def predict(self, row: Model, inputs: Sequence[Any]) -> list[dict[str, Any]]:
         import torch
 

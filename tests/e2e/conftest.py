@@ -35,6 +35,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
             "GRAFT_PORT": str(settings.port),
             "GRAFT_WORKER_QUEUE": settings.worker_queue,
             "GRAFT_CANCEL_POLL_SECONDS": "0.3",
+            # Small enough that the tests see both ways an evaluation is answered.
+            "GRAFT_EVALUATE_SYNC_MAX_EXAMPLES": "30",
             "PYTHONUNBUFFERED": "1",
         }
     )

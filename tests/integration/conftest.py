@@ -40,3 +40,35 @@ def api(admin: Api) -> Api:
 def other(admin: Api) -> Api:
     """A second project, for isolation checks."""
     return new_project(admin, "other")
+
+
+def run_in_process(settings: Settings, job_id: str) -> None:
+    """Run a queued job with the real runner in this process (no worker consumes the API tests' queue)."""
+    from app.core.db import make_engine, make_session_factory
+    from app.core.storage import Storage
+    from workers.runner import WorkerContext, execute_job
+
+    engine = make_engine(settings.effective_database_url)
+    try:
+        execute_job(
+            job_id,
+            WorkerContext(settings, engine, make_session_factory(engine), Storage(settings.storage_dir)),
+        )
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def iris_model(client: TestClient, settings: Settings) -> tuple[Api, str, str]:
+    """A project with an iris dataset and an mlp trained on it: (api, dataset id, model id)."""
+    from tests.helpers import iris_csv
+
+    api = new_project(Api(client, ADMIN_KEY))
+    dataset = api.upload_ok(iris_csv(), "iris.csv", "tabular_classification", label_column="species")
+    job = api.create_job(
+        {"base_model": "mlp", "training_dataset": dataset["id"], "hyperparameters": {"epochs": 25}}
+    ).json()
+    run_in_process(settings, job["id"])
+    job = api.get(f"/v1/jobs/{job['id']}").json()
+    assert job["status"] == "succeeded", job["error"]
+    return api, dataset["id"], job["result_model"]

@@ -15,30 +15,12 @@ from PIL import Image
 from app.core.config import Settings
 from app.main import create_app
 from tests.conftest import ADMIN_KEY
-from tests.helpers import Api, iris_csv, new_project, png_bytes, sentiment_rows, text_csv
-from workers.runner import WorkerContext, execute_job
+from tests.helpers import Api, new_project, png_bytes, sentiment_rows, text_csv
 
 
 @pytest.fixture(scope="module")
-def tabular_model(client: TestClient, settings: Settings) -> tuple[Api, str]:
-    """A model trained by the real runner, in this process (no worker consumes the API tests' queue)."""
-    from app.core.db import make_engine, make_session_factory
-    from app.core.storage import Storage
-
-    api = new_project(Api(client, ADMIN_KEY))
-    dataset = api.upload_ok(iris_csv(), "iris.csv", "tabular_classification", label_column="species")
-    job = api.create_job(
-        {"base_model": "mlp", "training_dataset": dataset["id"], "hyperparameters": {"epochs": 3}}
-    ).json()
-    engine = make_engine(settings.effective_database_url)
-    execute_job(
-        job["id"],
-        WorkerContext(settings, engine, make_session_factory(engine), Storage(settings.storage_dir)),
-    )
-    engine.dispose()
-    job = api.get(f"/v1/jobs/{job['id']}").json()
-    assert job["status"] == "succeeded", job["error"]
-    return api, job["result_model"]
+def tabular_model(iris_model: tuple[Api, str, str]) -> tuple[Api, str]:
+    return iris_model[0], iris_model[2]
 
 
 def test_idempotent_create_with_unstorable_metadata_leaves_nothing(api: Api) -> None:

@@ -79,7 +79,24 @@ def test_seed_is_chosen_and_recorded_when_left_out(api: Api, text_dataset: dict[
         ({"training_dataset": "ds_missing"}, 404, "training_dataset", "dataset_not_found"),
         ({"validation_dataset": "ds_missing"}, 404, "validation_dataset", "dataset_not_found"),
         ({"base_model": "efficientnet-lite0"}, 422, "base_model", "modality_mismatch"),
-        ({"method": "lora"}, 422, "method", "invalid_request"),
+        ({"method": "prompt_tuning"}, 422, "method", "invalid_request"),
+        (
+            {"method": "partial", "hyperparameters": {"lora_rank": 4}},
+            422,
+            "hyperparameters.lora_rank",
+            "invalid_request",
+        ),
+        (
+            {"method": "partial", "hyperparameters": {"unfreeze_blocks": 7}},
+            422,
+            "hyperparameters.unfreeze_blocks",
+            "invalid_request",
+        ),
+        ({"head": "keep"}, 422, "head", "invalid_request"),
+        ({"seeds": [1, 2]}, 422, "seeds", "invalid_request"),
+        ({"baseline": True, "hyperparameters": {"validation_split": 0}}, 422, "baseline", "invalid_request"),
+        ({"initialization": "random"}, 422, "initialization", "invalid_request"),
+        ({"from_checkpoint": "ckpt_missing"}, 404, "from_checkpoint", "checkpoint_not_found"),
         ({"hyperparameters": {"epochs": 0}}, 422, "hyperparameters.epochs", "invalid_request"),
         ({"hyperparameters": {"learning_rate": -1}}, 422, "hyperparameters.learning_rate", "invalid_request"),
         ({"hyperparameters": {"epohcs": 3}}, 422, "hyperparameters.epohcs", "invalid_request"),
@@ -136,7 +153,7 @@ def test_dataset_rules(api: Api, text_dataset: dict[str, Any]) -> None:
     )
     assert response.status_code == 422
     assert response.json()["error"]["param"] == "method"
-    assert "random initial weights" in response.json()["error"]["message"]
+    assert "starts from random weights" in response.json()["error"]["message"]
     assert api.create_job({"base_model": "cnn-small", "training_dataset": images["id"]}).status_code == 201
 
 

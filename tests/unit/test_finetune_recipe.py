@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from app.core.storage import sha256_file
 from app.datasets.formats import inspect_dataset
 from tests.helpers import digits_zip, iris_csv, sentiment_rows, text_csv, write
 from workers.backbones.networks import build_model, efficientnet_lite0_pretrained_state, minilm_package_dir
@@ -28,7 +29,9 @@ class ListReporter:
         self.progress_seen: list[int] = []
         self.stop_after_steps = stop_after_steps
 
-    def event(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
+    def event(
+        self, message: str, *, level: str = "info", data: dict[str, Any] | None = None, type: str = "message"
+    ) -> None:
         self.events.append(message)
 
     def progress(self, *, epoch: int, epochs: int, step: int, total_steps: int) -> None:
@@ -38,9 +41,17 @@ class ListReporter:
         self.metrics_seen.append(values)
 
     def checkpoint(
-        self, *, epoch: int, step: int, tensors: dict[str, Any], spec: ModelSpec, metrics: dict[str, float]
+        self,
+        *,
+        epoch: int,
+        step: int,
+        tensors: dict[str, Any],
+        spec: ModelSpec,
+        metrics: dict[str, float],
+        metadata: dict[str, str],
+        best: bool,
     ) -> None:
-        self.checkpoints.append({"epoch": epoch, "keys": sorted(tensors)})
+        self.checkpoints.append({"epoch": epoch, "keys": sorted(tensors), "best": best, "metadata": metadata})
 
     def should_stop(self) -> bool:
         return self.stop_after_steps is not None and len(self.progress_seen) > self.stop_after_steps
@@ -56,6 +67,7 @@ def source(path: Path, task: str, **kwargs: Any) -> DatasetSource:
         labeled=info.labeled,
         classes=info.classes,
         schema_info=info.schema_info,
+        sha256=sha256_file(path),
     )
 
 
@@ -65,16 +77,26 @@ def run(
     train: DatasetSource,
     reporter: ListReporter | None = None,
     seed: int = 3,
+    head: str | None = None,
+    feature_cache_dir: Path | None = None,
     **hp: Any,
 ) -> FinetuneResult:
+    """One run of the recipe; keyword arguments other than head and feature_cache_dir are hyperparameters."""
     if isinstance(base, str):
         base = BaseModelSource(
             id=base, spec=ModelSpec.for_builtin(base), pretrained=base in ("minilm-l6", "efficientnet-lite0")
         )
     hyperparameters = {**default_hyperparameters(base.spec.architecture, method), **hp}
     config = FinetuneConfig(
-        job_id="job_test", method=method, base=base, train=train, hyperparameters=hyperparameters, seed=seed
-    )  # type: ignore[arg-type]
+        job_id="job_test",
+        method=method,  # type: ignore[arg-type]
+        base=base,
+        train=train,
+        hyperparameters=hyperparameters,  # type: ignore[arg-type]
+        seed=seed,
+        head=head,  # type: ignore[arg-type]
+        feature_cache_dir=feature_cache_dir,
+    )
     return FinetuneRecipe(config, reporter or ListReporter()).run()
 
 
@@ -180,8 +202,9 @@ def test_fine_tuning_a_registered_model_keeps_or_replaces_the_head(
     same_labels = run(base, "linear_probe", iris, epochs=1, learning_rate=1e-9)
     assert same_labels.transfer == {
         "kind": "domain",
-        "head": "kept",
-        "base_classes": ["setosa", "versicolor", "virginica"],
+        "head": "keep",
+        "source_classes": ["setosa", "versicolor", "virginica"],
+        "matched_classes": 3,
     }
     assert same_labels.metrics["val_accuracy"] >= 0.85  # the kept head works before any learning
     for name in ("backbone.layers.0.weight", "backbone.input_mean"):

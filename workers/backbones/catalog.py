@@ -35,7 +35,16 @@ class BuiltinModel:
     # Parameters of the network without a classification head (verified by a unit test).
     num_parameters: int | None
     input_spec: dict[str, Any] = field(default_factory=dict)
-    methods: tuple[str, ...] = ("full", "linear_probe")
+    # Methods for trained weights of this architecture (a pretrained built-in, or a registered model).
+    architecture_methods: tuple[str, ...] = ("full", "linear_probe", "partial", "lora")
+    # Blocks `partial` can unfreeze (from the top), and how many it does by default.
+    num_blocks: int = 0
+    default_unfreeze_blocks: int = 2
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """Methods this built-in can be the base of: random weights are only worth training in full."""
+        return self.architecture_methods if self.pretrained else ("full",)
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -56,6 +65,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
                 "tokenizer": "WordPiece, uncased (the package's vocabulary)",
                 "max_length": 128,
             },
+            num_blocks=6,
         ),
         BuiltinModel(
             id="efficientnet-lite0",
@@ -76,6 +86,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
                 "mean": EFFICIENTNET_LITE_MEAN,
                 "std": EFFICIENTNET_LITE_STD,
             },
+            num_blocks=17,
+            default_unfreeze_blocks=4,
         ),
         BuiltinModel(
             id="cnn-small",
@@ -93,7 +105,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
                 "mean": [0.5, 0.5, 0.5],
                 "std": [0.5, 0.5, 0.5],
             },
-            methods=("full",),
+            num_blocks=3,
+            default_unfreeze_blocks=1,
         ),
         BuiltinModel(
             id="mlp",
@@ -110,7 +123,9 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
                 "features": "every numeric column of the training dataset except the label column",
                 "hidden": [128, 128],
             },
-            methods=("full",),
+            architecture_methods=("full", "linear_probe", "partial"),
+            num_blocks=2,
+            default_unfreeze_blocks=1,
         ),
     )
 }

