@@ -29,6 +29,8 @@ def transport_options(settings: Settings) -> dict[str, Any]:
             "processed_folder": str(folders["processed"]),
             "control_folder": str(folders["control"]),
             "store_processed": False,
+            # The folder is polled; a short interval keeps the wait for a new job short.
+            "polling_interval": 0.1,
         }
     # Redis: a message not acknowledged within this time is delivered again. Training jobs run long,
     # and a second delivery of a job that is already running does nothing.

@@ -95,7 +95,8 @@ class DatabaseReporter:
 
     def progress(self, *, epoch: int, epochs: int, step: int, total_steps: int) -> None:
         now = time.monotonic()
-        if step not in (0, total_steps) and now - self._last_progress < self.PROGRESS_INTERVAL:
+        # The first step is always written, so a client sees training begin at once.
+        if step not in (0, 1, total_steps) and now - self._last_progress < self.PROGRESS_INTERVAL:
             return
         self._last_progress = now
         with self._session() as session:

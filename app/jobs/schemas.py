@@ -22,9 +22,9 @@ class EarlyStoppingIn(BaseModel):
 
 
 METHOD_KEYS: dict[str, tuple[str, ...]] = {
-    "partial": ("unfreeze_blocks", "layer_lr_decay"),
-    "full": ("layer_lr_decay",),
-    "lora": ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules"),
+    "partial": ("unfreeze_blocks", "layer_lr_decay", "head_warmup_epochs"),
+    "full": ("layer_lr_decay", "head_warmup_epochs"),
+    "lora": ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "head_warmup_epochs"),
     "linear_probe": (),
 }
 
@@ -67,6 +67,18 @@ class HyperparametersIn(BaseModel):
     lora_alpha: float | None = Field(default=None, gt=0, le=4096, description="lora: scaling numerator.")
     lora_dropout: float | None = Field(
         default=None, ge=0, lt=1, description="lora: dropout on the adapter input."
+    )
+    freeze_batch_norm: bool | None = Field(
+        default=None,
+        description="Keep every batch norm's running statistics (its scale and shift still train). Default: "
+        "true when fine-tuning learned weights, false when pretraining or starting from random weights.",
+    )
+    head_warmup_epochs: int | None = Field(
+        default=None,
+        ge=0,
+        le=1000,
+        description="full, partial, lora: epochs fitting a new head on the frozen backbone's features first "
+        "(0: none).",
     )
     lora_target_modules: list[SafeStr] | None = Field(
         default=None, min_length=1, max_length=32, description="lora: module names (suffixes) to adapt."
@@ -217,10 +229,24 @@ class JobOut(BaseModel):
                         "warmup_ratio": 0.06,
                         "max_grad_norm": 1.0,
                     },
+                    "head": None,
+                    "initialization": None,
+                    "from_checkpoint": None,
+                    "baseline": False,
+                    "seeds": None,
+                    "transfer": {"kind": "task", "head": "new"},
+                    "best_checkpoint": "ckpt_7x2m4q9c5v3b8n1k6z0w2e4r",
+                    "report_url": None,
                     "seed": 42,
                     "metadata": {"experiment": "baseline"},
                     "progress": {"epoch": 12, "epochs": 30, "step": 456, "total_steps": 1140},
-                    "metrics": {"epoch": 11, "train_loss": 0.31, "val_loss": 0.35, "val_accuracy": 0.88},
+                    "metrics": {
+                        "epoch": 11,
+                        "train_loss": 0.31,
+                        "train_accuracy": 0.9,
+                        "val_loss": 0.35,
+                        "val_accuracy": 0.88,
+                    },
                     "error": None,
                     "result_model": None,
                     "cancel_requested": False,

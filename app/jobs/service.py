@@ -24,7 +24,7 @@ from app.models import service as models
 from app.tables import Checkpoint, Dataset, Job
 from workers.backbones.catalog import BUILTIN_MODELS, TASK_MODALITY
 from workers.backbones.spec import SPEC_METADATA_KEY, ModelSpec
-from workers.recipes.defaults import default_hyperparameters
+from workers.recipes.defaults import default_hyperparameters, epochs_for
 
 
 def request_fingerprint(body: JobCreate) -> str:
@@ -110,9 +110,15 @@ def _check_dataset_fits(dataset: Dataset, upstream: Upstream, param: str) -> Non
         )
 
 
-def resolve_hyperparameters(architecture: str, method: str, given: dict[str, Any]) -> dict[str, Any]:
+def resolve_hyperparameters(
+    architecture: str, method: str, given: dict[str, Any], train_examples: int | None = None
+) -> dict[str, Any]:
+    """Defaults for the architecture and method, what the client sent on top. Unless the client chose the
+    epochs, a small dataset gets enough of them for a reasonable number of steps."""
     resolved = default_hyperparameters(architecture, method)
     resolved.update({key: value for key, value in given.items() if value is not None})
+    if "epochs" not in given and train_examples is not None:
+        resolved["epochs"] = epochs_for(resolved["epochs"], resolved["batch_size"], train_examples)
     return resolved
 
 
@@ -128,15 +134,14 @@ def _check_method(body: JobCreate, upstream: Upstream, given: dict[str, Any]) ->
         raise Unprocessable(
             f"{reason}; use one of: {', '.join(allowed)}", param="method", code="method_not_supported"
         )
-    for method, keys in METHOD_KEYS.items():
-        for key in keys:
-            if key in given and key not in METHOD_KEYS[body.method]:
-                raise Unprocessable(
-                    f"{key} applies to method {method if key != 'layer_lr_decay' else 'partial or full'}, "
-                    f"not {body.method}",
-                    param=f"hyperparameters.{key}",
-                    code="invalid_request",
-                )
+    for key in sorted({k for keys in METHOD_KEYS.values() for k in keys} & set(given)):
+        if key not in METHOD_KEYS[body.method]:
+            accepting = " or ".join(m for m, keys in METHOD_KEYS.items() if key in keys)
+            raise Unprocessable(
+                f"{key} applies to method {accepting}, not {body.method}",
+                param=f"hyperparameters.{key}",
+                code="invalid_request",
+            )
     blocks = given.get("unfreeze_blocks")
     if blocks is not None and blocks > builtin.num_blocks:
         raise Unprocessable(
@@ -254,7 +259,13 @@ def create_job(
             )
     given = body.hyperparameters.model_dump(exclude_none=True)
     _check_method(body, upstream, given)
-    hyperparameters = resolve_hyperparameters(upstream.architecture, body.method, given)
+    split = given.get(
+        "validation_split", default_hyperparameters(upstream.architecture, body.method)["validation_split"]
+    )
+    train_examples = train.num_examples if body.validation_dataset else int(train.num_examples * (1 - split))
+    hyperparameters = resolve_hyperparameters(upstream.architecture, body.method, given, train_examples)
+    # Fine-tuning learned weights keeps their batch-norm statistics; pretraining and scratch learn them.
+    hyperparameters.setdefault("freeze_batch_norm", body.type == "finetune" and upstream.has_weights)
     transfer = _check_options(body, upstream, train, hyperparameters)
     initialization = body.initialization
     if body.type == "pretrain" and initialization is None:

@@ -31,12 +31,25 @@ class ModelOut(BaseModel):
                     "num_parameters": 22566146,
                     "feature_dim": 384,
                     "input_spec": {"type": "text", "max_length": 128},
-                    "methods": ["full", "linear_probe"],
+                    "methods": ["full", "linear_probe", "partial", "lora"],
                     "classes": ["negative", "positive"],
                     "metrics": {"val_accuracy": 0.91, "val_loss": 0.25, "train_loss": 0.21},
                     "job_id": "job_k3m9x2c7v5b1n8z4q6w0e2r4",
                     "base_model": "minilm-l6",
                     "training_dataset": "ds_mb2kqv7gq3zd5w4bn6e2c3x1",
+                    "lineage": {
+                        "parent_model": "minilm-l6",
+                        "source_dataset": "ds_mb2kqv7gq3zd5w4bn6e2c3x1",
+                        "job": "job_k3m9x2c7v5b1n8z4q6w0e2r4",
+                    },
+                    "adapter": False,
+                    "config": {
+                        "architecture": "minilm-l6",
+                        "modality": "text",
+                        "classes": ["negative", "positive"],
+                        "input_spec": {"type": "text", "max_length": 128},
+                        "options": {},
+                    },
                     "created_at": "2026-11-27T10:05:00Z",
                 }
             ]

@@ -55,7 +55,8 @@ def test_create_job_resolves_defaults_and_queues_only_the_id(
     assert job["status"] == "queued"
     assert job["hyperparameters"]["epochs"] == 3
     defaults = default_hyperparameters("minilm-l6", "linear_probe")
-    assert job["hyperparameters"] == {**defaults, "epochs": 3}  # what was sent, defaults for the rest
+    # What was sent, defaults for the rest; fine-tuning learned weights keeps their batch-norm statistics.
+    assert job["hyperparameters"] == {**defaults, "epochs": 3, "freeze_batch_norm": True}
     assert job["seed"] == 7 and job["metadata"] == {"team": "nlp"}
     assert job["progress"] is None and job["result_model"] is None and job["error"] is None
     assert job["created_at"] and job["started_at"] is None
@@ -232,3 +233,16 @@ def test_models_list_builtins_and_pages(api: Api) -> None:
     builtin_predict = api.post("/v1/models/minilm-l6/predict", json={"inputs": ["hi"]})
     assert builtin_predict.status_code == 400
     assert "fine-tune it" in builtin_predict.json()["error"]["message"]
+
+
+def test_small_datasets_get_enough_epochs_by_default(api: Api) -> None:
+    """20 rows, 18 for training: one step per epoch at batch 32, so the default rises to 100 epochs
+    (at most 4x the table's 30); an explicit choice is kept."""
+    dataset = api.upload_ok(text_csv(sentiment_rows(20)), "r.csv", "text_classification")
+    body = {"base_model": "minilm-l6", "training_dataset": dataset["id"], "method": "linear_probe"}
+    assert api.create_job(body).json()["hyperparameters"]["epochs"] == 100
+    assert api.create_job({**body, "hyperparameters": {"epochs": 7}}).json()["hyperparameters"]["epochs"] == 7
+    larger = api.create_job({**body, "hyperparameters": {"batch_size": 4}}).json()["hyperparameters"]
+    assert larger["epochs"] == 30  # 5 steps per epoch: 30 epochs are 150 steps already
+    full = api.create_job({**body, "method": "full"}).json()["hyperparameters"]
+    assert full["epochs"] == 16 and full["head_warmup_epochs"] == 10  # 4 x the table's 4, and the warm-up

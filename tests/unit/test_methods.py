@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from safetensors.torch import load_file
 
 from tests.helpers import digits_zip, iris_csv, sentiment_rows, text_csv, write
 from tests.unit.test_finetune_recipe import ListReporter, run, source, strip
+from workers.backbones.catalog import BUILTIN_MODELS
 from workers.backbones.networks import build_model, efficientnet_lite0_pretrained_state, minilm_package_dir
 from workers.backbones.spec import ModelSpec
 from workers.backbones.weights import save_weights
@@ -164,3 +166,76 @@ def test_starting_from_a_checkpoint_uses_its_tensors(iris: DatasetSource, tmp_pa
     assert spec.classes == probe.spec.classes
     assert torch.equal(model.head.weight, head["head.weight"])
     assert torch.equal(model.backbone.layers[0].weight, upstream.state["backbone.layers.0.weight"])
+
+
+@pytest.fixture(scope="module")
+def trained_cnn(tmp_path_factory: pytest.TempPathFactory) -> tuple[BaseModelSource, DatasetSource]:
+    """cnn-small trained briefly, registered as an upstream model, and a small image dataset."""
+    folder = tmp_path_factory.mktemp("cnn")
+    images = source(write(folder / "digits.zip", digits_zip(16)), "image_classification")
+    trained = run("cnn-small", "full", images, epochs=1, validation_split=0.25)
+    weights = folder / "cnn.safetensors"
+    save_weights(weights, trained.state, trained.spec)
+    return BaseModelSource(id="mdl_cnn", spec=trained.spec, weights_path=weights), images
+
+
+@pytest.mark.parametrize(
+    ("architecture", "method"),
+    [
+        (architecture, method)
+        for architecture in ("minilm-l6", "efficientnet-lite0", "cnn-small", "mlp")
+        for method in BUILTIN_MODELS[architecture].architecture_methods
+    ],
+)
+def test_every_method_runs_on_every_architecture_that_offers_it(
+    architecture: str,
+    method: str,
+    reviews: DatasetSource,
+    iris: DatasetSource,
+    trained_cnn: tuple[BaseModelSource, DatasetSource],
+    tmp_path: Path,
+) -> None:
+    """One epoch of each (architecture, method) the catalog offers, from learned weights."""
+    if architecture == "minilm-l6":
+        base, data = "minilm-l6", reviews
+    elif architecture == "efficientnet-lite0":
+        base, data = (
+            "efficientnet-lite0",
+            source(write(tmp_path / "d.zip", digits_zip(8)), "image_classification"),
+        )
+    elif architecture == "cnn-small":
+        base, data = trained_cnn
+    else:
+        upstream = run("mlp", "full", iris, epochs=2)
+        weights = tmp_path / "mlp.safetensors"
+        save_weights(weights, upstream.state, upstream.spec)
+        base, data = BaseModelSource(id="mdl_mlp", spec=upstream.spec, weights_path=weights), iris
+    reporter = ListReporter()
+    result = run(base, method, data, reporter, epochs=1, batch_size=8)
+    assert len(result.history) == 1 and result.metrics["train_loss"] > 0
+    assert result.spec.classes == data.classes
+    assert (result.adapter is not None) == (method == "lora")
+    assert len(reporter.checkpoints) == 1
+
+
+def test_a_lora_checkpoint_can_start_another_job(reviews: DatasetSource, tmp_path: Path) -> None:
+    class KeepLast(ListReporter):
+        def checkpoint(self, **saved: Any) -> None:
+            super().checkpoint(**saved)
+            self.last = saved
+
+    reporter = KeepLast()
+    result = run("minilm-l6", "lora", reviews, reporter, epochs=1, lora_rank=2)
+    path = tmp_path / "lora.safetensors"
+    save_weights(path, reporter.last["tensors"], reporter.last["spec"], extra=reporter.last["metadata"])
+    base = BaseModelSource(
+        id="minilm-l6",
+        spec=ModelSpec.for_builtin("minilm-l6"),
+        checkpoints=[CheckpointRef(path=path, sha256="x")],
+    )
+    model, spec = load_upstream(base)
+    assert spec.classes == ["negative", "positive"]
+    state = model.state_dict()
+    assert not any("lora" in k for k in state)  # merged on load
+    for name in ("backbone.encoder.encoder.layer.0.attention.self.query.weight", "head.weight"):
+        assert torch.allclose(state[name], result.state[name], atol=1e-6), name

@@ -44,6 +44,10 @@ class Inputs:
     def batch(self, indices: Sequence[int]) -> Any:
         raise NotImplementedError
 
+    def inference_order(self) -> list[int]:
+        """An order for batching without gradients (the result is put back in dataset order)."""
+        return list(range(len(self)))
+
 
 class TextInputs(Inputs):
     def __init__(self, texts: Sequence[str], spec: ModelSpec) -> None:
@@ -55,6 +59,10 @@ class TextInputs(Inputs):
 
     def batch(self, indices: Sequence[int]) -> dict[str, Tensor]:
         return self.pipeline.collate([self.token_ids[i] for i in indices])
+
+    def inference_order(self) -> list[int]:
+        # Texts of similar length side by side: batches are padded to their longest text.
+        return sorted(range(len(self.token_ids)), key=lambda i: len(self.token_ids[i]))
 
 
 class ImageInputs(Inputs):

@@ -3,6 +3,7 @@ them). A job that names none of them should still give a good result."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from workers.backbones.catalog import BUILTIN_MODELS
@@ -22,7 +23,7 @@ METHOD_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("minilm-l6", "partial"): {"epochs": 6, "batch_size": 16, "learning_rate": 2e-4},
     ("minilm-l6", "lora"): {"epochs": 6, "batch_size": 16, "learning_rate": 1e-3},
     ("efficientnet-lite0", "linear_probe"): {"epochs": 30, "batch_size": 32, "learning_rate": 1e-2},
-    ("efficientnet-lite0", "full"): {"epochs": 8, "batch_size": 32, "learning_rate": 3e-4},
+    ("efficientnet-lite0", "full"): {"epochs": 8, "batch_size": 32, "learning_rate": 1e-4},
     ("efficientnet-lite0", "partial"): {"epochs": 10, "batch_size": 32, "learning_rate": 1e-3},
     ("efficientnet-lite0", "lora"): {"epochs": 10, "batch_size": 32, "learning_rate": 2e-3},
     ("cnn-small", "linear_probe"): {"epochs": 30, "batch_size": 32, "learning_rate": 1e-2},
@@ -42,18 +43,27 @@ LORA_DEFAULTS: dict[str, Any] = {
 }
 
 
+# Methods that move the backbone first fit a new head on its frozen features for this many epochs.
+HEAD_WARMUP_EPOCHS = 10
+# Small datasets get more epochs (up to 4x the default), so that training takes at least this many steps.
+MIN_STEPS = 100
+MAX_EPOCHS_FACTOR = 4
+
+
 def method_defaults(architecture: str, method: str) -> dict[str, Any]:
     """Knobs that only some methods have: partial's unfrozen blocks and layer-wise learning-rate decay,
-    LoRA's rank, alpha, dropout and target modules (None: the backbone's own choice)."""
+    LoRA's rank, alpha, dropout and target modules (None: the backbone's own choice), and the head
+    warm-up of the methods that move the backbone."""
     if method == "partial":
         return {
             "unfreeze_blocks": BUILTIN_MODELS[architecture].default_unfreeze_blocks,
             "layer_lr_decay": 0.8,
+            "head_warmup_epochs": HEAD_WARMUP_EPOCHS,
         }
     if method == "full":
-        return {"layer_lr_decay": 1.0}
+        return {"layer_lr_decay": 1.0, "head_warmup_epochs": HEAD_WARMUP_EPOCHS}
     if method == "lora":
-        return dict(LORA_DEFAULTS)
+        return {**LORA_DEFAULTS, "head_warmup_epochs": HEAD_WARMUP_EPOCHS}
     return {}
 
 
@@ -63,6 +73,15 @@ def default_hyperparameters(architecture: str, method: str) -> dict[str, Any]:
         **METHOD_DEFAULTS[(architecture, method)],
         **method_defaults(architecture, method),
     }
+
+
+def epochs_for(default_epochs: int, batch_size: int, train_examples: int) -> int:
+    """The default number of epochs for a dataset of `train_examples`: at least MIN_STEPS steps, at most
+    MAX_EPOCHS_FACTOR times the table's epochs."""
+    steps_per_epoch = max(1, math.ceil(train_examples / batch_size))
+    return min(
+        max(default_epochs, math.ceil(MIN_STEPS / steps_per_epoch)), default_epochs * MAX_EPOCHS_FACTOR
+    )
 
 
 def defaults_table() -> str:
@@ -76,6 +95,11 @@ def defaults_table() -> str:
             f"| {arch} | {method} | {values['epochs']} | {values['batch_size']} | {values['learning_rate']:g} |"
         )
     common = ", ".join(f"`{k}` {v}" for k, v in COMMON_DEFAULTS.items())
+    common += (
+        f". Small datasets get more epochs than the table's (up to {MAX_EPOCHS_FACTOR}x), so that training "
+        f"takes at least {MIN_STEPS} steps. full, partial and lora first fit a new head on the frozen "
+        f"backbone's features for `head_warmup_epochs` ({HEAD_WARMUP_EPOCHS})"
+    )
     return (
         "\n".join(lines)
         + f"\n\nEvery method: {common}. `partial`: `unfreeze_blocks` (minilm-l6 2, efficientnet-lite0 4, "

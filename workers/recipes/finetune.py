@@ -40,6 +40,7 @@ from workers.recipes.evaluation import classification_metrics
 from workers.recipes.features import FeatureCache, cache_key
 
 FEATURE_BATCH_SIZE = 64
+HEAD_WARMUP_LR = 1e-2
 Method = Literal["full", "linear_probe", "partial", "lora"]
 
 
@@ -64,6 +65,8 @@ class Hyperparameters(BaseModel):
     lora_alpha: float | None = Field(default=None, gt=0)
     lora_dropout: float | None = Field(default=None, ge=0, lt=1)
     lora_target_modules: list[str] | str | None = None
+    head_warmup_epochs: int | None = Field(default=None, ge=0)
+    freeze_batch_norm: bool | None = None
 
 
 class FinetuneConfig(RecipeConfig):
@@ -138,12 +141,20 @@ class FinetuneRecipe:
             rows = self.train_inputs.batch(range(len(self.train_inputs)))
             self.model.backbone.set_input_statistics(rows.mean(dim=0), rows.std(dim=0, unbiased=False))  # type: ignore[operator]
 
-        self.setup_method = methods.configure(self.model, config.method, self.hp.model_dump())
         self.model.to(self.device)
         if self.device.type == "cuda" and self.spec.modality == "image":
             self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self._feature_memo: dict[int, Tensor] = {}
+        warmup_epochs = self.hp.head_warmup_epochs or 0
+        if (
+            config.method != "linear_probe"
+            and warmup_epochs
+            and self.transfer["head"] == "new"
+            and self._learned_weights
+        ):
+            self._warm_up_head(warmup_epochs)
+        self.setup_method = methods.configure(self.model, config.method, self.hp.model_dump())
         if config.method == "linear_probe":
-            self._feature_memo: dict[int, Tensor] = {}
             self.train_features = self._features(self.train_inputs, config.train)
             self.val_features = (
                 self._features(self.val_inputs, self.val_source) if self.val_inputs is not None else None
@@ -161,6 +172,36 @@ class FinetuneRecipe:
         self.reporter.event(
             f"Training {trainable:,} of {count_parameters(self.model):,} parameters",
             data={"trainable_parameters": trainable, "lora": self.setup_method.lora},
+        )
+
+    @property
+    def _learned_weights(self) -> bool:
+        base = self.config.base
+        return base.pretrained or base.weights_path is not None or bool(base.checkpoints)
+
+    def _warm_up_head(self, epochs: int) -> None:
+        """Fit the new head on the frozen backbone's features before the backbone moves (LP-FT): a random
+        head's first gradients would otherwise disturb pretrained features, and few steps would be spent
+        learning what a linear probe learns in seconds."""
+        assert self.model.head is not None
+        features = self._features(self.train_inputs, self.config.train)
+        labels = self.train_labels.to(self.device)
+        optimizer = torch.optim.AdamW(
+            self.model.head.parameters(), lr=HEAD_WARMUP_LR, weight_decay=self.hp.weight_decay
+        )
+        self.model.head.train()
+        for _ in range(epochs):
+            for indices in batches(len(features), self.hp.batch_size, shuffle=True, generator=self.generator):
+                index = torch.as_tensor(indices, device=self.device)
+                loss = F.cross_entropy(self.model.classify(features[index]), labels[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            self._check_cancel()
+        self._feature_memo.clear()  # the backbone is about to change: these features are only for the warm-up
+        self.reporter.event(
+            f"Fitted the new head on frozen features for {epochs} epochs before fine-tuning",
+            data={"head_warmup_epochs": epochs},
         )
 
     @property
@@ -236,12 +277,15 @@ class FinetuneRecipe:
     def _extract(self, inputs: Inputs) -> Tensor:
         """Backbone features of every example of `inputs` (frozen backbone, eval mode)."""
         self.model.backbone.eval()
-        chunks = []
-        for indices in batches(len(inputs), FEATURE_BATCH_SIZE, shuffle=False):
+        order = inputs.inference_order()
+        features = torch.empty(len(order), self.model.feature_dim, device=self.device)
+        for start in range(0, len(order), FEATURE_BATCH_SIZE):
+            indices = order[start : start + FEATURE_BATCH_SIZE]
             with self._autocast():
-                chunks.append(self.model.features(to_device(inputs.batch(indices), self.device)).float())
+                batch = self.model.features(to_device(inputs.batch(indices), self.device)).float()
+            features[torch.as_tensor(indices, device=self.device)] = batch
             self._check_cancel()
-        return torch.cat(chunks) if chunks else torch.empty(0, self.model.feature_dim, device=self.device)
+        return features
 
     def _features(self, inputs: Inputs, source: DatasetSource) -> Tensor:
         """Features of a dataset's examples, through the persistent cache when the backbone is fixed."""
@@ -299,7 +343,7 @@ class FinetuneRecipe:
     def train_epoch(self, epoch: int) -> tuple[float, float]:
         """Mean training loss and accuracy of one pass over the training data."""
         self.model.train()
-        methods.freeze_frozen_norms(self.model)
+        methods.freeze_norm_statistics(self.model, all_norms=bool(self.hp.freeze_batch_norm))
         if self.config.method == "linear_probe":
             self.model.backbone.eval()
         loss_sum, correct, count = 0.0, 0, 0

@@ -9,7 +9,8 @@
   frozen; the head trains. The adapter can be saved alone or merged into the weights.
 
 Batch-norm layers whose weights are frozen also keep their running statistics (eval mode), so a frozen
-part of a network computes exactly what it computed before transfer.
+part of a network computes exactly what it computed before transfer; with `freeze_batch_norm` (the
+default when fine-tuning learned weights) every batch norm keeps them while its scale and shift train.
 """
 
 from __future__ import annotations
@@ -114,13 +115,13 @@ def configure(model: TransferModel, method: str, hp: dict[str, Any]) -> MethodSe
     return setup
 
 
-def freeze_frozen_norms(model: nn.Module) -> None:
-    """Call after model.train(): batch norms with frozen weights keep their running statistics."""
+def freeze_norm_statistics(model: nn.Module, *, all_norms: bool) -> None:
+    """Call after model.train(): batch norms keep their running statistics (eval mode) when their weights
+    are frozen, or all of them with `all_norms` (fine-tuning learned weights on small batches, where new
+    statistics would drift from the ones the weights were learned with)."""
     for module in model.modules():
-        if (
-            isinstance(module, nn.modules.batchnorm._BatchNorm)
-            and module.weight is not None
-            and not module.weight.requires_grad
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+            all_norms or (module.weight is not None and not module.weight.requires_grad)
         ):
             module.eval()
 

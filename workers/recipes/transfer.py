@@ -101,6 +101,7 @@ def scratch_config(config: FinetuneConfig) -> FinetuneConfig:
             ),
             "learning_rate": learning_rate,
             "layer_lr_decay": 1.0,
+            "freeze_batch_norm": False,  # random weights have no statistics worth keeping
         }
     )
     base = BaseModelSource(
