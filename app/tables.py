@@ -141,6 +141,11 @@ class Job(Base):
     # Evaluation jobs have no training dataset and no method.
     training_dataset: Mapped[str | None] = mapped_column(String(64))
     validation_dataset: Mapped[str | None] = mapped_column(String(64))
+    # adapt: the unlabelled target; adapt and distill: labelled data the report measures on.
+    target_dataset: Mapped[str | None] = mapped_column(String(64))
+    evaluation_dataset: Mapped[str | None] = mapped_column(String(64))
+    methods: Mapped[list[str] | None] = mapped_column(JSONType)  # adapt: the adaptation methods
+    student: Mapped[dict[str, Any] | None] = mapped_column(JSONType)  # distill: the student architecture
     method: Mapped[str | None] = mapped_column(String(32))
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSONType)
     seed: Mapped[int] = mapped_column(BigInteger)

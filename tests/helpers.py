@@ -117,6 +117,32 @@ def digits_zip(n: int = 40, classes: Iterable[int] = (0, 1), seed: int = 0, offs
     return image_zip([(DIGIT_NAMES[label], image) for label, image in digit_images(n, classes, seed, offset)])
 
 
+def shifted_table_csv(
+    n: int, *, domain: str, seed: int = 0, wrong_labels: bool = False, with_labels: bool = True
+) -> bytes:
+    """A two-class table with a planted domain shift. Column x0 carries the label in both domains (weakly);
+    x1 tracks the label tightly in the source domain and is unrelated, shifted noise in the target domain, so
+    a model trained on the source alone leans on x1 and fails on the target. x2..x7 are noise. With
+    `wrong_labels` the label column is inverted (a target whose labels must never be read); without
+    `with_labels` there is no label column."""
+    rng = np.random.default_rng(seed + (0 if domain == "source" else 1000))
+    y = rng.integers(0, 2, n)
+    sign = 2 * y - 1
+    x0 = 1.5 * sign + rng.normal(0, 1.0, n)
+    x1 = 2.0 * sign + rng.normal(0, 0.3, n) if domain == "source" else rng.normal(3.0, 0.5, n)
+    noise = rng.normal(0, 1, (n, 6))
+    labels = np.where(y == 1, "pos", "neg")
+    if wrong_labels:
+        labels = np.where(y == 1, "neg", "pos")
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["x0", "x1", *[f"x{i}" for i in range(2, 8)], *(["label"] if with_labels else [])])
+    for i in range(n):
+        label = [labels[i]] if with_labels else []
+        writer.writerow([f"{x0[i]:.4f}", f"{x1[i]:.4f}", *[f"{v:.4f}" for v in noise[i]], *label])
+    return out.getvalue().encode()
+
+
 def write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path

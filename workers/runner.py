@@ -251,7 +251,15 @@ def _save(
         return temp.stat().st_size, sha256_file(temp)
 
 
-def _register_result(context: WorkerContext, job: Job, study: Any) -> None:
+@dataclass
+class StudyOutcome:
+    result: Any  # a FinetuneResult: the model to register
+    report: dict[str, Any] | None
+
+
+def _register_result(
+    context: WorkerContext, job: Job, study: Any, *, kind: str | None = None, name: str | None = None
+) -> None:
     """Save the model's weights (and a LoRA adapter on its own), then register the model and mark the job
     succeeded in one transaction."""
     from workers.recipes.methods import lora_metadata
@@ -274,13 +282,14 @@ def _register_result(context: WorkerContext, job: Job, study: Any) -> None:
             )
         with session_scope(context.session_factory) as session:
             dataset_name = session.scalar(select(Dataset.name).where(Dataset.id == job.training_dataset))
-            kind = "pretrained" if job.type == "pretrain" else "finetuned"
+            if kind is None:
+                kind = "pretrained" if job.type == "pretrain" else "finetuned"
             verb = "pretrained" if kind == "pretrained" else f"{job.method} fine-tuned"
             session.add(
                 Model(
                     id=model_id,
                     project_id=job.project_id,
-                    name=f"{job.base_model} {verb} on {dataset_name or job.training_dataset}",
+                    name=name or f"{job.base_model} {verb} on {dataset_name or job.training_dataset}",
                     kind=kind,
                     architecture=result.spec.architecture,
                     modality=result.spec.modality,
@@ -345,6 +354,39 @@ def _run_training(context: WorkerContext, job: Job, reporter: DatabaseReporter) 
     _register_result(context, job, study)
 
 
+def _run_adaptation(context: WorkerContext, job: Job, reporter: DatabaseReporter) -> None:
+    from workers.recipes.adapt import AdaptConfig, run_adaptation
+    from workers.recipes.finetune import Hyperparameters
+
+    hp = job.hyperparameters
+    with session_scope(context.session_factory) as session:
+        assert job.training_dataset is not None and job.target_dataset is not None and job.methods
+        config = AdaptConfig(
+            job_id=job.id,
+            seed=job.seed,
+            method="full",
+            base=_base_source(context, session, job),
+            train=_dataset_source(context, session, job.training_dataset),
+            target=_dataset_source(context, session, job.target_dataset),
+            evaluation=_dataset_source(context, session, job.evaluation_dataset)
+            if job.evaluation_dataset
+            else None,
+            hyperparameters=Hyperparameters.model_validate(hp),
+            adaptation_weight=hp["adaptation_weight"],
+            pseudo_label_threshold=hp["pseudo_label_threshold"],
+            mcc_temperature=hp["mcc_temperature"],
+        )
+    study = run_adaptation(config, reporter, methods=job.methods, seeds=job.seeds)
+    method = study.primary.method
+    _register_result(
+        context,
+        job,
+        StudyOutcome(result=study.primary.result, report=study.report),
+        kind="adapted",
+        name=f"{job.base_model} adapted with {method} from {job.training_dataset} to {job.target_dataset}",
+    )
+
+
 def _run_evaluation(context: WorkerContext, job: Job, reporter: DatabaseReporter) -> None:
     from workers.backbones.weights import load_model
     from workers.recipes.evaluate import evaluate_model
@@ -398,6 +440,8 @@ def execute_job(job_id: str, context: WorkerContext | None = None) -> None:
     try:
         if job.type == "evaluate":
             _run_evaluation(context, job, reporter)
+        elif job.type == "adapt":
+            _run_adaptation(context, job, reporter)
         else:
             _run_training(context, job, reporter)
     except JobCancelled:

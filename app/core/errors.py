@@ -123,10 +123,17 @@ _STATUS_CODES = {
 }
 
 
+# Values of `type` that select a request schema in a tagged union; pydantic puts the tag in an error's
+# location, which a client's field name does not have.
+UNION_TAGS: set[str] = set()
+
+
 def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
     parts = [str(p) for p in loc]
     if parts and parts[0] in {"body", "query", "path", "header", "cookie", "form"}:
         parts = parts[1:]
+        if parts and parts[0] in UNION_TAGS:
+            parts = parts[1:]
     return ".".join(parts) or None
 
 
@@ -141,7 +148,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "Invalid request"}
-        param = _param_from_loc(tuple(first.get("loc", ())))
+        loc = tuple(first.get("loc", ()))
+        if first.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+            # The request schema is chosen by a field (`type`): name that field.
+            ctx: Any = first.get("ctx") or {}
+            loc = (*loc, str(ctx.get("discriminator", "")).strip("'"))
+        param = _param_from_loc(loc)
         message = str(first.get("msg", "Invalid request"))
         if param:
             message = f"{param}: {message}"

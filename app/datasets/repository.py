@@ -31,7 +31,12 @@ def used_by_active_job(session: Session, dataset_id: str) -> str | None:
         select(Job.id)
         .where(
             Job.status.in_(ACTIVE_JOB_STATUSES),
-            or_(Job.training_dataset == dataset_id, Job.validation_dataset == dataset_id),
+            or_(
+                Job.training_dataset == dataset_id,
+                Job.validation_dataset == dataset_id,
+                Job.target_dataset == dataset_id,
+                Job.evaluation_dataset == dataset_id,
+            ),
         )
         .limit(1)
     )

@@ -9,7 +9,15 @@ from app.core.deps import ContextDep, PrincipalDep, SessionDep
 from app.core.errors import ERROR_RESPONSES, ErrorResponse
 from app.core.pagination import AfterQuery, LimitQuery, ListResponse, paginate
 from app.jobs import service
-from app.jobs.schemas import CheckpointOut, JobCreate, JobEventOut, JobOut, JobStatus, TransferReport
+from app.jobs.schemas import (
+    JOB_CREATE_DESCRIPTION,
+    CheckpointOut,
+    JobCreate,
+    JobEventOut,
+    JobOut,
+    JobReport,
+    JobStatus,
+)
 from app.tables import Checkpoint, Job, JobEvent
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
@@ -29,8 +37,8 @@ IdempotencyKey = Annotated[
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=JobOut,
-    summary="Create a fine-tuning or pretraining job",
-    description=JobCreate.__doc__ or "",
+    summary="Create a job: finetune, pretrain, adapt or distill",
+    description=JOB_CREATE_DESCRIPTION,
     responses={
         200: {"model": JobOut, "description": "Replay of an earlier request with the same Idempotency-Key"},
         409: {"model": ErrorResponse, "description": "Idempotency-Key reused with a different body"},
@@ -124,15 +132,23 @@ def _checkpoint_view(row: Checkpoint, job: Job) -> dict[str, Any]:
 
 @router.get(
     "/{job_id}/report",
-    summary="The transfer report: transferred against from-scratch (JSON, or ?format=png)",
+    summary="A job's report: what the transfer gained (JSON, or ?format=png)",
     description=(
-        "For finetune jobs created with `baseline: true`, once they succeeded: validation metrics of the "
+        "Once the job succeeded. `kind` says which report it is.\n\n"
+        "- `transfer` (finetune jobs created with `baseline: true`): validation metrics of the "
         "transferred model and of the same architecture trained from scratch on the same data and budget "
         "(per seed, mean and spread), the transfer gain, a negative-transfer flag (worse than scratch beyond "
         "the spread), the convergence speed-up, the train/validation gap of each, per-class accuracy, confusion "
-        "matrices and learning curves. `?format=png` draws the learning curves and the per-class comparison."
+        "matrices and learning curves.\n"
+        "- `adaptation` (adapt jobs): per method beside source_only, target accuracy and macro-F1 when an "
+        "evaluation dataset has labels, and always the label-free diagnostics (prediction entropy, class balance "
+        "of target predictions, A-distance and MMD between the domains), mean and spread over seeds.\n"
+        "- `distillation` (distill jobs): teacher, student trained alone and distilled student: accuracy, "
+        "agreement with the teacher, parameters, checkpoint size, CPU latency, and the share of the gap "
+        "recovered.\n\n"
+        "`?format=png` draws the report's curves and comparisons."
     ),
-    response_model=TransferReport,
+    response_model=JobReport,
     responses={200: {"content": {"image/png": {}}}},
 )
 def get_report(

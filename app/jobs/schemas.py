@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.core.errors import UNION_TAGS
 from app.core.text import SafeStr
 from workers.recipes.defaults import defaults_table
 
@@ -29,7 +30,7 @@ METHOD_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-class HyperparametersIn(BaseModel):
+class _BudgetIn(BaseModel):
     """Every field is optional; what is left out takes the default for the base model and method."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -50,6 +51,16 @@ class HyperparametersIn(BaseModel):
         default=None, ge=0, lt=1, description="Share of steps of linear warm-up."
     )
     max_grad_norm: float | None = Field(default=None, gt=0, le=1e6, description="Gradient clipping norm.")
+    freeze_batch_norm: bool | None = Field(
+        default=None,
+        description="Keep every batch norm's running statistics (its scale and shift still train). Default: "
+        "true when fine-tuning learned weights, false when pretraining or starting from random weights.",
+    )
+
+
+class HyperparametersIn(_BudgetIn):
+    """Every field is optional; what is left out takes the default for the base model and method."""
+
     early_stopping: EarlyStoppingIn | None = Field(
         default=None,
         description="Stop when the metric has not improved for `patience` epochs (needs validation data).",
@@ -68,11 +79,6 @@ class HyperparametersIn(BaseModel):
     lora_dropout: float | None = Field(
         default=None, ge=0, lt=1, description="lora: dropout on the adapter input."
     )
-    freeze_batch_norm: bool | None = Field(
-        default=None,
-        description="Keep every batch norm's running statistics (its scale and shift still train). Default: "
-        "true when fine-tuning learned weights, false when pretraining or starting from random weights.",
-    )
     head_warmup_epochs: int | None = Field(
         default=None,
         ge=0,
@@ -85,7 +91,42 @@ class HyperparametersIn(BaseModel):
     )
 
 
-class JobCreate(BaseModel):
+class _JobRequest(BaseModel):
+    """What every job request has: a seed and the client's metadata."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1, description="Random when left out; recorded.")
+    metadata: dict[SafeStr, SafeStr] | None = Field(
+        default=None, description="Up to 16 string pairs for your bookkeeping."
+    )
+
+    @field_validator("metadata")
+    @classmethod
+    def _small_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return value
+        if len(value) > 16:
+            raise ValueError("at most 16 keys")
+        for key, item in value.items():
+            if len(key) > 64 or len(item) > 512:
+                raise ValueError("keys are at most 64 characters and values at most 512")
+        return value
+
+    @field_validator("seeds", check_fields=False)
+    @classmethod
+    def _distinct_seeds(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None:
+            if len(set(value)) != len(value):
+                raise ValueError("seeds must be distinct")
+            if any(not 0 <= seed < 2**32 for seed in value):
+                raise ValueError("seeds are between 0 and 2^32 - 1")
+        return value
+
+
+class TrainingJobCreate(_JobRequest):
+    """A finetune or pretrain job."""
+
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
@@ -123,7 +164,8 @@ class JobCreate(BaseModel):
     type: Literal["finetune", "pretrain"] = Field(
         description="finetune: adapt an upstream model to a labelled downstream dataset. pretrain: train an "
         "upstream model on a labelled source dataset (from scratch, or continuing from a base model); it is "
-        "registered as a pretrained model for later jobs."
+        "registered as a pretrained model for later jobs. With method self_supervised, pretraining needs no "
+        "labels."
     )
     base_model: SafeStr | None = Field(
         default=None,
@@ -162,35 +204,184 @@ class JobCreate(BaseModel):
         description="pretrain only: start from the base model's weights, or train its architecture from scratch. "
         "Default: pretrained when the base model has weights.",
     )
-    seed: int | None = Field(default=None, ge=0, le=2**32 - 1, description="Random when left out; recorded.")
-    metadata: dict[SafeStr, SafeStr] | None = Field(
-        default=None, description="Up to 16 string pairs for your bookkeeping."
+
+
+class AdaptHyperparametersIn(_BudgetIn):
+    """Every field is optional: defaults are the base model's `full` ones (the table above)."""
+
+    adaptation_weight: float | None = Field(
+        default=None, ge=0, le=100, description="Weight of the adaptation loss beside the source loss (1.0)."
+    )
+    pseudo_label_threshold: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="pseudo_label: the confidence a target prediction needs to be trained on (0.9).",
+    )
+    mcc_temperature: float | None = Field(
+        default=None, gt=0, le=100, description="mcc: softmax temperature of the class confusion (2.5)."
     )
 
-    @field_validator("metadata")
+
+AdaptationMethod = Literal["dann", "coral", "mmd", "mcc", "pseudo_label"]
+
+
+def _default_methods() -> list[AdaptationMethod]:
+    return ["dann"]
+
+
+class AdaptJobCreate(_JobRequest):
+    """Domain adaptation (transductive transfer): labelled source data, unlabelled target data."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "type": "adapt",
+                    "base_model": "efficientnet-lite0",
+                    "source_dataset": "ds_4k7q2m9x5c3v8b1n6z0w2e4r",
+                    "target_dataset": "ds_9z3m5n6p8r1t0v2w4b2k7xq4",
+                    "evaluation_dataset": "ds_8n1k6z0w2e4r7x2m4q9c5v3b",
+                    "methods": ["dann", "coral"],
+                    "seeds": [1, 2, 3],
+                }
+            ]
+        },
+    )
+
+    type: Literal["adapt"] = Field(
+        description="adapt: train on a labelled source dataset while aligning the model with an unlabelled "
+        "target dataset, one run per method beside source_only (the reference: source training alone)."
+    )
+    base_model: SafeStr = Field(
+        min_length=1, max_length=64, description="A built-in id or a project's mdl_ id."
+    )
+    source_dataset: SafeStr = Field(min_length=1, max_length=64, description="Labelled source data.")
+    target_dataset: SafeStr = Field(
+        min_length=1,
+        max_length=64,
+        description="Target data; only its inputs are read for training (labels, if any, are ignored).",
+    )
+    evaluation_dataset: SafeStr | None = Field(
+        default=None,
+        max_length=64,
+        description="Labelled target-domain data to measure target accuracy and macro-F1 on (never trained on).",
+    )
+    methods: list[AdaptationMethod] = Field(
+        default_factory=_default_methods,
+        min_length=1,
+        max_length=5,
+        description="dann: a domain discriminator through gradient reversal. coral: align feature covariances. "
+        "mmd: multi-kernel maximum mean discrepancy. mcc: minimum class confusion on target predictions. "
+        "pseudo_label: self-training on confident target predictions. source_only always runs beside them; the "
+        "first method's model (first seed) is the job's result.",
+    )
+    seeds: list[int] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=5,
+        description="Repeat every method per seed (adversarial "
+        "training is unstable: the report shows the spread).",
+    )
+    hyperparameters: AdaptHyperparametersIn = Field(default_factory=AdaptHyperparametersIn)
+
+    @field_validator("methods")
     @classmethod
-    def _small_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is None:
-            return value
-        if len(value) > 16:
-            raise ValueError("at most 16 keys")
-        for key, item in value.items():
-            if len(key) > 64 or len(item) > 512:
-                raise ValueError("keys are at most 64 characters and values at most 512")
+    def _distinct_methods(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("methods must be distinct")
         return value
 
-    @field_validator("seeds")
+
+class DistillHyperparametersIn(_BudgetIn):
+    """Every field is optional: defaults are the student architecture's `full` ones (the table above)."""
+
+    temperature: float | None = Field(
+        default=None, gt=0, le=100, description="Softens teacher and student outputs in the KL term (4.0)."
+    )
+    alpha: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Weight of cross-entropy on the labels; 1 - alpha weighs T^2 * KL to the teacher (0.5). "
+        "Unlabelled transfer data train on the teacher alone.",
+    )
+
+
+class StudentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    architecture: Literal["minilm-l6", "efficientnet-lite0", "cnn-small", "mlp"] = Field(
+        description="A built-in architecture of the teacher's modality."
+    )
+    layers: int | None = Field(
+        default=None,
+        ge=1,
+        le=6,
+        description="minilm-l6: keep this many transformer layers (the bottom ones of the pretrained encoder).",
+    )
+    width: int | None = Field(
+        default=None, ge=4, le=256, description="cnn-small: channels of the first block (32; then 2x and 4x)."
+    )
+    hidden: list[int] | None = Field(
+        default=None, min_length=1, max_length=4, description="mlp: hidden layer sizes ([128, 128])."
+    )
+
+    @field_validator("hidden")
     @classmethod
-    def _distinct_seeds(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None:
-            if len(set(value)) != len(value):
-                raise ValueError("seeds must be distinct")
-            if any(not 0 <= seed < 2**32 for seed in value):
-                raise ValueError("seeds are between 0 and 2^32 - 1")
+    def _hidden_sizes(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(not 1 <= size <= 4096 for size in value):
+            raise ValueError("hidden sizes are between 1 and 4096")
         return value
 
 
-JobCreate.__doc__ = "Create a job.\n\nDefault hyperparameters:\n\n" + defaults_table()
+class DistillJobCreate(_JobRequest):
+    """Knowledge distillation: a smaller student learns to imitate a teacher."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "type": "distill",
+                    "teacher": "mdl_q2c7x5m8n4b6v1z3k9j0h2g4",
+                    "student": {"architecture": "minilm-l6", "layers": 2},
+                    "training_dataset": "ds_mb2kqv7gq3zd5w4bn6e2c3x1",
+                    "evaluation_dataset": "ds_8n1k6z0w2e4r7x2m4q9c5v3b",
+                    "hyperparameters": {"temperature": 4.0, "alpha": 0.5},
+                }
+            ]
+        },
+    )
+
+    type: Literal["distill"] = Field(
+        description="distill: train a smaller student on the teacher's softened outputs (and the labels, where "
+        "the transfer data have them); a student of the same size trained from scratch is the reference."
+    )
+    teacher: SafeStr = Field(
+        min_length=1, max_length=64, description="A project's mdl_ id with a classification head."
+    )
+    student: StudentIn
+    training_dataset: SafeStr = Field(
+        min_length=1, max_length=64, description="Transfer data, labelled or not (the teacher labels it)."
+    )
+    evaluation_dataset: SafeStr | None = Field(
+        default=None,
+        max_length=64,
+        description="Labelled data to compare teacher and students on. Default: a held-out share of labelled "
+        "transfer data.",
+    )
+    hyperparameters: DistillHyperparametersIn = Field(default_factory=DistillHyperparametersIn)
+
+
+UNION_TAGS.update({"finetune", "pretrain", "adapt", "distill"})
+JobCreate = Annotated[TrainingJobCreate | AdaptJobCreate | DistillJobCreate, Field(discriminator="type")]
+JOB_CREATE_DESCRIPTION = (
+    "Create a job: `finetune` or `pretrain` (inductive transfer), `adapt` (domain adaptation to unlabelled "
+    "target data) or `distill` (knowledge distillation into a smaller student). The `type` field selects the "
+    "request schema.\n\nDefault hyperparameters:\n\n" + defaults_table()
+)
 
 
 class Progress(BaseModel):
@@ -261,11 +452,17 @@ class JobOut(BaseModel):
     object: Literal["job"] = "job"
     id: str
     project_id: str
-    type: Literal["finetune", "pretrain", "evaluate"]
+    type: Literal["finetune", "pretrain", "adapt", "distill", "evaluate"]
     status: JobStatus
-    base_model: str
-    training_dataset: str | None
+    base_model: str = Field(description="The upstream model; for distill jobs, the teacher.")
+    training_dataset: str | None = Field(description="For adapt jobs, the labelled source dataset.")
     validation_dataset: str | None
+    target_dataset: str | None = Field(default=None, description="adapt: the unlabelled target dataset.")
+    evaluation_dataset: str | None = Field(
+        default=None, description="adapt, distill: the labelled dataset the report measures on."
+    )
+    methods: list[str] | None = Field(default=None, description="adapt: the adaptation methods.")
+    student: dict[str, Any] | None = Field(default=None, description="distill: the student architecture.")
     method: str | None
     hyperparameters: dict[str, Any] = Field(description="As resolved: what you sent, defaults for the rest.")
     head: str | None
@@ -354,7 +551,10 @@ class Convergence(BaseModel):
 
 
 class TransferReport(BaseModel):
+    """finetune jobs with baseline: transferred against from scratch."""
+
     object: Literal["job.report"] = "job.report"
+    kind: Literal["transfer"] = "transfer"
     job_id: str
     metric: str
     seeds: list[int]
@@ -383,3 +583,74 @@ class TransferReport(BaseModel):
         description="Per arm, per seed, per epoch."
     )
     summary: str
+
+
+class AdaptationMethodSummary(BaseModel):
+    source_val_accuracy: Stat = Field(description="On held-out source data.")
+    target_accuracy: Stat | None = Field(description="On the evaluation dataset (null without one).")
+    target_macro_f1: Stat | None
+    prediction_entropy: Stat = Field(
+        description="Mean entropy of target predictions (nats); no labels needed."
+    )
+    class_balance: dict[str, float] = Field(description="Share of target examples predicted as each class.")
+    a_distance: Stat = Field(
+        description="Proxy A-distance between source and target features (0: indistinguishable, 2: separable)."
+    )
+    mmd: Stat = Field(description="Maximum mean discrepancy between source and target features.")
+    learning_curves: list[list[dict[str, float]]] = Field(description="Per seed, per epoch.")
+
+
+class AdaptationReport(BaseModel):
+    """adapt jobs: every method on the target beside source_only."""
+
+    object: Literal["job.report"] = "job.report"
+    kind: Literal["adaptation"]
+    job_id: str
+    seeds: list[int]
+    evaluation_labels: bool = Field(description="Whether target accuracy was measured (evaluation_dataset).")
+    methods: dict[str, AdaptationMethodSummary] = Field(description="source_only first.")
+    gain_over_source_only: dict[str, Stat] | None = Field(
+        description="Target accuracy minus source_only's, per seed (null without evaluation labels)."
+    )
+    best_method: str | None = Field(
+        description="Highest mean target accuracy (null without evaluation labels)."
+    )
+    evaluation_examples: int
+    helped: list[str] | None = Field(
+        description="Methods whose gain exceeds the noise: the seed spread, and never less than the sampling "
+        "error of the difference on this many evaluation examples."
+    )
+    summary: str
+
+
+class DistillationArm(BaseModel):
+    accuracy: float | None
+    macro_f1: float | None
+    agreement_with_teacher: float | None = Field(description="Share of predictions equal to the teacher's.")
+    num_parameters: int
+    checkpoint_bytes: int
+    cpu_latency_ms: float = Field(description="Median CPU time of one batch of 32, in milliseconds.")
+
+
+class DistillationReport(BaseModel):
+    """distill jobs: teacher, the student trained alone and the distilled student."""
+
+    object: Literal["job.report"] = "job.report"
+    kind: Literal["distillation"]
+    job_id: str
+    evaluation_examples: int
+    teacher: DistillationArm
+    scratch_student: DistillationArm | None = Field(
+        description="The same student trained on the labels alone (null when the transfer data have none)."
+    )
+    distilled_student: DistillationArm
+    gap_recovered: float | None = Field(
+        description="(distilled - scratch) / (teacher - scratch) accuracy: the share of the teacher-student gap "
+        "that distillation closed."
+    )
+    compression: dict[str, float] = Field(description="Teacher over student: parameters, bytes, latency.")
+    hyperparameters: dict[str, Any]
+    summary: str
+
+
+JobReport = Annotated[TransferReport | AdaptationReport | DistillationReport, Field(discriminator="kind")]

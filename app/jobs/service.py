@@ -19,7 +19,7 @@ from app.core.security import Principal
 from app.core.storage import Storage
 from app.datasets import service as datasets
 from app.jobs import repository
-from app.jobs.schemas import METHOD_KEYS, JobCreate
+from app.jobs.schemas import METHOD_KEYS, AdaptJobCreate, DistillJobCreate, JobCreate, TrainingJobCreate
 from app.models import service as models
 from app.tables import Checkpoint, Dataset, Job
 from workers.backbones.catalog import BUILTIN_MODELS, TASK_MODALITY
@@ -44,7 +44,7 @@ class Upstream:
     feature_columns: list[str]
 
 
-def _upstream(session: Session, storage: Storage, principal: Principal, body: JobCreate) -> Upstream:
+def _upstream(session: Session, storage: Storage, principal: Principal, body: TrainingJobCreate) -> Upstream:
     if body.from_checkpoint is not None:
         checkpoint = get_checkpoint(session, principal, body.from_checkpoint, param="from_checkpoint")
         source = repository.get(session, principal.project_id, checkpoint.job_id)
@@ -69,8 +69,23 @@ def _upstream(session: Session, storage: Storage, principal: Principal, body: Jo
         raise Unprocessable(
             "base_model is required (or start from_checkpoint)", param="base_model", code="invalid_request"
         )
-    base = models.resolve(session, principal, body.base_model, param="base_model")
-    random_start = body.type == "pretrain" and body.initialization == "random"
+    return _model_upstream(
+        session,
+        principal,
+        body.base_model,
+        random_start=body.type == "pretrain" and body.initialization == "random",
+    )
+
+
+def _model_upstream(
+    session: Session,
+    principal: Principal,
+    model_id: str,
+    *,
+    random_start: bool = False,
+    param: str = "base_model",
+) -> Upstream:
+    base = models.resolve(session, principal, model_id, param=param)
     return Upstream(
         base_model=base.id,
         architecture=base.architecture,
@@ -88,8 +103,8 @@ def _checkpoint_spec(storage: Storage, checkpoint: Checkpoint) -> ModelSpec:
         return ModelSpec.from_metadata((handle.metadata() or {})[SPEC_METADATA_KEY])
 
 
-def _check_dataset_fits(dataset: Dataset, upstream: Upstream, param: str) -> None:
-    if not dataset.labeled:
+def _check_dataset_fits(dataset: Dataset, upstream: Upstream, param: str, *, labelled: bool = True) -> None:
+    if labelled and not dataset.labeled:
         raise Unprocessable(
             f"dataset {dataset.id} has no labels; training needs a labelled dataset",
             param=param,
@@ -111,18 +126,25 @@ def _check_dataset_fits(dataset: Dataset, upstream: Upstream, param: str) -> Non
 
 
 def resolve_hyperparameters(
-    architecture: str, method: str, given: dict[str, Any], train_examples: int | None = None
+    architecture: str,
+    method: str,
+    given: dict[str, Any],
+    *,
+    train_examples: int | None = None,
+    fine_tunes_learned_weights: bool = False,
 ) -> dict[str, Any]:
     """Defaults for the architecture and method, what the client sent on top. Unless the client chose the
-    epochs, a small dataset gets enough of them for a reasonable number of steps."""
+    epochs, a small dataset gets enough of them for a reasonable number of steps. Fine-tuning learned
+    weights keeps their batch-norm statistics; pretraining and training from scratch learn them."""
     resolved = default_hyperparameters(architecture, method)
     resolved.update({key: value for key, value in given.items() if value is not None})
     if "epochs" not in given and train_examples is not None:
         resolved["epochs"] = epochs_for(resolved["epochs"], resolved["batch_size"], train_examples)
+    resolved.setdefault("freeze_batch_norm", fine_tunes_learned_weights)
     return resolved
 
 
-def _check_method(body: JobCreate, upstream: Upstream, given: dict[str, Any]) -> None:
+def _check_method(body: TrainingJobCreate, upstream: Upstream, given: dict[str, Any]) -> None:
     builtin = BUILTIN_MODELS[upstream.architecture]
     allowed = builtin.architecture_methods if upstream.has_weights else ("full",)
     if body.method not in allowed:
@@ -152,7 +174,7 @@ def _check_method(body: JobCreate, upstream: Upstream, given: dict[str, Any]) ->
 
 
 def _check_options(
-    body: JobCreate, upstream: Upstream, train: Dataset, hyperparameters: dict[str, Any]
+    body: TrainingJobCreate, upstream: Upstream, train: Dataset, hyperparameters: dict[str, Any]
 ) -> dict[str, Any]:
     """Head, initialization, baseline and seeds; returns the transfer the job is expected to make."""
     if body.initialization is not None and body.type != "pretrain":
@@ -165,7 +187,6 @@ def _check_options(
             param="initialization",
             code="invalid_request",
         )
-    same_labels = bool(upstream.classes) and sorted(upstream.classes) == sorted(train.classes)
     if body.head == "keep":
         if not upstream.classes:
             raise Unprocessable(
@@ -201,8 +222,251 @@ def _check_options(
             param="seeds",
             code="invalid_request",
         )
-    keep = body.head == "keep" or (body.head is None and same_labels)
+    return _transfer(upstream, train, body.head)
+
+
+def _check_companion(
+    session: Session,
+    principal: Principal,
+    dataset_id: str,
+    train: Dataset,
+    upstream: Upstream,
+    param: str,
+    *,
+    labelled: bool = True,
+    classes: list[str] | None = None,
+) -> Dataset:
+    """A dataset used beside the training dataset (validation, target, evaluation): the same task, the
+    training data's feature columns, and (when labelled) no class the model cannot predict."""
+    dataset = datasets.get_dataset(session, principal, dataset_id, param=param, for_update=True)
+    if dataset.task != train.task:
+        raise Unprocessable(
+            f"dataset {dataset.id} is {dataset.task}, the training dataset {train.task}",
+            param=param,
+            code="task_mismatch",
+        )
+    _check_dataset_fits(dataset, upstream, param, labelled=labelled)
+    if train.task == "tabular_classification":
+        needed = upstream.feature_columns or train.schema_info["feature_columns"]
+        missing = [c for c in needed if c not in dataset.schema_info.get("feature_columns", [])]
+        if missing:
+            raise Unprocessable(
+                f"dataset {dataset.id} lacks the feature column '{missing[0]}'",
+                param=param,
+                code="columns_mismatch",
+            )
+    if labelled:
+        known = train.classes if classes is None else classes
+        unknown = sorted(set(dataset.classes) - set(known))
+        if unknown:
+            raise Unprocessable(
+                f"dataset {dataset.id} has classes the model cannot predict: {', '.join(unknown[:5])}",
+                param=param,
+                code="classes_mismatch",
+            )
+    return dataset
+
+
+def _training_dataset(
+    session: Session,
+    principal: Principal,
+    dataset_id: str,
+    upstream: Upstream,
+    param: str,
+    *,
+    labelled: bool = True,
+) -> Dataset:
+    train = datasets.get_dataset(session, principal, dataset_id, param=param, for_update=True)
+    _check_dataset_fits(train, upstream, param, labelled=labelled)
+    if train.num_examples < 2:
+        raise Unprocessable(
+            f"dataset {train.id} has {train.num_examples} example; at least 2 are needed", param=param
+        )
+    return train
+
+
+def _budget(
+    architecture: str,
+    given: dict[str, Any],
+    train: Dataset,
+    *,
+    held_out: bool,
+    learned: bool,
+    method: str = "full",
+) -> dict[str, Any]:
+    split = given.get("validation_split", default_hyperparameters(architecture, method)["validation_split"])
+    train_examples = train.num_examples if held_out else int(train.num_examples * (1 - split))
+    return resolve_hyperparameters(
+        architecture, method, given, train_examples=train_examples, fine_tunes_learned_weights=learned
+    )
+
+
+def _transfer(upstream: Upstream, train: Dataset, head: str | None) -> dict[str, Any]:
+    same_labels = bool(upstream.classes) and sorted(upstream.classes) == sorted(train.classes)
+    keep = head == "keep" or (head is None and same_labels)
     return {"kind": "domain" if same_labels else "task", "head": "keep" if keep else "new"}
+
+
+def _training_job(
+    session: Session, storage: Storage, principal: Principal, body: TrainingJobCreate
+) -> tuple[dict[str, Any], str]:
+    upstream = _upstream(session, storage, principal, body)
+    train = _training_dataset(session, principal, body.training_dataset, upstream, "training_dataset")
+    if body.validation_dataset is not None:
+        _check_companion(session, principal, body.validation_dataset, train, upstream, "validation_dataset")
+    given = body.hyperparameters.model_dump(exclude_none=True)
+    _check_method(body, upstream, given)
+    hyperparameters = _budget(
+        upstream.architecture,
+        given,
+        train,
+        held_out=body.validation_dataset is not None,
+        learned=body.type == "finetune" and upstream.has_weights,
+        method=body.method,
+    )
+    transfer = _check_options(body, upstream, train, hyperparameters)
+    initialization = body.initialization
+    if body.type == "pretrain" and initialization is None:
+        initialization = "pretrained" if upstream.has_weights else "random"
+    fields = {
+        "type": body.type,
+        "base_model": upstream.base_model,
+        "training_dataset": train.id,
+        "validation_dataset": body.validation_dataset,
+        "method": body.method,
+        "hyperparameters": hyperparameters,
+        "head": body.head,
+        "initialization": initialization,
+        "from_checkpoint": body.from_checkpoint,
+        "baseline": body.baseline,
+        "seeds": body.seeds,
+        "transfer": transfer,
+    }
+    start = f"checkpoint {body.from_checkpoint}" if body.from_checkpoint else upstream.base_model
+    what = "pretraining" if body.type == "pretrain" else f"{body.method} fine-tune"
+    return fields, f"Job created: {what} of {start} on {train.id}"
+
+
+ADAPTATION_DEFAULTS = {"adaptation_weight": 1.0, "pseudo_label_threshold": 0.9, "mcc_temperature": 2.5}
+DISTILLATION_DEFAULTS = {"temperature": 4.0, "alpha": 0.5}
+
+
+def _adapt_job(session: Session, principal: Principal, body: AdaptJobCreate) -> tuple[dict[str, Any], str]:
+    upstream = _model_upstream(session, principal, body.base_model)
+    source = _training_dataset(session, principal, body.source_dataset, upstream, "source_dataset")
+    target = _check_companion(
+        session, principal, body.target_dataset, source, upstream, "target_dataset", labelled=False
+    )
+    if target.id == source.id:
+        raise Unprocessable(
+            "the target dataset is the source dataset: there is no domain to adapt to",
+            param="target_dataset",
+            code="invalid_request",
+        )
+    if body.evaluation_dataset is not None:
+        _check_companion(session, principal, body.evaluation_dataset, source, upstream, "evaluation_dataset")
+    given = body.hyperparameters.model_dump(exclude_none=True)
+    hyperparameters = {
+        **ADAPTATION_DEFAULTS,
+        **_budget(upstream.architecture, given, source, held_out=False, learned=upstream.has_weights),
+    }
+    fields = {
+        "type": "adapt",
+        "base_model": upstream.base_model,
+        "training_dataset": source.id,
+        "target_dataset": target.id,
+        "evaluation_dataset": body.evaluation_dataset,
+        "method": "full",
+        "methods": list(body.methods),
+        "hyperparameters": hyperparameters,
+        "seeds": body.seeds,
+        "transfer": _transfer(upstream, source, None),
+    }
+    return fields, (
+        f"Job created: adapt {upstream.base_model} from {source.id} to {target.id} with "
+        f"{', '.join(body.methods)} beside source_only"
+    )
+
+
+STUDENT_OPTIONS = {"layers": "minilm-l6", "width": "cnn-small", "hidden": "mlp"}
+
+
+def _distill_job(
+    session: Session, principal: Principal, body: DistillJobCreate
+) -> tuple[dict[str, Any], str]:
+    teacher = _model_upstream(session, principal, body.teacher, param="teacher")
+    if not teacher.classes:
+        raise Unprocessable(
+            f"{teacher.base_model} has no classification head to learn from; distil a fine-tuned model",
+            param="teacher",
+            code="invalid_request",
+        )
+    student = body.student
+    builtin = BUILTIN_MODELS[student.architecture]
+    if builtin.modality != teacher.modality:
+        raise Unprocessable(
+            f"the teacher is a {teacher.modality} model and {student.architecture} a {builtin.modality} one",
+            param="student.architecture",
+            code="modality_mismatch",
+        )
+    for option, architecture in STUDENT_OPTIONS.items():
+        if getattr(student, option) is not None and student.architecture != architecture:
+            raise Unprocessable(
+                f"{option} applies to a {architecture} student, not {student.architecture}",
+                param=f"student.{option}",
+                code="invalid_request",
+            )
+    train = _training_dataset(
+        session, principal, body.training_dataset, teacher, "training_dataset", labelled=False
+    )
+    unknown = sorted(set(train.classes) - set(teacher.classes)) if train.labeled else []
+    if unknown:
+        raise Unprocessable(
+            f"dataset {train.id} has classes the teacher cannot predict: {', '.join(unknown[:5])}",
+            param="training_dataset",
+            code="classes_mismatch",
+        )
+    if body.evaluation_dataset is not None:
+        _check_companion(
+            session,
+            principal,
+            body.evaluation_dataset,
+            train,
+            teacher,
+            "evaluation_dataset",
+            classes=teacher.classes,
+        )
+    given = body.hyperparameters.model_dump(exclude_none=True)
+    hyperparameters = {
+        **DISTILLATION_DEFAULTS,
+        **_budget(
+            student.architecture,
+            given,
+            train,
+            held_out=body.evaluation_dataset is not None or not train.labeled,
+            learned=builtin.pretrained,
+        ),
+    }
+    if body.evaluation_dataset is None and (not train.labeled or not hyperparameters["validation_split"]):
+        raise Unprocessable(
+            "the report compares teacher and students on labelled data: give an evaluation_dataset, or labelled "
+            "transfer data with a validation_split above 0",
+            param="evaluation_dataset",
+            code="invalid_request",
+        )
+    fields = {
+        "type": "distill",
+        "base_model": teacher.base_model,
+        "training_dataset": train.id,
+        "evaluation_dataset": body.evaluation_dataset,
+        "method": "full",
+        "student": student.model_dump(exclude_none=True),
+        "hyperparameters": hyperparameters,
+    }
+    return (
+        fields,
+        f"Job created: distil {teacher.base_model} into a {student.architecture} student on {train.id}",
+    )
 
 
 def create_job(
@@ -220,80 +484,24 @@ def create_job(
         if existing is not None:
             return _replay(existing, fingerprint), False
 
-    upstream = _upstream(session, storage, principal, body)
-    train = datasets.get_dataset(
-        session, principal, body.training_dataset, param="training_dataset", for_update=True
-    )
-    _check_dataset_fits(train, upstream, "training_dataset")
-    if train.num_examples < 2:
-        raise Unprocessable(
-            f"dataset {train.id} has {train.num_examples} example; at least 2 are needed",
-            param="training_dataset",
-        )
-    if body.validation_dataset is not None:
-        validation = datasets.get_dataset(
-            session, principal, body.validation_dataset, param="validation_dataset", for_update=True
-        )
-        if validation.task != train.task:
-            raise Unprocessable(
-                f"validation dataset {validation.id} is {validation.task}, the training dataset {train.task}",
-                param="validation_dataset",
-                code="task_mismatch",
-            )
-        _check_dataset_fits(validation, upstream, "validation_dataset")
-        if train.task == "tabular_classification":
-            needed = upstream.feature_columns or train.schema_info["feature_columns"]
-            missing = [c for c in needed if c not in validation.schema_info.get("feature_columns", [])]
-            if missing:
-                raise Unprocessable(
-                    f"validation dataset {validation.id} lacks the feature column '{missing[0]}'",
-                    param="validation_dataset",
-                    code="columns_mismatch",
-                )
-        unknown = sorted(set(validation.classes) - set(train.classes))
-        if unknown:
-            raise Unprocessable(
-                f"validation dataset has classes the training dataset lacks: {', '.join(unknown[:5])}",
-                param="validation_dataset",
-                code="classes_mismatch",
-            )
-    given = body.hyperparameters.model_dump(exclude_none=True)
-    _check_method(body, upstream, given)
-    split = given.get(
-        "validation_split", default_hyperparameters(upstream.architecture, body.method)["validation_split"]
-    )
-    train_examples = train.num_examples if body.validation_dataset else int(train.num_examples * (1 - split))
-    hyperparameters = resolve_hyperparameters(upstream.architecture, body.method, given, train_examples)
-    # Fine-tuning learned weights keeps their batch-norm statistics; pretraining and scratch learn them.
-    hyperparameters.setdefault("freeze_batch_norm", body.type == "finetune" and upstream.has_weights)
-    transfer = _check_options(body, upstream, train, hyperparameters)
-    initialization = body.initialization
-    if body.type == "pretrain" and initialization is None:
-        initialization = "pretrained" if upstream.has_weights else "random"
-
+    if isinstance(body, AdaptJobCreate):
+        fields, description = _adapt_job(session, principal, body)
+    elif isinstance(body, DistillJobCreate):
+        fields, description = _distill_job(session, principal, body)
+    else:
+        fields, description = _training_job(session, storage, principal, body)
     job = Job(
         id=new_id("job"),
         project_id=principal.project_id,
-        type=body.type,
         status="queued",
-        base_model=upstream.base_model,
-        training_dataset=train.id,
-        validation_dataset=body.validation_dataset,
-        method=body.method,
-        hyperparameters=hyperparameters,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
-        head=body.head,
-        initialization=initialization,
-        from_checkpoint=body.from_checkpoint,
-        baseline=body.baseline,
-        seeds=body.seeds,
-        transfer=transfer,
         user_metadata=body.metadata,
         idempotency_key=idempotency_key,
         request_hash=fingerprint,
         cancel_requested=False,
         attempts=0,
         created_at=utcnow(),
+        **fields,
     )
     if idempotency_key is not None:
         try:
@@ -307,9 +515,7 @@ def create_job(
             return _replay(existing, fingerprint), False
     else:
         repository.add(session, job)
-    start = f"checkpoint {body.from_checkpoint}" if body.from_checkpoint else upstream.base_model
-    what = "pretraining" if body.type == "pretrain" else f"{body.method} fine-tune"
-    repository.add_event(session, job.id, f"Job created: {what} of {start} on {train.id}")
+    repository.add_event(session, job.id, description)
     job_id = job.id
     after_commit(session, lambda: queue.send(job_id))
     return job, True
@@ -359,11 +565,19 @@ def get_checkpoint(
 
 def report_of(job: Job) -> dict[str, Any]:
     if job.report is None:
-        if not job.baseline:
+        if job.type in ("adapt", "distill"):
+            reason = f"the report is written when the job succeeds; it is {job.status}"
+        elif not job.baseline:
             reason = (
                 "this job has no report: create it with baseline true to compare with training from scratch"
             )
         else:
             reason = f"the report is written when the job succeeds; it is {job.status}"
         raise NotFound(reason, code="report_not_available")
-    return {"job_id": job.id, **job.report}
+    report = {"job_id": job.id, "kind": "transfer", **job.report}
+    if report["kind"] == "adaptation":
+        # JSON columns need not keep key order (PostgreSQL's JSONB does not): source_only first, then the
+        # methods as requested.
+        order = ["source_only", *(job.methods or [])]
+        report["methods"] = {m: report["methods"][m] for m in order if m in report["methods"]}
+    return report

@@ -61,8 +61,8 @@ class ModelOut(BaseModel):
     name: str
     owned_by: str = Field(description="'graft' for built-in models, else the owning project's id.")
     builtin: bool
-    kind: Literal["builtin", "finetuned", "pretrained", "imported"] = Field(
-        description="pretrained: an upstream model from a pretrain job; finetuned: a downstream model."
+    kind: Literal["builtin", "finetuned", "pretrained", "adapted", "distilled", "imported"] = Field(
+        description="pretrained: an upstream model from a pretrain job; finetuned: a downstream model; adapted: a model adapted to an unlabelled target domain; distilled: a distilled student; imported: uploaded weights."
     )
     architecture: str
     modality: Literal["text", "image", "tabular"]

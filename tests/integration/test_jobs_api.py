@@ -101,7 +101,7 @@ def test_seed_is_chosen_and_recorded_when_left_out(api: Api, text_dataset: dict[
         ({"hyperparameters": {"epochs": 0}}, 422, "hyperparameters.epochs", "invalid_request"),
         ({"hyperparameters": {"learning_rate": -1}}, 422, "hyperparameters.learning_rate", "invalid_request"),
         ({"hyperparameters": {"epohcs": 3}}, 422, "hyperparameters.epohcs", "invalid_request"),
-        ({"type": "distill"}, 422, "type", "invalid_request"),
+        ({"type": "transmogrify"}, 422, "type", "invalid_request"),
         ({"seed": -1}, 422, "seed", "invalid_request"),
     ],
 )

@@ -51,8 +51,16 @@ def test_openapi_documents_every_route_with_schemas(client: TestClient) -> None:
     assert set(upload["required"]) == {"file", "task"}
     predict = paths["/v1/models/{model_id}/predict"]["post"]["requestBody"]["content"]
     assert {"application/json", "multipart/form-data"} <= set(predict)
-    job_schema = spec["components"]["schemas"]["JobCreate"]
-    assert job_schema["examples"][0]["base_model"] == "minilm-l6"
+    job_body = paths["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(job_body["discriminator"]["mapping"]) == {"finetune", "pretrain", "adapt", "distill"}
+    schemas = spec["components"]["schemas"]
+    assert schemas["TrainingJobCreate"]["examples"][0]["base_model"] == "minilm-l6"
+    assert schemas["AdaptJobCreate"]["examples"][0]["methods"] == ["dann", "coral"]
+    assert schemas["DistillJobCreate"]["examples"][0]["student"]["architecture"] == "minilm-l6"
+    report = paths["/v1/jobs/{job_id}/report"]["get"]["responses"]["200"]["content"]["application/json"][
+        "schema"
+    ]
+    assert set(report["discriminator"]["mapping"]) == {"transfer", "adaptation", "distillation"}
     assert "linear_probe" in paths["/v1/jobs"]["post"]["description"]  # the defaults table
     for path, item in paths.items():
         if path.startswith("/v1"):

@@ -78,6 +78,9 @@ class FinetuneConfig(RecipeConfig):
     head: Literal["new", "keep"] | None = None
     feature_cache_dir: Any = None  # a Path; None disables the persistent cache
     save_checkpoints: bool = True
+    # The result is the last epoch, not the best on validation data (domain adaptation: the validation
+    # data are the source's, whose best epoch comes before adaptation has done its work).
+    keep_last_epoch: bool = False
 
 
 @dataclass
@@ -160,7 +163,9 @@ class FinetuneRecipe:
                 self._features(self.val_inputs, self.val_source) if self.val_inputs is not None else None
             )
 
-        self.optimizer = torch.optim.AdamW(self.setup_method.param_groups, weight_decay=self.hp.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.setup_method.param_groups + self.extra_parameters(), weight_decay=self.hp.weight_decay
+        )
         # fp16 (CUDA cards without bf16) needs loss scaling; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.steps_per_epoch = math.ceil(len(self.train_inputs) / self.hp.batch_size)
@@ -331,14 +336,29 @@ class FinetuneRecipe:
         if self.reporter.should_stop():
             raise JobCancelled()
 
-    def _logits(self, indices: list[int], *, train: bool) -> Tensor:
+    def _forward(self, indices: list[int], *, train: bool) -> tuple[Tensor, Tensor]:
+        """(features, logits) of a batch of the training or validation data."""
         if self.config.method == "linear_probe":
-            features = self.train_features if train else self.val_features
-            assert features is not None
-            return self.model.classify(features[torch.as_tensor(indices, device=features.device)])
-        inputs = self.train_inputs if train else self.val_inputs
-        assert inputs is not None
-        return self.model(to_device(inputs.batch(indices), self.device))
+            cached = self.train_features if train else self.val_features
+            assert cached is not None
+            features = cached[torch.as_tensor(indices, device=cached.device)]
+        else:
+            inputs = self.train_inputs if train else self.val_inputs
+            assert inputs is not None
+            features = self.model.features(to_device(inputs.batch(indices), self.device))
+        return features, self.model.classify(features)
+
+    def _logits(self, indices: list[int], *, train: bool) -> Tensor:
+        return self._forward(indices, train=train)[1]
+
+    def extra_loss(self, features: Tensor, progress: float) -> Tensor | None:
+        """A term added to the training loss of each batch (domain adaptation adds one); `progress` runs
+        from 0 to 1 over the run."""
+        return None
+
+    def extra_parameters(self) -> list[dict[str, Any]]:
+        """More parameter groups for the optimiser (a domain discriminator, say)."""
+        return []
 
     def train_epoch(self, epoch: int) -> tuple[float, float]:
         """Mean training loss and accuracy of one pass over the training data."""
@@ -348,14 +368,17 @@ class FinetuneRecipe:
             self.model.backbone.eval()
         loss_sum, correct, count = 0.0, 0, 0
         labels = self.train_labels.to(self.device)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         for indices in batches(
             len(self.train_inputs), self.hp.batch_size, shuffle=True, generator=self.generator
         ):
             with self._autocast():
-                logits = self._logits(indices, train=True)
+                features, logits = self._forward(indices, train=True)
+                extra = self.extra_loss(features, self.step / max(self.total_steps, 1))
             target = labels[torch.as_tensor(indices, device=self.device)]
             loss = F.cross_entropy(logits.float(), target)
+            if extra is not None:
+                loss = loss + extra.float()
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
@@ -422,7 +445,7 @@ class FinetuneRecipe:
             history.append(metrics)
             tensors = self.trained_tensors()
             improved = True
-            if "val_loss" in metrics:
+            if "val_loss" in metrics and not self.config.keep_last_epoch:
                 score = monitored(metrics, stopping)
                 margin = stopping.min_delta if stopping is not None else 0.0
                 improved = (

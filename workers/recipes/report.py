@@ -147,7 +147,86 @@ def build_report(
 
 
 def render_png(report: dict[str, Any]) -> bytes:
-    """Learning curves of both arms and the per-class comparison, drawn headless."""
+    """The report drawn headless, by its kind."""
+    kind = report.get("kind", "transfer")
+    if kind == "adaptation":
+        return _render_adaptation(report)
+    if kind == "distillation":
+        return _render_distillation(report)
+    return _render_transfer(report)
+
+
+def _png(figure: Any) -> bytes:
+    from matplotlib import pyplot as plt
+
+    figure.tight_layout()
+    out = io.BytesIO()
+    figure.savefig(out, format="png")
+    plt.close(figure)
+    return out.getvalue()
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    return plt
+
+
+def _render_adaptation(report: dict[str, Any]) -> bytes:
+    """Target accuracy (with evaluation labels) and the domain discrepancy per method, with seed spread."""
+    plt = _pyplot()
+    methods = list(report["methods"])
+    panels: list[tuple[str, str, tuple[float, float] | None]] = [
+        ("a_distance", "A-distance between domains (lower: closer)", (0, 2.05))
+    ]
+    if report["evaluation_labels"]:
+        panels.insert(0, ("target_accuracy", "Target accuracy", (0, 1.05)))
+    panels.append(("prediction_entropy", "Entropy of target predictions", None))
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.6), dpi=100)
+    colours = ["#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b"]
+    for axis, (key, title, limits) in zip(axes, panels, strict=True):
+        means = [report["methods"][m][key]["mean"] for m in methods]
+        spread = [report["methods"][m][key]["std"] for m in methods]
+        axis.bar(range(len(methods)), means, yerr=spread, capsize=4, color=colours[: len(methods)])
+        axis.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
+        axis.set(title=title)
+        if limits is not None:
+            axis.set_ylim(*limits)
+    figure.suptitle(report["summary"][:140] + ("…" if len(report["summary"]) > 140 else ""), fontsize=9)
+    return _png(figure)
+
+
+def _render_distillation(report: dict[str, Any]) -> bytes:
+    """Accuracy, parameters and latency of teacher, scratch student and distilled student."""
+    plt = _pyplot()
+    arms = [a for a in ("teacher", "scratch_student", "distilled_student") if report.get(a)]
+    colours = {"teacher": "#1f77b4", "scratch_student": "#d62728", "distilled_student": "#2ca02c"}
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.4), dpi=100)
+    for axis, (key, title) in zip(
+        axes,
+        (
+            ("accuracy", "Accuracy"),
+            ("num_parameters", "Parameters"),
+            ("cpu_latency_ms", "CPU latency (ms/batch)"),
+        ),
+        strict=True,
+    ):
+        axis.bar(range(len(arms)), [report[a][key] or 0.0 for a in arms], color=[colours[a] for a in arms])
+        axis.set_xticks(range(len(arms)), [a.replace("_", " ") for a in arms])
+        axis.set(title=title)
+    recovered = report.get("gap_recovered")
+    figure.suptitle(
+        "Distillation"
+        + (f": {recovered * 100:.0f}% of the teacher-student gap recovered" if recovered is not None else "")
+    )
+    return _png(figure)
+
+
+def _render_transfer(report: dict[str, Any]) -> bytes:
+    """Learning curves of both arms and the per-class comparison."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,8 +286,4 @@ def render_png(report: dict[str, Any]) -> bytes:
         f"Transfer gain {gain * 100:+.1f} points (spread {report['spread'] * 100:.1f})"
         + ("  — NEGATIVE TRANSFER" if report["negative_transfer"] else "")
     )
-    figure.tight_layout()
-    out = io.BytesIO()
-    figure.savefig(out, format="png")
-    plt.close(figure)
-    return out.getvalue()
+    return _png(figure)

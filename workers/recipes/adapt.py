@@ -1,0 +1,273 @@
+"""Transductive transfer: adapt a model trained on a labelled source dataset to an unlabelled target.
+
+Each adaptation method is one run of the fine-tuning loop (method `full`) with an extra loss on a target
+batch drawn beside every source batch. The target's labels, if the dataset has any, are never loaded for
+training: only its inputs are. `source_only` (no extra loss) always runs as the reference; `seeds` repeats
+every method, since adversarial training is unstable. The result of a run is its last epoch (the source's
+validation accuracy says little about the target).
+
+After each run, label-free diagnostics on the target: the entropy of its predictions, the class balance
+of its predictions, and how far apart the domains' features are (a proxy A-distance from a linear domain
+classifier, and MMD). With a labelled evaluation dataset from the target domain: accuracy and macro-F1.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from workers.recipes import adaptation
+from workers.recipes.base import DatasetSource, Reporter, to_device
+from workers.recipes.data import batches, label_indices, load_inputs
+from workers.recipes.evaluation import classification_metrics
+from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe, FinetuneResult
+from workers.recipes.report import stats
+from workers.recipes.transfer import RunReporter
+
+AdaptationMethod = Literal["source_only", "dann", "coral", "mmd", "mcc", "pseudo_label"]
+DIAGNOSTIC_EXAMPLES = 1000
+
+
+class AdaptConfig(FinetuneConfig):
+    adaptation: AdaptationMethod = "source_only"
+    target: DatasetSource
+    evaluation: DatasetSource | None = None
+    adaptation_weight: float = Field(default=1.0, ge=0)
+    pseudo_label_threshold: float = Field(default=0.9, gt=0, lt=1)
+    mcc_temperature: float = Field(default=2.5, gt=0)
+
+
+@dataclass
+class AdaptResult:
+    method: str
+    seed: int
+    result: FinetuneResult
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+class AdaptRecipe(FinetuneRecipe):
+    config: AdaptConfig
+
+    def extra_parameters(self) -> list[dict[str, Any]]:
+        if self.config.adaptation != "dann":
+            return []
+        self.discriminator = adaptation.DomainDiscriminator(self.model.feature_dim).to(self.device)
+        return [{"params": list(self.discriminator.parameters()), "lr": self.hp.learning_rate}]
+
+    def setup(self) -> None:
+        super().setup()
+        # Only the target's inputs: its labels, if it has any, are dropped here and never seen again.
+        self.target_inputs, _ = load_inputs(self.config.target, self.spec)
+        self._target_queue: list[int] = []
+        self.evaluation_inputs = self.evaluation_labels = None
+        if self.config.evaluation is not None:
+            inputs, labels = load_inputs(self.config.evaluation, self.spec)
+            assert labels is not None, "the evaluation dataset must be labelled"
+            self.evaluation_inputs, self.evaluation_labels = inputs, label_indices(labels, self.classes)
+        self.reporter.event(
+            f"Adapting with {self.config.adaptation} to {len(self.target_inputs)} unlabelled target examples of "
+            f"{self.config.target.id}",
+            data={"adaptation": self.config.adaptation},
+        )
+
+    def _target_batch(self, size: int) -> list[int]:
+        while len(self._target_queue) < size:
+            self._target_queue += torch.randperm(len(self.target_inputs), generator=self.generator).tolist()
+        taken, self._target_queue = self._target_queue[:size], self._target_queue[size:]
+        return taken
+
+    def extra_loss(self, features: Tensor, progress: float) -> Tensor | None:
+        method = self.config.adaptation
+        if method == "source_only":
+            return None
+        target = self.model.features(
+            to_device(self.target_inputs.batch(self._target_batch(len(features))), self.device)
+        )
+        weight = self.config.adaptation_weight
+        if method == "dann":
+            return weight * adaptation.dann_loss(self.discriminator, features, target, progress)
+        if method == "coral":
+            return weight * adaptation.coral_loss(features.float(), target.float())
+        if method == "mmd":
+            return weight * adaptation.mmd(features.float(), target.float())
+        logits = self.model.classify(target)
+        if method == "mcc":
+            return weight * adaptation.mcc_loss(logits.float(), self.config.mcc_temperature)
+        return weight * adaptation.pseudo_label_loss(logits, self.config.pseudo_label_threshold)
+
+    @torch.no_grad()
+    def _outputs(self, inputs: Any, limit: int | None = None) -> tuple[Tensor, Tensor]:
+        """(features, logits) of up to `limit` examples, in eval mode."""
+        self.model.eval()
+        count = len(inputs) if limit is None else min(limit, len(inputs))
+        features, logits = [], []
+        for indices in batches(count, 64, shuffle=False):
+            with self._autocast():
+                f = self.model.features(to_device(inputs.batch(indices), self.device)).float()
+            features.append(f)
+            logits.append(self.model.classify(f).float())
+        return torch.cat(features), torch.cat(logits)
+
+    def evaluate(self) -> dict[str, float]:
+        metrics = super().evaluate()
+        if self.evaluation_inputs is not None and self.evaluation_labels is not None:
+            _, logits = self._outputs(self.evaluation_inputs)
+            metrics["target_accuracy"] = float(
+                (logits.argmax(dim=1).cpu() == self.evaluation_labels).float().mean()
+            )
+        return metrics
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Of the final model: on the target, without its labels; on the evaluation data, with theirs."""
+        target_features, target_logits = self._outputs(self.target_inputs, DIAGNOSTIC_EXAMPLES)
+        source_features, _ = self._outputs(self.train_inputs, DIAGNOSTIC_EXAMPLES)
+        found: dict[str, Any] = {
+            "prediction_entropy": adaptation.prediction_entropy(target_logits),
+            "class_balance": adaptation.class_balance(target_logits, self.classes),
+            "a_distance": adaptation.a_distance(source_features, target_features, seed=self.config.seed),
+            "mmd": float(adaptation.mmd(source_features[:500], target_features[:500])),
+        }
+        if self.evaluation_inputs is not None and self.evaluation_labels is not None:
+            _, logits = self._outputs(self.evaluation_inputs)
+            found["target"] = classification_metrics(
+                self.evaluation_labels, logits.argmax(dim=1).cpu(), self.classes
+            )
+        return found
+
+    def run(self) -> FinetuneResult:
+        result = super().run()
+        self.found = self.diagnostics()
+        return result
+
+
+@dataclass
+class AdaptationStudy:
+    runs: list[AdaptResult]
+    primary: AdaptResult  # the first requested method's first seed: the job's result model
+    report: dict[str, Any]
+
+
+def run_adaptation(
+    config: AdaptConfig, reporter: Reporter, *, methods: list[str], seeds: list[int] | None = None
+) -> AdaptationStudy:
+    seeds = seeds or [config.seed]
+    ordered = ["source_only", *[m for m in methods if m != "source_only"]]
+    primary_method = next((m for m in methods if m != "source_only"), "source_only")
+    total = len(ordered) * len(seeds)
+    runs: list[AdaptResult] = []
+    index = 0
+    for method in ordered:
+        for i, seed in enumerate(seeds):
+            primary = method == primary_method and i == 0
+            run_config = config.model_copy(
+                update={
+                    "adaptation": method,
+                    "seed": seed,
+                    "save_checkpoints": config.save_checkpoints and primary,
+                    "keep_last_epoch": True,
+                }
+            )
+            recipe = AdaptRecipe(
+                run_config, RunReporter(reporter, f"{method}, seed {seed}", index, total, primary=primary)
+            )
+            result = recipe.run()
+            runs.append(AdaptResult(method=method, seed=seed, result=result, diagnostics=recipe.found))
+            index += 1
+    study_primary = next(r for r in runs if r.method == primary_method and r.seed == seeds[0])
+    evaluated = len(recipe.evaluation_inputs) if recipe.evaluation_inputs is not None else 0
+    report = adaptation_report(ordered, seeds, runs, evaluation_examples=evaluated)
+    reporter.event(report["summary"], data={"best_method": report["best_method"]})
+    return AdaptationStudy(runs=runs, primary=study_primary, report=report)
+
+
+def adaptation_report(
+    methods: list[str], seeds: list[int], runs: list[AdaptResult], *, evaluation_examples: int
+) -> dict[str, Any]:
+    """Per method: the label-free diagnostics and, with evaluation labels, target accuracy. A method helped
+    when its gain over source_only exceeds the noise: the spread over seeds, and never less than the
+    sampling error of a difference of two accuracies on this many evaluation examples."""
+    labelled = evaluation_examples > 0
+    by_method: dict[str, list[AdaptResult]] = {m: [r for r in runs if r.method == m] for m in methods}
+    summary: dict[str, Any] = {}
+    for method, method_runs in by_method.items():
+        balance = [r.diagnostics["class_balance"] for r in method_runs]
+        entry: dict[str, Any] = {
+            "source_val_accuracy": stats(
+                [r.result.metrics.get("val_accuracy", float("nan")) for r in method_runs]
+            ),
+            "prediction_entropy": stats([r.diagnostics["prediction_entropy"] for r in method_runs]),
+            "class_balance": {c: statistics.fmean(b[c] for b in balance) for c in balance[0]},
+            "a_distance": stats([r.diagnostics["a_distance"] for r in method_runs]),
+            "mmd": stats([r.diagnostics["mmd"] for r in method_runs]),
+            "target_accuracy": None,
+            "target_macro_f1": None,
+            "learning_curves": [
+                [
+                    {
+                        k: row[k]
+                        for k in ("epoch", "train_loss", "val_accuracy", "target_accuracy")
+                        if k in row
+                    }
+                    for row in r.result.history
+                ]
+                for r in method_runs
+            ],
+        }
+        if labelled:
+            entry["target_accuracy"] = stats([r.diagnostics["target"]["accuracy"] for r in method_runs])
+            entry["target_macro_f1"] = stats([r.diagnostics["target"]["macro_f1"] for r in method_runs])
+        summary[method] = entry
+    reference = summary["source_only"]
+    gains: dict[str, Any] = {}
+    best = None
+    helped: list[str] = []
+    if labelled:
+        base = reference["target_accuracy"]["values"]
+        for method in methods[1:]:
+            gains[method] = stats(
+                [a - b for a, b in zip(summary[method]["target_accuracy"]["values"], base, strict=True)]
+            )
+        best = max(methods, key=lambda m: summary[m]["target_accuracy"]["mean"])
+        p = min(max(reference["target_accuracy"]["mean"], 0.05), 0.95)
+        sampling = math.sqrt(2 * p * (1 - p) / evaluation_examples)
+        noise = {m: max(gains[m]["std"], sampling) for m in methods[1:]}
+        helped = [m for m in methods[1:] if gains[m]["mean"] > noise[m]]
+        text = (
+            f"On the target, source_only reached {reference['target_accuracy']['mean']:.3f}; "
+            + "; ".join(
+                f"{m} {summary[m]['target_accuracy']['mean']:.3f} ({gains[m]['mean'] * 100:+.1f} points)"
+                for m in methods[1:]
+            )
+            + (
+                f". Helped beyond the noise (seed spread and sampling error): {', '.join(helped)}."
+                if helped
+                else ". None helped beyond the noise (seed spread and sampling error)."
+            )
+        )
+    else:
+        text = (
+            "No target labels: compare the label-free diagnostics. "
+            + "; ".join(
+                f"{m}: A-distance {summary[m]['a_distance']['mean']:.2f}, prediction entropy {summary[m]['prediction_entropy']['mean']:.3f}"
+                for m in methods
+            )
+            + " (lower A-distance: domains closer; very low entropy with a skewed class balance can mean collapse)."
+        )
+    return {
+        "object": "job.report",
+        "kind": "adaptation",
+        "seeds": list(seeds),
+        "evaluation_labels": labelled,
+        "methods": summary,
+        "gain_over_source_only": gains or None,
+        "best_method": best,
+        "evaluation_examples": evaluation_examples,
+        "helped": helped if labelled else None,
+        "summary": text,
+    }
