@@ -22,6 +22,7 @@ from app.jobs import router as jobs
 from app.models import router as models
 from app.models.serving import ModelServer
 from app.projects import router as projects
+from app.transferability import router as transferability
 
 DESCRIPTION = """
 Graft adapts pretrained (upstream) models to your own (downstream) task.
@@ -80,7 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_bytes=settings.max_request_bytes,
         streaming_routes={("POST", "/v1/datasets"), ("POST", "/v1/models")},
     )
-    for module in (datasets, models, jobs, projects, health):
+    for module in (datasets, models, jobs, transferability, projects, health):
         app.include_router(module.router)
     app.include_router(jobs.checkpoints_router)
     return app

@@ -17,12 +17,61 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from workers.recipes.base import to_device
+
+FEATURE_BATCH_SIZE = 64
 
 
 def cache_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:40]
+
+
+def feature_key(
+    identity: dict[str, Any],
+    input_spec: dict[str, Any],
+    dataset_sha256: str,
+    schema: dict[str, Any],
+    precision: Any,
+    subset: list[int] | None = None,
+) -> str:
+    """The cache key of a backbone's features of a dataset (of a subset of its examples, when given)."""
+    parts = {
+        "model": identity,
+        "input_spec": input_spec,
+        "dataset": dataset_sha256,
+        "schema": schema,
+        "precision": str(precision),
+    }
+    if subset is not None:
+        parts["subset"] = hashlib.sha256(json.dumps(subset).encode()).hexdigest()
+    return cache_key(parts)
+
+
+@torch.no_grad()
+def extract_features(
+    model: Any,
+    inputs: Any,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    on_batch: Callable[[], None] | None = None,
+) -> Tensor:
+    """The backbone's features of every example of `inputs` (eval mode), batched in the inputs' preferred
+    order (texts sorted by length, so padding stays short) and returned in example order."""
+    model.backbone.eval()
+    order = inputs.inference_order()
+    features = torch.empty(len(order), model.feature_dim, device=device)
+    for start in range(0, len(order), FEATURE_BATCH_SIZE):
+        indices = order[start : start + FEATURE_BATCH_SIZE]
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            batch = model.features(to_device(inputs.batch(indices), device)).float()
+        features[torch.as_tensor(indices, device=device)] = batch
+        if on_batch is not None:
+            on_batch()
+    return features
 
 
 class FeatureCache:

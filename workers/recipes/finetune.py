@@ -37,9 +37,8 @@ from workers.recipes.base import (
 )
 from workers.recipes.data import Inputs, Subset, batches, label_indices, load_inputs, stratified_split
 from workers.recipes.evaluation import classification_metrics
-from workers.recipes.features import FeatureCache, cache_key
+from workers.recipes.features import FEATURE_BATCH_SIZE, FeatureCache, extract_features, feature_key
 
-FEATURE_BATCH_SIZE = 64
 HEAD_WARMUP_LR = 1e-2
 Method = Literal["full", "linear_probe", "partial", "lora"]
 
@@ -281,16 +280,7 @@ class FinetuneRecipe:
     @torch.no_grad()
     def _extract(self, inputs: Inputs) -> Tensor:
         """Backbone features of every example of `inputs` (frozen backbone, eval mode)."""
-        self.model.backbone.eval()
-        order = inputs.inference_order()
-        features = torch.empty(len(order), self.model.feature_dim, device=self.device)
-        for start in range(0, len(order), FEATURE_BATCH_SIZE):
-            indices = order[start : start + FEATURE_BATCH_SIZE]
-            with self._autocast():
-                batch = self.model.features(to_device(inputs.batch(indices), self.device)).float()
-            features[torch.as_tensor(indices, device=self.device)] = batch
-            self._check_cancel()
-        return features
+        return extract_features(self.model, inputs, self.device, self.amp_dtype, on_batch=self._check_cancel)
 
     def _features(self, inputs: Inputs, source: DatasetSource) -> Tensor:
         """Features of a dataset's examples, through the persistent cache when the backbone is fixed."""
@@ -306,14 +296,8 @@ class FinetuneRecipe:
             features = self._extract(whole)
             hit = False
         else:
-            key = cache_key(
-                {
-                    "model": identity,
-                    "input_spec": self.spec.input_spec,
-                    "dataset": source.sha256,
-                    "schema": source.schema_info,
-                    "precision": str(self.amp_dtype),
-                }
+            key = feature_key(
+                identity, self.spec.input_spec, source.sha256, source.schema_info, self.amp_dtype
             )
             features, hit = FeatureCache(self.config.feature_cache_dir).get_or_compute(
                 key, lambda: self._extract(whole).cpu()
