@@ -14,20 +14,16 @@ and, as the reference, the same architecture trained from scratch with its `full
 
 from __future__ import annotations
 
-import csv
-import io
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from app.core.storage import sha256_file
 from app.datasets.formats import inspect_dataset
 from app.jobs.service import resolve_hyperparameters
 from bench.common import command_line, markdown_table, report, review_rows, seconds
-from tests.helpers import digits_zip, text_csv, write
+from tests.helpers import digits_table_csv, digits_zip, text_csv, write
 from workers.backbones.catalog import BUILTIN_MODELS
 from workers.backbones.spec import ModelSpec
 from workers.backbones.weights import save_weights
@@ -107,21 +103,6 @@ def upstream(folder: Path, architecture: str, data: DatasetSource) -> BaseModelS
     )
 
 
-def digits_table(classes: range, count: int, offset: int = 0) -> bytes:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    picks = [
-        i for i in np.random.default_rng(1).permutation(len(digits.target)) if digits.target[i] in classes
-    ]
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow([f"p{i}" for i in range(64)] + ["digit"])
-    for i in picks[offset : offset + count]:
-        writer.writerow([int(v) for v in digits.data[i]] + [int(digits.target[i])])
-    return out.getvalue().encode()
-
-
 def main() -> None:
     rows: list[list[object]] = []
     with tempfile.TemporaryDirectory() as temp:
@@ -142,10 +123,12 @@ def main() -> None:
             "image_classification",
         )
         source_table = dataset(
-            write(folder / "table-0-5.csv", digits_table(range(6), 600)), "tabular_classification", "digit"
+            write(folder / "table-0-5.csv", digits_table_csv(range(6), 600)),
+            "tabular_classification",
+            "digit",
         )
         target_table = dataset(
-            write(folder / "table-6-9.csv", digits_table(range(6, 10), 200)),
+            write(folder / "table-6-9.csv", digits_table_csv(range(6, 10), 200)),
             "tabular_classification",
             "digit",
         )

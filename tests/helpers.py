@@ -117,6 +117,24 @@ def digits_zip(n: int = 40, classes: Iterable[int] = (0, 1), seed: int = 0, offs
     return image_zip([(DIGIT_NAMES[label], image) for label, image in digit_images(n, classes, seed, offset)])
 
 
+def digits_table_csv(classes: Iterable[int], count: int, offset: int = 0) -> bytes:
+    """scikit-learn's handwritten digits as a table: 64 pixel columns and a `digit` label, `count` examples
+    of `classes` from `offset` on, in a fixed shuffled order (disjoint ranges give disjoint examples)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    wanted = set(classes)
+    picks = [
+        i for i in np.random.default_rng(1).permutation(len(digits.target)) if digits.target[i] in wanted
+    ]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow([f"p{i}" for i in range(64)] + ["digit"])
+    for i in picks[offset : offset + count]:
+        writer.writerow([int(v) for v in digits.data[i]] + [int(digits.target[i])])
+    return out.getvalue().encode()
+
+
 def shifted_table_csv(
     n: int, *, domain: str, seed: int = 0, wrong_labels: bool = False, with_labels: bool = True
 ) -> bytes:

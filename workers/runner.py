@@ -387,6 +387,41 @@ def _run_adaptation(context: WorkerContext, job: Job, reporter: DatabaseReporter
     )
 
 
+def _run_distillation(context: WorkerContext, job: Job, reporter: DatabaseReporter) -> None:
+    from workers.recipes.distill import DistillConfig, run_distillation
+    from workers.recipes.finetune import Hyperparameters
+
+    hp = job.hyperparameters
+    student = dict(job.student or {})
+    architecture = student.pop("architecture")
+    builtin = BUILTIN_MODELS[architecture]
+    spec = ModelSpec.for_builtin(architecture).model_copy(update={"options": student})
+    with session_scope(context.session_factory) as session:
+        assert job.training_dataset is not None
+        config = DistillConfig(
+            job_id=job.id,
+            seed=job.seed,
+            method="full",
+            base=BaseModelSource(id=f"{architecture} student", spec=spec, pretrained=builtin.pretrained),
+            teacher=_base_source(context, session, job),
+            train=_dataset_source(context, session, job.training_dataset),
+            validation=_dataset_source(context, session, job.evaluation_dataset)
+            if job.evaluation_dataset
+            else None,
+            hyperparameters=Hyperparameters.model_validate(hp),
+            temperature=hp["temperature"],
+            alpha=hp["alpha"],
+        )
+    study = run_distillation(config, reporter)
+    _register_result(
+        context,
+        job,
+        study,
+        kind="distilled",
+        name=f"{architecture} student distilled from {job.base_model} on {job.training_dataset}",
+    )
+
+
 def _run_evaluation(context: WorkerContext, job: Job, reporter: DatabaseReporter) -> None:
     from workers.backbones.weights import load_model
     from workers.recipes.evaluate import evaluate_model
@@ -442,6 +477,8 @@ def execute_job(job_id: str, context: WorkerContext | None = None) -> None:
             _run_evaluation(context, job, reporter)
         elif job.type == "adapt":
             _run_adaptation(context, job, reporter)
+        elif job.type == "distill":
+            _run_distillation(context, job, reporter)
         else:
             _run_training(context, job, reporter)
     except JobCancelled:

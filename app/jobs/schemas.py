@@ -650,6 +650,7 @@ class DistillationReport(BaseModel):
     )
     compression: dict[str, float] = Field(description="Teacher over student: parameters, bytes, latency.")
     hyperparameters: dict[str, Any]
+    learning_curves: dict[str, list[dict[str, float]]] = Field(description="Per student arm, per epoch.")
     summary: str
 
 

@@ -103,7 +103,14 @@ def _checkpoint_spec(storage: Storage, checkpoint: Checkpoint) -> ModelSpec:
         return ModelSpec.from_metadata((handle.metadata() or {})[SPEC_METADATA_KEY])
 
 
-def _check_dataset_fits(dataset: Dataset, upstream: Upstream, param: str, *, labelled: bool = True) -> None:
+def _check_dataset_fits(
+    dataset: Dataset,
+    upstream: Upstream,
+    param: str,
+    *,
+    labelled: bool = True,
+    mismatch_param: str = "base_model",
+) -> None:
     if labelled and not dataset.labeled:
         raise Unprocessable(
             f"dataset {dataset.id} has no labels; training needs a labelled dataset",
@@ -113,7 +120,7 @@ def _check_dataset_fits(dataset: Dataset, upstream: Upstream, param: str, *, lab
     if TASK_MODALITY[dataset.task] != upstream.modality:
         raise Unprocessable(
             f"{upstream.base_model} is a {upstream.modality} model and dataset {dataset.id} is {dataset.task}",
-            param="base_model",
+            param=mismatch_param,
             code="modality_mismatch",
         )
     missing = [c for c in upstream.feature_columns if c not in dataset.schema_info.get("feature_columns", [])]
@@ -275,9 +282,10 @@ def _training_dataset(
     param: str,
     *,
     labelled: bool = True,
+    mismatch_param: str = "base_model",
 ) -> Dataset:
     train = datasets.get_dataset(session, principal, dataset_id, param=param, for_update=True)
-    _check_dataset_fits(train, upstream, param, labelled=labelled)
+    _check_dataset_fits(train, upstream, param, labelled=labelled, mismatch_param=mismatch_param)
     if train.num_examples < 2:
         raise Unprocessable(
             f"dataset {train.id} has {train.num_examples} example; at least 2 are needed", param=param
@@ -349,6 +357,9 @@ def _training_job(
 
 ADAPTATION_DEFAULTS = {"adaptation_weight": 1.0, "pseudo_label_threshold": 0.9, "mcc_temperature": 2.5}
 DISTILLATION_DEFAULTS = {"temperature": 4.0, "alpha": 0.5}
+# A student matching soft targets needs longer than fine-tuning needs to fit labels: unless the client
+# chose the epochs, distillation runs this many times the architecture's (data-scaled) default.
+DISTILLATION_EPOCHS_FACTOR = 3
 
 
 def _adapt_job(session: Session, principal: Principal, body: AdaptJobCreate) -> tuple[dict[str, Any], str]:
@@ -417,7 +428,13 @@ def _distill_job(
                 code="invalid_request",
             )
     train = _training_dataset(
-        session, principal, body.training_dataset, teacher, "training_dataset", labelled=False
+        session,
+        principal,
+        body.training_dataset,
+        teacher,
+        "training_dataset",
+        labelled=False,
+        mismatch_param="training_dataset",
     )
     unknown = sorted(set(train.classes) - set(teacher.classes)) if train.labeled else []
     if unknown:
@@ -447,6 +464,8 @@ def _distill_job(
             learned=builtin.pretrained,
         ),
     }
+    if "epochs" not in given:
+        hyperparameters["epochs"] = min(hyperparameters["epochs"] * DISTILLATION_EPOCHS_FACTOR, 1000)
     if body.evaluation_dataset is None and (not train.labeled or not hyperparameters["validation_split"]):
         raise Unprocessable(
             "the report compares teacher and students on labelled data: give an evaluation_dataset, or labelled "

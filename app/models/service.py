@@ -46,7 +46,7 @@ def registered_view(row: Model) -> dict[str, Any]:
         "modality": row.modality,
         "pretrained": True,
         "num_parameters": row.num_parameters,
-        "feature_dim": builtin.feature_dim,
+        "feature_dim": ModelSpec.model_validate(row.spec).feature_dim,
         "input_spec": row.spec.get("input_spec", {}),
         # Trained weights are worth every method the architecture offers.
         "methods": list(builtin.architecture_methods),

@@ -39,15 +39,26 @@ class MiniLMBackbone(nn.Module):
     feature_dim = 384
     lora_targets: list[str] | str = ["query", "value"]
 
-    def __init__(self) -> None:
+    def __init__(self, num_layers: int | None = None) -> None:
         super().__init__()
         from transformers import BertConfig, BertModel
 
         config = BertConfig.from_pretrained(str(minilm_package_dir()))
+        if num_layers is not None:
+            # A shallower encoder (a distillation student): the bottom layers of the pretrained one.
+            config.num_hidden_layers = num_layers
         self.encoder = BertModel(config, add_pooling_layer=False)
+        self.num_layers = config.num_hidden_layers
 
     def load_pretrained(self) -> None:
-        self.encoder.load_state_dict(minilm_pretrained_state(), strict=True)
+        state = minilm_pretrained_state()
+        kept = {f"encoder.layer.{i}." for i in range(self.num_layers)}
+        state = {
+            k: v
+            for k, v in state.items()
+            if not k.startswith("encoder.layer.") or any(k.startswith(p) for p in kept)
+        }
+        self.encoder.load_state_dict(state, strict=True)
 
     def blocks(self) -> list[nn.Module]:
         """The transformer layers, bottom to top (the embeddings stay below them)."""
@@ -124,13 +135,14 @@ def efficientnet_lite0_pretrained_state() -> dict[str, Tensor]:
 
 
 class CnnSmallBackbone(nn.Module):
-    """Three conv-BN-ReLU blocks (32, 64, 128 channels) and global average pooling: 128 features."""
+    """Three conv-BN-ReLU blocks (32, 64, 128 channels; `width` sets the first, the others follow) and
+    global average pooling: 4 x width features."""
 
-    feature_dim = 128
     lora_targets: list[str] | str = r".*conv_blocks\.\d+\.0"
 
-    def __init__(self, channels: int = 3) -> None:
+    def __init__(self, channels: int = 3, width: int = 32) -> None:
         super().__init__()
+        self.feature_dim = 4 * width
 
         def block(cin: int, cout: int, pool: bool) -> list[nn.Module]:
             layers: list[nn.Module] = [
@@ -141,9 +153,9 @@ class CnnSmallBackbone(nn.Module):
             return [*layers, nn.MaxPool2d(2)] if pool else layers
 
         self.conv_blocks = nn.Sequential(
-            nn.Sequential(*block(channels, 32, pool=True)),
-            nn.Sequential(*block(32, 64, pool=True)),
-            nn.Sequential(*block(64, 128, pool=False)),
+            nn.Sequential(*block(channels, width, pool=True)),
+            nn.Sequential(*block(width, 2 * width, pool=True)),
+            nn.Sequential(*block(2 * width, 4 * width, pool=False)),
         )
 
     def blocks(self) -> list[nn.Module]:
@@ -212,11 +224,13 @@ class TransferModel(nn.Module):
 
 def build_backbone(spec: ModelSpec) -> nn.Module:
     if spec.architecture == "minilm-l6":
-        return MiniLMBackbone()
+        return MiniLMBackbone(num_layers=spec.options.get("layers"))
     if spec.architecture == "efficientnet-lite0":
         return EfficientNetLite0Backbone()
     if spec.architecture == "cnn-small":
-        return CnnSmallBackbone(channels=int(spec.input_spec.get("channels", 3)))
+        return CnnSmallBackbone(
+            channels=int(spec.input_spec.get("channels", 3)), width=int(spec.options.get("width", 32))
+        )
     if spec.architecture == "mlp":
         return MlpBackbone(int(spec.options["in_features"]), list(spec.options.get("hidden", [128, 128])))
     raise ValueError(f"unknown architecture {spec.architecture!r}")

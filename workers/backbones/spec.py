@@ -25,6 +25,16 @@ class ModelSpec(BaseModel):
         builtin = BUILTIN_MODELS[architecture]
         return cls(architecture=architecture, modality=builtin.modality, input_spec=dict(builtin.input_spec))
 
+    @property
+    def feature_dim(self) -> int | None:
+        """Width of the backbone's features, as the architecture options set it."""
+        if self.architecture == "cnn-small":
+            return 4 * int(self.options.get("width", 32))
+        if self.architecture == "mlp":
+            hidden = self.options.get("hidden") or [128, 128]
+            return int(hidden[-1])
+        return BUILTIN_MODELS[self.architecture].feature_dim
+
     def with_classes(self, classes: list[str]) -> ModelSpec:
         return self.model_copy(update={"classes": list(classes)})
 

@@ -80,6 +80,8 @@ class FinetuneConfig(RecipeConfig):
     # The result is the last epoch, not the best on validation data (domain adaptation: the validation
     # data are the source's, whose best epoch comes before adaptation has done its work).
     keep_last_epoch: bool = False
+    # The model's output classes; by default the training data's (a distillation student: the teacher's).
+    classes: list[str] | None = None
 
 
 @dataclass
@@ -131,7 +133,7 @@ class FinetuneRecipe:
     def setup(self) -> None:
         config = self.config
         self.generator = seed_everything(config.seed)
-        self.classes = list(config.train.classes)
+        self.classes = list(config.classes or config.train.classes)
         self.spec, self.model, self.transfer = self._build_model()
         self.reporter.event(
             f"Loaded {config.base.id}: {self.transfer['kind']} transfer, {self.transfer['head']} head, "
@@ -218,7 +220,7 @@ class FinetuneRecipe:
         base = self.config.base
         if self.mlp_from_scratch:
             columns = list(self.config.train.schema_info["feature_columns"])
-            hidden = list(base.spec.input_spec.get("hidden", [128, 128]))
+            hidden = list(base.spec.options.get("hidden") or [128, 128])
             spec = base.spec.model_copy(
                 update={
                     "options": {"in_features": len(columns), "hidden": hidden},
@@ -251,19 +253,20 @@ class FinetuneRecipe:
     def _load_data(self) -> None:
         config = self.config
         train_inputs, train_labels = load_inputs(config.train, self.spec)
-        assert train_labels is not None, "training dataset must be labelled"
-        labels = label_indices(train_labels, self.classes)
+        labels = self.training_labels(train_inputs, train_labels)
         self.val_source = config.validation or config.train
         if config.validation is not None:
             val_inputs, val_labels = load_inputs(config.validation, self.spec)
             assert val_labels is not None, "validation dataset must be labelled"
             self.train_inputs: Inputs = train_inputs
+            self.train_positions = list(range(len(train_inputs)))
             self.train_labels = labels
             self.val_inputs: Inputs | None = val_inputs
             self.val_labels: Tensor | None = label_indices(val_labels, self.classes)
         else:
             train_idx, val_idx = stratified_split(labels, self.hp.validation_split, config.seed)
             self.train_inputs = Subset(train_inputs, train_idx)
+            self.train_positions = train_idx
             self.train_labels = labels[train_idx]
             self.val_inputs = Subset(train_inputs, val_idx) if val_idx else None
             self.val_labels = labels[val_idx] if val_idx else None
@@ -274,6 +277,11 @@ class FinetuneRecipe:
         )
         if n_val == 0:
             self.reporter.event("No validation data: the last epoch is the result", level="warning")
+
+    def training_labels(self, inputs: Inputs, labels: list[str] | None) -> Tensor:
+        """Class indices of the training examples (a distillation student may take the teacher's)."""
+        assert labels is not None, "training dataset must be labelled"
+        return label_indices(labels, self.classes)
 
     # ------------------------------------------------------------------ features
 
@@ -335,6 +343,10 @@ class FinetuneRecipe:
     def _logits(self, indices: list[int], *, train: bool) -> Tensor:
         return self._forward(indices, train=train)[1]
 
+    def training_loss(self, logits: Tensor, target: Tensor, indices: list[int]) -> Tensor:
+        """The loss of a batch of training examples (`indices` into the training data)."""
+        return F.cross_entropy(logits, target)
+
     def extra_loss(self, features: Tensor, progress: float) -> Tensor | None:
         """A term added to the training loss of each batch (domain adaptation adds one); `progress` runs
         from 0 to 1 over the run."""
@@ -360,7 +372,7 @@ class FinetuneRecipe:
                 features, logits = self._forward(indices, train=True)
                 extra = self.extra_loss(features, self.step / max(self.total_steps, 1))
             target = labels[torch.as_tensor(indices, device=self.device)]
-            loss = F.cross_entropy(logits.float(), target)
+            loss = self.training_loss(logits.float(), target, indices)
             if extra is not None:
                 loss = loss + extra.float()
             self.optimizer.zero_grad(set_to_none=True)
