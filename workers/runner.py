@@ -331,9 +331,36 @@ def _register_result(
         raise
 
 
+def _run_self_supervised(context: WorkerContext, job: Job, reporter: DatabaseReporter) -> None:
+    from workers.recipes.finetune import Hyperparameters
+    from workers.recipes.self_supervised import SelfSupervisedConfig, SelfSupervisedRecipe
+
+    with session_scope(context.session_factory) as session:
+        assert job.training_dataset is not None
+        config = SelfSupervisedConfig(
+            job_id=job.id,
+            seed=job.seed,
+            base=_base_source(context, session, job),
+            train=_dataset_source(context, session, job.training_dataset),
+            hyperparameters=Hyperparameters.model_validate(job.hyperparameters),
+        )
+    result = SelfSupervisedRecipe(config, reporter).run()
+    _register_result(
+        context,
+        job,
+        StudyOutcome(result=result, report=None),
+        kind="pretrained",
+        name=f"{job.base_model} self-supervised on {job.training_dataset}",
+    )
+
+
 def _run_training(context: WorkerContext, job: Job, reporter: DatabaseReporter) -> None:
     from workers.recipes.finetune import FinetuneConfig, Hyperparameters
     from workers.recipes.transfer import run_study
+
+    if job.method == "self_supervised":
+        _run_self_supervised(context, job, reporter)
+        return
 
     with session_scope(context.session_factory) as session:
         assert job.training_dataset is not None and job.method is not None

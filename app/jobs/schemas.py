@@ -27,6 +27,7 @@ METHOD_KEYS: dict[str, tuple[str, ...]] = {
     "full": ("layer_lr_decay", "head_warmup_epochs"),
     "lora": ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "head_warmup_epochs"),
     "linear_probe": (),
+    "self_supervised": (),
 }
 
 
@@ -175,12 +176,14 @@ class TrainingJobCreate(_JobRequest):
     )
     training_dataset: SafeStr = Field(min_length=1, max_length=64)
     validation_dataset: SafeStr | None = Field(default=None, max_length=64)
-    method: Literal["full", "linear_probe", "partial", "lora"] = Field(
+    method: Literal["full", "linear_probe", "partial", "lora", "self_supervised"] = Field(
         default="full",
         description="full: every weight trains. linear_probe: the backbone is frozen and a new head trains on its "
         "features (computed once per example, cached across jobs). partial: the top `unfreeze_blocks` blocks "
         "and the head train, with layer-wise learning rates. lora: low-rank adapters on the backbone and the "
-        "head train; the adapter is kept on its own and merged into the served model.",
+        "head train; the adapter is kept on its own and merged into the served model. self_supervised (pretrain "
+        "only): continue pretraining on an unlabelled dataset: contrastive views for images (SimCLR) and text "
+        "(SimCSE, minilm-l6), a denoising autoencoder for tables (mlp); the result is a backbone with no head.",
     )
     hyperparameters: HyperparametersIn = Field(default_factory=HyperparametersIn)
     head: Literal["new", "keep"] | None = Field(

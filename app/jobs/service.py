@@ -153,8 +153,22 @@ def resolve_hyperparameters(
 
 def _check_method(body: TrainingJobCreate, upstream: Upstream, given: dict[str, Any]) -> None:
     builtin = BUILTIN_MODELS[upstream.architecture]
+    if body.method == "self_supervised":
+        if body.type != "pretrain":
+            raise Unprocessable(
+                "self_supervised is a pretraining method: use it with type pretrain",
+                param="method",
+                code="method_not_supported",
+            )
+        for field in ("validation_dataset", "head"):
+            if getattr(body, field) is not None:
+                raise Unprocessable(
+                    f"{field} does not apply to self-supervised pretraining (no labels, no head)",
+                    param=field,
+                    code="invalid_request",
+                )
     allowed = builtin.architecture_methods if upstream.has_weights else ("full",)
-    if body.method not in allowed:
+    if body.method != "self_supervised" and body.method not in allowed:
         reason = (
             f"{upstream.base_model} starts from random weights, so {body.method} would train on random features"
             if not upstream.has_weights
@@ -319,11 +333,14 @@ def _training_job(
     session: Session, storage: Storage, principal: Principal, body: TrainingJobCreate
 ) -> tuple[dict[str, Any], str]:
     upstream = _upstream(session, storage, principal, body)
-    train = _training_dataset(session, principal, body.training_dataset, upstream, "training_dataset")
-    if body.validation_dataset is not None:
-        _check_companion(session, principal, body.validation_dataset, train, upstream, "validation_dataset")
+    self_supervised = body.method == "self_supervised"
+    train = _training_dataset(
+        session, principal, body.training_dataset, upstream, "training_dataset", labelled=not self_supervised
+    )
     given = body.hyperparameters.model_dump(exclude_none=True)
     _check_method(body, upstream, given)
+    if body.validation_dataset is not None:
+        _check_companion(session, principal, body.validation_dataset, train, upstream, "validation_dataset")
     hyperparameters = _budget(
         upstream.architecture,
         given,
@@ -332,7 +349,9 @@ def _training_job(
         learned=body.type == "finetune" and upstream.has_weights,
         method=body.method,
     )
-    transfer = _check_options(body, upstream, train, hyperparameters)
+    transfer: dict[str, Any] | None = _check_options(body, upstream, train, hyperparameters)
+    if self_supervised:
+        transfer = None  # no head: nothing to keep or replace
     initialization = body.initialization
     if body.type == "pretrain" and initialization is None:
         initialization = "pretrained" if upstream.has_weights else "random"
@@ -351,7 +370,9 @@ def _training_job(
         "transfer": transfer,
     }
     start = f"checkpoint {body.from_checkpoint}" if body.from_checkpoint else upstream.base_model
-    what = "pretraining" if body.type == "pretrain" else f"{body.method} fine-tune"
+    what = {"pretrain": "pretraining", "finetune": f"{body.method} fine-tune"}[body.type]
+    if self_supervised:
+        what = "self-supervised pretraining"
     return fields, f"Job created: {what} of {start} on {train.id}"
 
 

@@ -33,6 +33,11 @@ METHOD_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("mlp", "linear_probe"): {"epochs": 30, "batch_size": 32, "learning_rate": 1e-2},
     ("mlp", "full"): {"epochs": 30, "batch_size": 32, "learning_rate": 2e-3},
     ("mlp", "partial"): {"epochs": 30, "batch_size": 32, "learning_rate": 2e-3},
+    # Self-supervised pretraining (pretrain jobs on unlabelled data).
+    ("minilm-l6", "self_supervised"): {"epochs": 1, "batch_size": 32, "learning_rate": 3e-5},
+    ("efficientnet-lite0", "self_supervised"): {"epochs": 5, "batch_size": 32, "learning_rate": 1e-4},
+    ("cnn-small", "self_supervised"): {"epochs": 20, "batch_size": 64, "learning_rate": 1e-3},
+    ("mlp", "self_supervised"): {"epochs": 50, "batch_size": 64, "learning_rate": 1e-3},
 }
 
 LORA_DEFAULTS: dict[str, Any] = {
@@ -64,6 +69,8 @@ def method_defaults(architecture: str, method: str) -> dict[str, Any]:
         return {"layer_lr_decay": 1.0, "head_warmup_epochs": HEAD_WARMUP_EPOCHS}
     if method == "lora":
         return {**LORA_DEFAULTS, "head_warmup_epochs": HEAD_WARMUP_EPOCHS}
+    if method == "self_supervised":
+        return {"validation_split": 0.0}  # no labels: nothing to validate against
     return {}
 
 
