@@ -32,7 +32,9 @@ lint: $(STAMP)
 	$(BIN)/mypy app workers
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.run_all
+	for name in feature_cache service_overhead defaults adaptation distillation transferability; do \
+		$(BIN)/python -m bench.$$name || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -29,7 +29,9 @@ Graft adapts pretrained (upstream) models to your own (downstream) task.
 
 1. Upload a dataset: `POST /v1/datasets` (CSV/JSONL for text and tabular data, ZIP of images).
 2. Pick a base model: `GET /v1/models` lists the built-in upstream models and your own.
-3. Create a job: `POST /v1/jobs` with `{"type": "finetune", "base_model", "training_dataset", "method"}`.
+3. Create a job: `POST /v1/jobs` with `{"type": "finetune", "base_model", "training_dataset", "method"}`;
+   or `pretrain` (upstream, supervised or `self_supervised`), `adapt` (to an unlabelled target domain),
+   `distill` (into a smaller student). `POST /v1/transferability` ranks candidate base models first.
 4. Poll `GET /v1/jobs/{id}` (queued → running → succeeded | failed | cancelled), read its events and
    checkpoints, then predict with its `result_model`: `POST /v1/models/{id}/predict`.
 
@@ -70,7 +72,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "name": "models",
                 "description": "Built-in upstream models, your fine-tuned models, predictions.",
             },
-            {"name": "jobs", "description": "Fine-tuning jobs, their events and checkpoints."},
+            {
+                "name": "jobs",
+                "description": "Fine-tuning, pretraining, adaptation and distillation jobs, their events, "
+                "checkpoints and reports.",
+            },
             {"name": "projects", "description": "Projects and API keys."},
             {"name": "health", "description": "Liveness and readiness."},
         ],

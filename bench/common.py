@@ -106,11 +106,15 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 
 DOCS_INTRO = """# Benchmarks
 
-Two benchmarks of Graft's training path. Run them from the repository root:
+Benchmarks of Graft's training path. Run one from the repository root, or all with `make bench`:
 
 ```sh
 .venv/bin/python -m bench.feature_cache
 .venv/bin/python -m bench.service_overhead
+.venv/bin/python -m bench.defaults
+.venv/bin/python -m bench.adaptation
+.venv/bin/python -m bench.distillation
+.venv/bin/python -m bench.transferability
 ```
 
 - `bench.feature_cache`: a `linear_probe` job's training (the recipe, with its feature cache starting
@@ -123,6 +127,10 @@ Two benchmarks of Graft's training path. Run them from the repository root:
   `epoch_seconds` against the loop's epochs), the latency from submitting a job to its first training
   step (cold and warm worker) and from its last epoch to `succeeded`, and the validation accuracy of
   both over three seeds.
+- `bench.defaults`: what a job with no hyperparameters reaches, for every (architecture, method).
+- `bench.adaptation`: adapt jobs' methods beside source_only on two domain-shift pairs, three seeds.
+- `bench.distillation`: teacher, student trained alone and distilled student.
+- `bench.transferability`: the transferability scores against the accuracy fine-tuning really reached.
 
 Each script prints its tables and rewrites its own section below (between its `<!-- bench:... -->`
 markers), leaving the rest of this file alone. Figures depend on the machine (CPU, cores, threads, disk),

@@ -135,6 +135,11 @@ def digits_table_csv(classes: Iterable[int], count: int, offset: int = 0) -> byt
     return out.getvalue().encode()
 
 
+def unlabelled_csv(table: bytes) -> bytes:
+    """The same CSV rows without their last column (the label)."""
+    return b"\n".join(b",".join(line.split(b",")[:-1]) for line in table.strip().split(b"\n")) + b"\n"
+
+
 def shifted_table_csv(
     n: int, *, domain: str, seed: int = 0, wrong_labels: bool = False, with_labels: bool = True
 ) -> bytes:

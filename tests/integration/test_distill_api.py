@@ -9,15 +9,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.core.config import Settings
-from tests.helpers import Api, digits_table_csv, new_project, sentiment_rows, text_csv
+from tests.helpers import Api, digits_table_csv, new_project, sentiment_rows, text_csv, unlabelled_csv
 from tests.integration.conftest import ADMIN_KEY, run_in_process
 
 TABULAR = "tabular_classification"
-
-
-def unlabelled(table: bytes) -> bytes:
-    """The same rows without their label column (the last one)."""
-    return b"\n".join(b",".join(line.split(b",")[:-1]) for line in table.strip().split(b"\n")) + b"\n"
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +25,7 @@ def teacher(client: TestClient, settings: Settings) -> tuple[Api, str, dict[str,
         "teacher_data": upload(digits_table_csv(range(10), 1000), "teacher.csv"),
         "transfer": upload(digits_table_csv(range(10), 150, offset=1000), "transfer.csv"),
         "transfer_unlabelled": api.upload_ok(
-            unlabelled(digits_table_csv(range(10), 150, offset=1000)), "transfer-unlabelled.csv", TABULAR
+            unlabelled_csv(digits_table_csv(range(10), 150, offset=1000)), "transfer-unlabelled.csv", TABULAR
         )["id"],
         "evaluation": upload(digits_table_csv(range(10), 300, offset=1400), "evaluation.csv"),
     }

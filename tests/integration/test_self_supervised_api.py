@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from app.core.config import Settings
-from tests.helpers import Api, digit_images, digits_table_csv, digits_zip, image_zip
+from tests.helpers import Api, digit_images, digits_table_csv, digits_zip, image_zip, unlabelled_csv
 from tests.integration.conftest import run_in_process
-from tests.integration.test_distill_api import unlabelled
 
 IMAGES = "image_classification"
 TABULAR = "tabular_classification"
@@ -73,7 +72,7 @@ def test_contrastive_pretraining_on_unlabelled_images_gives_better_features(
 
 def test_a_denoising_autoencoder_pretrains_a_table_model(api: Api, settings: Settings) -> None:
     table = digits_table_csv(range(10), 300)
-    pool = api.upload_ok(unlabelled(table), "pool.csv", TABULAR)
+    pool = api.upload_ok(unlabelled_csv(table), "pool.csv", TABULAR)
     job = succeeded(
         api,
         settings,

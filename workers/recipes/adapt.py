@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
@@ -82,15 +83,29 @@ class AdaptRecipe(FinetuneRecipe):
         taken, self._target_queue = self._target_queue[:size], self._target_queue[size:]
         return taken
 
+    def _forward(self, indices: list[int], *, train: bool) -> tuple[Tensor, Tensor]:
+        """A training batch goes through the backbone together with a target batch of the same size, so
+        that batch norm sees both domains in every step exactly as its running statistics will (separate
+        passes would normalise each domain by itself in training, and by a mixture in evaluation)."""
+        if not train or self.config.adaptation == "source_only":
+            return super()._forward(indices, train=train)
+        assert self.train_inputs is not None
+        source = self.train_inputs.batch(indices)
+        target = self.target_inputs.batch(self._target_batch(len(indices)))
+        joint = self.model.features(to_device(join_batches(source, target), self.device))
+        features, self._target_features = joint[: len(indices)], joint[len(indices) :]
+        return features, self.model.classify(features)
+
     def extra_loss(self, features: Tensor, progress: float) -> Tensor | None:
         method = self.config.adaptation
         if method == "source_only":
             return None
-        target = self.model.features(
-            to_device(self.target_inputs.batch(self._target_batch(len(features))), self.device)
-        )
-        weight = self.config.adaptation_weight
-        if method == "dann":
+        target = self._target_features
+        # Every alignment term ramps up with the usual schedule 2 / (1 + exp(-10 p)) - 1: at the start the
+        # features are not yet worth aligning (from random weights, aligning them first collapses them).
+        ramp = adaptation.dann_weight(progress)
+        weight = self.config.adaptation_weight * (1.0 if method == "dann" else ramp)
+        if method == "dann":  # the ramp is in its gradient reversal
             return weight * adaptation.dann_loss(self.discriminator, features, target, progress)
         if method == "coral":
             return weight * adaptation.coral_loss(features.float(), target.float())
@@ -144,6 +159,19 @@ class AdaptRecipe(FinetuneRecipe):
         result = super().run()
         self.found = self.diagnostics()
         return result
+
+
+def join_batches(a: Any, b: Any) -> Any:
+    """Two prepared batches as one: tensors stacked; token batches padded to the longer one first."""
+    if not isinstance(a, dict):
+        return torch.cat([a, b])
+    width = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
+    return {
+        key: torch.cat(
+            [F.pad(a[key], (0, width - a[key].shape[1])), F.pad(b[key], (0, width - b[key].shape[1]))]
+        )
+        for key in a
+    }
 
 
 @dataclass

@@ -91,7 +91,7 @@ class FinetuneResult:
     metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     num_parameters: int = 0
-    transfer: dict[str, Any] = field(default_factory=dict)
+    transfer: dict[str, Any] | None = field(default_factory=dict)  # None: no head (self-supervised)
     evaluation: dict[str, Any] | None = None
     best_epoch: int = 0
     stopped_early: bool = False
@@ -364,7 +364,11 @@ class FinetuneRecipe:
             self.model.backbone.eval()
         loss_sum, correct, count = 0.0, 0, 0
         labels = self.train_labels.to(self.device)
-        trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
+        # The model's trainable weights are clipped together; extra parameter groups (a domain discriminator)
+        # are clipped on their own, so that their gradients never crowd out the model's.
+        model_groups = len(self.setup_method.param_groups)
+        trainable = [p for group in self.optimizer.param_groups[:model_groups] for p in group["params"]]
+        extra_params = [p for group in self.optimizer.param_groups[model_groups:] for p in group["params"]]
         for indices in batches(
             len(self.train_inputs), self.hp.batch_size, shuffle=True, generator=self.generator
         ):
@@ -379,6 +383,8 @@ class FinetuneRecipe:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(trainable, self.hp.max_grad_norm)
+            if extra_params:
+                nn.utils.clip_grad_norm_(extra_params, self.hp.max_grad_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()

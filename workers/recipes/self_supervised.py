@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,7 +23,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from workers.backbones.networks import TransferModel, count_parameters
-from workers.backbones.spec import ModelSpec
 from workers.recipes.base import (
     BaseModelSource,
     DatasetSource,
@@ -37,7 +35,7 @@ from workers.recipes.base import (
     to_device,
 )
 from workers.recipes.data import batches, load_inputs
-from workers.recipes.finetune import Hyperparameters, warmup_cosine
+from workers.recipes.finetune import FinetuneResult, Hyperparameters, warmup_cosine
 
 PROJECTION_DIM = 128
 TEMPERATURE = {"image": 0.2, "text": 0.05}
@@ -49,19 +47,6 @@ class SelfSupervisedConfig(RecipeConfig):
     train: DatasetSource
     hyperparameters: Hyperparameters
     save_checkpoints: bool = True
-
-
-@dataclass
-class SelfSupervisedResult:
-    spec: ModelSpec
-    state: dict[str, Tensor]
-    metrics: dict[str, float]
-    history: list[dict[str, float]] = field(default_factory=list)
-    num_parameters: int = 0
-    transfer: dict[str, Any] | None = None
-    best_epoch: int = 0
-    adapter: None = None
-    adapter_config: None = None
 
 
 def nt_xent(a: Tensor, b: Tensor, temperature: float) -> Tensor:
@@ -188,7 +173,7 @@ class SelfSupervisedRecipe:
             reconstruction = self.auxiliary(self.model.features(noisy))
         return F.mse_loss(reconstruction.float(), target)
 
-    def run(self) -> SelfSupervisedResult:
+    def run(self) -> FinetuneResult:
         self.setup()
         step = 0
         history: list[dict[str, float]] = []
@@ -233,11 +218,12 @@ class SelfSupervisedRecipe:
                     best=True,
                 )
         state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        return SelfSupervisedResult(
+        return FinetuneResult(
             spec=self.spec,
             state=state,
             metrics={k: v for k, v in history[-1].items() if k != "epoch_seconds"},
             history=history,
             num_parameters=count_parameters(self.model),
+            transfer=None,
             best_epoch=len(history),
         )
