@@ -230,6 +230,11 @@ def distillation_report(
         + (f", student alone {scratch['accuracy']:.3f}" if scratch is not None else "")
         + f" accuracy on {evaluation_examples} evaluation examples"
         + (f"; distillation recovered {gap * 100:.0f}% of the gap" if gap is not None else "")
+        + (
+            "; the teacher is no better than the student trained alone, so there was no gap to recover"
+            if scratch is not None and gap is None
+            else ""
+        )
         + f". The student is {compression['parameters']:.1f}x smaller and {compression['cpu_latency']:.1f}x faster "
         "on the CPU."
     )
