@@ -158,3 +158,27 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def mlp_from_scratch(base: BaseModelSource) -> bool:
+    """An mlp with no learned weights: its size follows the columns of the data it is built for."""
+    return base.spec.architecture == "mlp" and base.weights_path is None and not base.checkpoints
+
+
+def load_upstream_for(base: BaseModelSource, dataset: DatasetSource) -> tuple[Any, ModelSpec]:
+    """`load_upstream`, except that an mlp from scratch is built for `dataset`'s feature columns."""
+    if not mlp_from_scratch(base):
+        return load_upstream(base)
+    from workers.backbones.networks import build_model
+
+    columns = list(dataset.schema_info["feature_columns"])
+    spec = base.spec.model_copy(
+        update={
+            "options": {
+                "in_features": len(columns),
+                "hidden": list(base.spec.options.get("hidden") or [128, 128]),
+            },
+            "input_spec": {**base.spec.input_spec, "feature_columns": columns},
+        }
+    )
+    return build_model(spec, pretrained=False), spec

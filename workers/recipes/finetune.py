@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
-from workers.backbones.networks import TransferModel, build_model, count_parameters
+from workers.backbones.networks import TransferModel, count_parameters
 from workers.backbones.spec import ModelSpec
 from workers.recipes import methods
 from workers.recipes.base import (
@@ -30,7 +30,8 @@ from workers.recipes.base import (
     RecipeConfig,
     Reporter,
     autocast_dtype,
-    load_upstream,
+    load_upstream_for,
+    mlp_from_scratch,
     pick_device,
     seed_everything,
     to_device,
@@ -212,24 +213,10 @@ class FinetuneRecipe:
 
     @property
     def mlp_from_scratch(self) -> bool:
-        """An mlp built for this dataset's columns (its size follows them), with the data's statistics."""
-        base = self.config.base
-        return base.spec.architecture == "mlp" and base.weights_path is None and not base.checkpoints
+        return mlp_from_scratch(self.config.base)
 
     def _build_model(self) -> tuple[ModelSpec, TransferModel, dict[str, Any]]:
-        base = self.config.base
-        if self.mlp_from_scratch:
-            columns = list(self.config.train.schema_info["feature_columns"])
-            hidden = list(base.spec.options.get("hidden") or [128, 128])
-            spec = base.spec.model_copy(
-                update={
-                    "options": {"in_features": len(columns), "hidden": hidden},
-                    "input_spec": {**base.spec.input_spec, "feature_columns": columns},
-                }
-            )
-            upstream = build_model(spec, pretrained=False)
-        else:
-            upstream, spec = load_upstream(base)
+        upstream, spec = load_upstream_for(self.config.base, self.config.train)
         source_classes = list(spec.classes)
         same_labels = bool(source_classes) and sorted(source_classes) == sorted(self.classes)
         keep = self.config.head == "keep" or (self.config.head is None and same_labels)

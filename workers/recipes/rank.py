@@ -15,25 +15,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from workers.backbones.networks import build_model
 from workers.recipes import transferability
-from workers.recipes.base import BaseModelSource, DatasetSource, autocast_dtype, load_upstream, pick_device
+from workers.recipes.base import (
+    BaseModelSource,
+    DatasetSource,
+    autocast_dtype,
+    load_upstream_for,
+    pick_device,
+)
 from workers.recipes.data import Subset, label_indices, load_inputs, stratified_split
 from workers.recipes.features import FeatureCache, extract_features, feature_key
-
-
-def upstream_network(base: BaseModelSource, dataset: DatasetSource) -> tuple[Any, Any]:
-    """The network and spec of a candidate; a bare mlp is sized to the dataset's columns."""
-    if base.spec.architecture == "mlp" and base.weights_path is None:
-        columns = list(dataset.schema_info["feature_columns"])
-        spec = base.spec.model_copy(
-            update={
-                "options": {"in_features": len(columns), "hidden": [128, 128]},
-                "input_spec": {**base.spec.input_spec, "feature_columns": columns},
-            }
-        )
-        return build_model(spec, pretrained=False), spec
-    return load_upstream(base)
 
 
 def sample(labels: torch.Tensor, max_examples: int, seed: int) -> list[int] | None:
@@ -58,7 +49,7 @@ def score_model(
     started = time.perf_counter()
     target_device = pick_device(device)
     amp = autocast_dtype(target_device)
-    model, spec = upstream_network(base, dataset)
+    model, spec = load_upstream_for(base, dataset)
     model = model.to(target_device).eval()
     inputs, labels = load_inputs(dataset, spec)
     if labels is None:

@@ -30,6 +30,8 @@ from workers.recipes.base import (
     RecipeConfig,
     Reporter,
     autocast_dtype,
+    load_upstream_for,
+    mlp_from_scratch,
     pick_device,
     seed_everything,
     to_device,
@@ -99,18 +101,16 @@ class SelfSupervisedRecipe:
         self.amp_dtype = autocast_dtype(self.device)
 
     def setup(self) -> None:
-        from workers.recipes.rank import upstream_network
-
         config = self.config
         self.generator = seed_everything(config.seed)
-        upstream, spec = upstream_network(config.base, config.train)
+        upstream, spec = load_upstream_for(config.base, config.train)
         self.spec = spec.with_classes([])  # a bare backbone: the upstream model of later jobs
         self.model = TransferModel(upstream.backbone, num_classes=0)
         self.modality = spec.modality
         self.inputs, _ = load_inputs(config.train, spec)  # labels, if any, are not used
         if self.modality == "tabular":
             rows = self.inputs.batch(range(len(self.inputs)))
-            if config.base.weights_path is None:
+            if mlp_from_scratch(config.base):
                 self.model.backbone.set_input_statistics(rows.mean(dim=0), rows.std(dim=0, unbiased=False))  # type: ignore[operator]
             self.rows = rows
             self.auxiliary: nn.Module = nn.Linear(self.model.feature_dim, rows.shape[1])
