@@ -19,6 +19,7 @@ from app.core.storage import Storage
 from app.datasets import router as datasets
 from app.datasets.service import archive_limits
 from app.jobs import router as jobs
+from app.jobs.reaper import Reaper
 from app.models import router as models
 from app.models.serving import ModelServer
 from app.projects import router as projects
@@ -48,17 +49,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.effective_database_url)
         storage = Storage(settings.storage_dir)
+        session_factory = make_session_factory(engine)
+        queue = JobQueue(settings)
         app.state.context = ServiceContext(
             settings=settings,
             engine=engine,
-            session_factory=make_session_factory(engine),
+            session_factory=session_factory,
             storage=storage,
-            queue=JobQueue(settings),
+            queue=queue,
             model_server=ModelServer(storage, settings.model_cache_size, archive_limits(settings)),
         )
+        reaper = Reaper(settings, session_factory, queue)
+        reaper.start()
         try:
             yield
         finally:
+            reaper.stop()
             engine.dispose()
 
     app = FastAPI(

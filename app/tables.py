@@ -22,6 +22,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
@@ -129,6 +130,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_project_pk", "project_id", "pk"),
         Index("ix_jobs_status", "status"),
+        Index("ix_jobs_status_heartbeat_at", "status", "heartbeat_at"),
         UniqueConstraint("project_id", "idempotency_key", name="uq_jobs_project_idempotency_key"),
     )
 
@@ -167,6 +169,16 @@ class Job(Base):
     result_model: Mapped[str | None] = mapped_column(String(64))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The lease of the worker running the job: who holds it, a fencing token that grows with every claim
+    # (a worker whose token is no longer the job's has lost the lease and stops writing), and its heartbeat.
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_token: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Set when the worker is shutting down: the job checkpoints and goes back to the queue.
+    release_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # last sent to the broker
+    # Per run of the job: the training state it resumes from after a requeue (see workers/journal.py).
+    resume_state: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

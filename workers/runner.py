@@ -1,8 +1,14 @@
 """Running one job on a worker: claim it in the database, build the recipe's config from the rows,
 report through the database while it trains, register the result, and always end in a final state.
 
-A delivery of a job that is not `queued` (a duplicate, or one cancelled before it started) does
-nothing. Every exception in training becomes a failed job with its message, never a job stuck in running.
+The broker delivers at least once; the guarantees come from the database. A job is claimed with a lease:
+a fencing token and a heartbeat (a thread renews it). Every write of the worker renews the lease in the
+same transaction, so a worker that lost it (the reaper requeued the job after its heartbeat stopped)
+writes nothing more and stops. A delivery of a job that is not `queued` (a duplicate, a job another
+worker runs, one cancelled before it started) does nothing. Each run of a job keeps its training state in
+a journal; a requeued job resumes from it. When the worker is shutting down the job saves its state and
+goes back to the queue. Writes are retried while the database is unreachable. Every exception in training
+becomes a failed job with its message, never a job stuck in running.
 """
 
 from __future__ import annotations
@@ -10,24 +16,36 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, delete, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings, get_settings
-from app.core.db import make_engine, make_session_factory, session_scope
+from app.core.db import is_unreachable, make_engine, make_session_factory, session_scope
 from app.core.ids import new_id, utcnow
 from app.core.storage import Storage, sha256_file
 from app.datasets.formats import FormatError
 from app.datasets.service import dataset_source
 from app.jobs import repository as jobs
-from app.tables import Checkpoint, Dataset, Job, Model
+from app.tables import Checkpoint, Dataset, Job, JobEvent, Model
 from workers.backbones.catalog import BUILTIN_MODELS
 from workers.backbones.spec import ModelSpec
-from workers.recipes.base import BaseModelSource, CheckpointRef, DatasetSource, JobCancelled
+from workers.recipes.base import (
+    BaseModelSource,
+    CheckpointRef,
+    DatasetSource,
+    JobCancelled,
+    JobPreempted,
+    LeaseLost,
+)
+from workers.recipes.resume import TrainingState, load_state, save_state
 
 log = logging.getLogger("graft.worker")
 
@@ -70,28 +88,104 @@ CHECKPOINT_CONTENTS = {
 }
 
 
+T = TypeVar("T")
+
+
+def worker_node() -> str:
+    """This worker's name in lease owners: host and the pid of the Celery main process (set when the
+    worker starts, inherited by its pool processes), so that a stopping worker finds the jobs it runs."""
+    return os.environ.get("GRAFT_WORKER_NODE") or f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Lease:
+    job_id: str
+    token: int
+    owner: str
+
+
+def write(context: WorkerContext, lease: Lease, work: Callable[[Session], T]) -> T:
+    """Run `work` in one transaction that first renews the lease (LeaseLost when it is gone). While the
+    database is unreachable the whole unit is retried, with backoff, for up to `db_retry_seconds`."""
+    deadline = time.monotonic() + context.settings.db_retry_seconds
+    delay = 0.2
+    while True:
+        try:
+            with session_scope(context.session_factory) as session:
+                if not jobs.renew(session, lease.job_id, lease.token):
+                    raise LeaseLost()
+                return work(session)
+        except DBAPIError as exc:
+            if not is_unreachable(exc) or time.monotonic() > deadline:
+                raise
+            log.warning("database unreachable (%s); retrying in %.1fs", type(exc.orig).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+class Heartbeat:
+    """Renews the lease every `heartbeat_seconds` from a thread, so that a long step (a feature pass, an
+    evaluation) never looks like a dead worker; notices when the lease is gone."""
+
+    def __init__(self, context: WorkerContext, lease: Lease) -> None:
+        self.context = context
+        self.lease = lease
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{lease.job_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        interval = self.context.settings.heartbeat_seconds
+        while not self._stop.wait(interval):
+            try:
+                with session_scope(self.context.session_factory) as session:
+                    if not jobs.renew(session, self.lease.job_id, self.lease.token):
+                        self.lost = True
+                        log.warning("job %s: lease lost; stopping", self.lease.job_id)
+                        return
+            except DBAPIError as exc:
+                log.warning("job %s: heartbeat failed: %s", self.lease.job_id, type(exc.orig).__name__)
+
+
 class DatabaseReporter:
     """The recipe's reporter: events, progress, metrics and checkpoints go to the database as the job
-    runs. Progress writes and cancel checks are throttled so that fast steps stay fast."""
+    runs, each write fenced by the lease. Progress writes and stop checks are throttled so that fast
+    steps stay fast."""
 
     PROGRESS_INTERVAL = 1.0
 
-    def __init__(self, context: WorkerContext, job: Job) -> None:
+    def __init__(
+        self, context: WorkerContext, job: Job, lease: Lease, heartbeat: Heartbeat | None = None
+    ) -> None:
         self.context = context
         self.job_id = job.id
         self.project_id = job.project_id
+        self.lease = lease
+        self.heartbeat = heartbeat
         self._last_progress = 0.0
         self._last_cancel_check = 0.0
-        self._stop = False
+        self.stop_reason: str | None = None
 
-    def _session(self) -> Any:
-        return session_scope(self.context.session_factory)
+    def _write(self, work: Callable[[Session], T]) -> T:
+        return write(self.context, self.lease, work)
 
     def event(
         self, message: str, *, level: str = "info", data: dict[str, Any] | None = None, type: str = "message"
     ) -> None:
-        with self._session() as session:
-            jobs.add_event(session, self.job_id, message, level=level, data=data, type=type)
+        self._write(
+            lambda session: jobs.add_event(session, self.job_id, message, level=level, data=data, type=type)
+        )
+
+    def journal_for(self, run: str, primary: bool) -> DatabaseJournal:
+        return DatabaseJournal(self, run, primary)
 
     def progress(self, *, epoch: int, epochs: int, step: int, total_steps: int) -> None:
         now = time.monotonic()
@@ -99,17 +193,14 @@ class DatabaseReporter:
         if step not in (0, 1, total_steps) and now - self._last_progress < self.PROGRESS_INTERVAL:
             return
         self._last_progress = now
-        with self._session() as session:
-            jobs.update_fields(
-                session,
-                self.job_id,
-                progress={"epoch": epoch, "epochs": epochs, "step": step, "total_steps": total_steps},
-            )
+        progress = {"epoch": epoch, "epochs": epochs, "step": step, "total_steps": total_steps}
+        self._write(lambda session: jobs.update_fields(session, self.job_id, progress=progress))
 
     def metrics(self, *, epoch: int, step: int, values: dict[str, float]) -> None:
         latest = {k: v for k, v in values.items() if k != "epoch_seconds"}
         shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k not in ("epoch", "epoch_seconds"))
-        with self._session() as session:
+
+        def work(session: Session) -> None:
             jobs.update_fields(session, self.job_id, metrics=latest)
             jobs.add_event(
                 session,
@@ -118,6 +209,8 @@ class DatabaseReporter:
                 type="metrics",
                 data={"epoch": epoch, "step": step, **values},
             )
+
+        self._write(work)
 
     def checkpoint(
         self,
@@ -146,56 +239,165 @@ class DatabaseReporter:
         with storage.atomic_path(key) as temp:
             save_weights(temp, tensors, spec, extra=extra)
             size, digest = temp.stat().st_size, sha256_file(temp)
+
+        def work(session: Session) -> None:
+            jobs.add_checkpoint(
+                session,
+                Checkpoint(
+                    id=checkpoint_id,
+                    job_id=self.job_id,
+                    project_id=self.project_id,
+                    epoch=epoch,
+                    step=step,
+                    metrics={k: v for k, v in metrics.items() if k not in ("epoch", "epoch_seconds")},
+                    bytes=size,
+                    sha256=digest,
+                    path=key,
+                    created_at=utcnow(),
+                ),
+            )
+            if best:
+                jobs.update_fields(session, self.job_id, best_checkpoint=checkpoint_id)
+
         try:
-            with self._session() as session:
-                jobs.add_checkpoint(
-                    session,
-                    Checkpoint(
-                        id=checkpoint_id,
-                        job_id=self.job_id,
-                        project_id=self.project_id,
-                        epoch=epoch,
-                        step=step,
-                        metrics={k: v for k, v in metrics.items() if k not in ("epoch", "epoch_seconds")},
-                        bytes=size,
-                        sha256=digest,
-                        path=key,
-                        created_at=utcnow(),
-                    ),
-                )
-                if best:
-                    jobs.update_fields(session, self.job_id, best_checkpoint=checkpoint_id)
-        except Exception:
+            self._write(work)
+        except BaseException:
             storage.delete(key)
             raise
 
     def should_stop(self) -> bool:
-        if self._stop:
+        """True when the run must stop; `stop_reason` says why: cancel (the user asked), release (the
+        worker is shutting down) or lease_lost (the job is no longer this worker's)."""
+        if self.stop_reason is not None:
+            return True
+        if self.heartbeat is not None and self.heartbeat.lost:
+            self.stop_reason = "lease_lost"
             return True
         now = time.monotonic()
         if now - self._last_cancel_check >= self.context.settings.cancel_poll_seconds:
             self._last_cancel_check = now
-            with self._session() as session:
-                self._stop = jobs.cancel_requested(session, self.job_id)
-        return self._stop
+            try:
+                with session_scope(self.context.session_factory) as session:
+                    cancel, release = jobs.stop_flags(session, self.job_id)
+            except DBAPIError:
+                return False  # the database is away: keep training; writes wait for it
+            self.stop_reason = "cancel" if cancel else "release" if release else None
+        return self.stop_reason is not None
 
 
-def _claim(context: WorkerContext, job_id: str) -> Job | None:
+class DatabaseJournal:
+    """One run's training state: a safetensors file in storage (a new file per save, so that the previous
+    state stays whole until the new one is committed) and its entry in jobs.resume_state. Loading it also
+    removes what the run wrote after that state (metrics events, checkpoints of later epochs), so that a
+    resumed run's history has no duplicates and no gaps."""
+
+    def __init__(self, reporter: DatabaseReporter, run: str, primary: bool) -> None:
+        self.reporter = reporter
+        self.run = run
+        self.primary = primary
+
+    @property
+    def _storage(self) -> Storage:
+        return self.reporter.context.storage
+
+    def _owns(self, event: JobEvent) -> bool:
+        data = event.data or {}
+        return data.get("run") == self.run or (self.primary and "run" not in data)
+
+    def load(self) -> TrainingState | None:
+        job_id = self.reporter.job_id
+
+        def work(session: Session) -> tuple[dict[str, Any] | None, list[str]]:
+            entry = (session.scalar(select(Job.resume_state).where(Job.id == job_id)) or {}).get(self.run)
+            # Epochs whose end the state includes: a state saved mid-epoch has not reported that epoch.
+            kept = 0 if entry is None else entry["epoch"] - (1 if entry["batch"] else 0)
+            stale = [
+                event.id
+                for event in session.scalars(
+                    select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "metrics")
+                )
+                if self._owns(event) and int((event.data or {}).get("epoch", 0)) > kept
+            ]
+            if stale:
+                session.execute(delete(JobEvent).where(JobEvent.id.in_(stale)))
+            files: list[str] = []
+            if self.primary:
+                later = list(
+                    session.scalars(
+                        select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.epoch > kept)
+                    )
+                )
+                files = [row.path for row in later]
+                if later:
+                    session.execute(delete(Checkpoint).where(Checkpoint.id.in_([row.id for row in later])))
+                    best = session.scalar(
+                        select(Checkpoint.id).where(
+                            Checkpoint.job_id == job_id,
+                            Checkpoint.epoch == (entry or {}).get("best_epoch", -1),
+                        )
+                    )
+                    jobs.update_fields(session, job_id, best_checkpoint=best)
+            return entry, files
+
+        entry, files = self.reporter._write(work)
+        for key in files:
+            self._storage.delete(key)
+        if entry is None:
+            return None
+        return load_state(self._storage.path(entry["path"]))
+
+    def save(self, state: TrainingState) -> None:
+        job_id = self.reporter.job_id
+        key = f"checkpoints/{job_id}/state/{uuid.uuid4().hex}.safetensors"
+        with self._storage.atomic_path(key) as temp:
+            save_state(temp, state)
+        entry = {
+            "path": key,
+            "epoch": state.epoch,
+            "batch": state.batch,
+            "step": state.step,
+            "complete": state.complete,
+            "best_epoch": int(state.meta.get("best_epoch", 0)),
+        }
+
+        def work(session: Session) -> str | None:
+            current = dict(session.scalar(select(Job.resume_state).where(Job.id == job_id)) or {})
+            previous = (current.get(self.run) or {}).get("path")
+            current[self.run] = entry
+            jobs.update_fields(session, job_id, resume_state=current)
+            return previous
+
+        try:
+            previous = self.reporter._write(work)
+        except BaseException:
+            self._storage.delete(key)
+            raise
+        if previous and previous != key:
+            self._storage.delete(previous)
+
+
+def _claim(context: WorkerContext, job_id: str) -> tuple[Job, Lease] | None:
+    owner = f"{worker_node()}/{os.getpid()}"
     with session_scope(context.session_factory) as session:
+        token = jobs.claim(session, job_id, owner)
+        if token is None:
+            job = jobs.get_any(session, job_id)
+            if job is None:
+                log.warning("job %s does not exist; dropping the message", job_id)
+            else:
+                log.info("job %s is %s; nothing to do for this delivery", job_id, job.status)
+            return None
         job = jobs.get_any(session, job_id)
-        if job is None:
-            log.warning("job %s does not exist; dropping the message", job_id)
-            return None
-        if job.status != "queued":
-            log.info("job %s is %s; nothing to do for this delivery", job_id, job.status)
-            return None
-        if not jobs.transition(
-            session, job_id, "queued", status="running", started_at=utcnow(), attempts=job.attempts + 1
-        ):
-            return None
-        jobs.add_event(session, job_id, f"Job started on {socket.gethostname()} (pid {os.getpid()})")
+        assert job is not None
+        attempt = f" (attempt {job.attempts})" if job.attempts > 1 else ""
+        jobs.add_event(
+            session,
+            job_id,
+            f"Job started on {socket.gethostname()} (pid {os.getpid()}){attempt}",
+            data={"attempt": job.attempts, "worker": owner},
+        )
         session.expunge(job)
-        return job
+        return job, Lease(job_id, token, owner)
 
 
 def _dataset_source(context: WorkerContext, session: Session, dataset_id: str) -> DatasetSource:
@@ -258,7 +460,13 @@ class StudyOutcome:
 
 
 def _register_result(
-    context: WorkerContext, job: Job, study: Any, *, kind: str | None = None, name: str | None = None
+    context: WorkerContext,
+    job: Job,
+    reporter: DatabaseReporter,
+    study: Any,
+    *,
+    kind: str | None = None,
+    name: str | None = None,
 ) -> None:
     """Save the model's weights (and a LoRA adapter on its own), then register the model and mark the job
     succeeded in one transaction."""
@@ -280,7 +488,9 @@ def _register_result(
                 result.spec,
                 {**lineage, **lora_metadata(result.adapter_config)},
             )
-        with session_scope(context.session_factory) as session:
+
+        def work(session: Session) -> None:
+            nonlocal kind
             dataset_name = session.scalar(select(Dataset.name).where(Dataset.id == job.training_dataset))
             if kind is None:
                 kind = "pretrained" if job.type == "pretrain" else "finetuned"
@@ -326,7 +536,9 @@ def _register_result(
                 f"Job succeeded; registered model {model_id} from epoch {result.best_epoch}",
                 data={"model": model_id, "best_epoch": result.best_epoch},
             )
-    except Exception:
+
+        reporter._write(work)
+    except BaseException:
         context.storage.delete_tree(folder)
         raise
 
@@ -344,10 +556,14 @@ def _run_self_supervised(context: WorkerContext, job: Job, reporter: DatabaseRep
             train=_dataset_source(context, session, job.training_dataset),
             hyperparameters=Hyperparameters.model_validate(job.hyperparameters),
         )
+    # Self-supervised pretraining keeps no training state: a requeued job starts over, and what an earlier
+    # attempt reported (epochs, checkpoints) is removed first.
+    reporter.journal_for("self-supervised", primary=True).load()
     result = SelfSupervisedRecipe(config, reporter).run()
     _register_result(
         context,
         job,
+        reporter,
         StudyOutcome(result=result, report=None),
         kind="pretrained",
         name=f"{job.base_model} self-supervised on {job.training_dataset}",
@@ -378,7 +594,7 @@ def _run_training(context: WorkerContext, job: Job, reporter: DatabaseReporter) 
             feature_cache_dir=context.storage.path("cache"),
         )
     study = run_study(config, reporter, seeds=job.seeds, baseline=job.baseline)
-    _register_result(context, job, study)
+    _register_result(context, job, reporter, study)
 
 
 def _run_adaptation(context: WorkerContext, job: Job, reporter: DatabaseReporter) -> None:
@@ -408,6 +624,7 @@ def _run_adaptation(context: WorkerContext, job: Job, reporter: DatabaseReporter
     _register_result(
         context,
         job,
+        reporter,
         StudyOutcome(result=study.primary.result, report=study.report),
         kind="adapted",
         name=f"{job.base_model} adapted with {method} from {job.training_dataset} to {job.target_dataset}",
@@ -443,6 +660,7 @@ def _run_distillation(context: WorkerContext, job: Job, reporter: DatabaseReport
     _register_result(
         context,
         job,
+        reporter,
         study,
         kind="distilled",
         name=f"{architecture} student distilled from {job.base_model} on {job.training_dataset}",
@@ -461,15 +679,16 @@ def _run_evaluation(context: WorkerContext, job: Job, reporter: DatabaseReporter
         dataset = _dataset_source(context, session, job.validation_dataset)
     reporter.event(f"Evaluating {row.id} on {dataset.id}")
     metrics = evaluate_model(load_model(weights, spec), spec, dataset)
-    with session_scope(context.session_factory) as session:
-        if jobs.transition(
-            session, job.id, "running", status="succeeded", finished_at=utcnow(), metrics=metrics
-        ):
-            jobs.add_event(
-                session,
-                job.id,
-                f"Evaluation done: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}",
-            )
+
+    def work(session: Session) -> None:
+        jobs.transition(session, job.id, "running", status="succeeded", finished_at=utcnow(), metrics=metrics)
+        jobs.add_event(
+            session,
+            job.id,
+            f"Evaluation done: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}",
+        )
+
+    reporter._write(work)
 
 
 def _error_for(exc: BaseException) -> dict[str, str]:
@@ -483,34 +702,77 @@ def _error_for(exc: BaseException) -> dict[str, str]:
 
 
 def _finish(
-    context: WorkerContext, job_id: str, status: str, message: str, *, error: dict[str, str] | None = None
-) -> None:
+    context: WorkerContext,
+    lease: Lease,
+    status: str,
+    message: str,
+    *,
+    error: dict[str, str] | None = None,
+    values: dict[str, Any] | None = None,
+) -> bool:
+    """Leave the running state (fenced by the lease); False when the job was no longer this worker's."""
+    changes: dict[str, Any] = {"status": status, **(values or {})}
+    if status != "queued":
+        changes["finished_at"] = utcnow()
+    if error is not None:
+        changes["error"] = error
+
+    def work(session: Session) -> None:
+        jobs.transition(session, lease.job_id, "running", **changes)
+        jobs.add_event(session, lease.job_id, message, level="error" if status == "failed" else "info")
+
+    try:
+        write(context, lease, work)
+    except LeaseLost:
+        log.warning("job %s: lease lost before it could be marked %s", lease.job_id, status)
+        return False
+    return True
+
+
+def _requeue(context: WorkerContext, lease: Lease, reporter: DatabaseReporter) -> None:
+    """The worker is stopping: the job (its training state saved) goes back to the queue, and its message
+    is sent again for the next worker."""
+    from app.core.queue import JobQueue
+
     with session_scope(context.session_factory) as session:
-        values: dict[str, Any] = {"status": status, "finished_at": utcnow()}
-        if error is not None:
-            values["error"] = error
-        if jobs.transition(session, job_id, "running", **values):
-            jobs.add_event(session, job_id, message, level="error" if status == "failed" else "info")
+        saved = session.scalar(select(Job.resume_state).where(Job.id == lease.job_id)) or {}
+    where = ", ".join(
+        f"{run}: epoch {entry['epoch']}" + (f" batch {entry['batch']}" if entry["batch"] else "")
+        for run, entry in saved.items()
+    )
+    message = "The worker is shutting down; the job was queued again" + (
+        f" and resumes from its saved state ({where})" if where else " (no training state saved yet)"
+    )
+    values = jobs.requeue_values()
+    status = values.pop("status")
+    if _finish(context, lease, status, message, values=values):
+        JobQueue(context.settings).send(lease.job_id)
 
 
 def execute_job(job_id: str, context: WorkerContext | None = None) -> None:
     context = context or worker_context()
-    job = _claim(context, job_id)
-    if job is None:
+    claimed = _claim(context, job_id)
+    if claimed is None:
         return
-    reporter = DatabaseReporter(context, job)
-    try:
-        if job.type == "evaluate":
-            _run_evaluation(context, job, reporter)
-        elif job.type == "adapt":
-            _run_adaptation(context, job, reporter)
-        elif job.type == "distill":
-            _run_distillation(context, job, reporter)
-        else:
-            _run_training(context, job, reporter)
-    except JobCancelled:
-        _finish(context, job.id, "cancelled", "Job cancelled")
-    except Exception as exc:
-        log.exception("job %s failed", job.id)
-        error = _error_for(exc)
-        _finish(context, job.id, "failed", f"Job failed: {error['message']}", error=error)
+    job, lease = claimed
+    with Heartbeat(context, lease) as heartbeat:
+        reporter = DatabaseReporter(context, job, lease, heartbeat)
+        try:
+            if job.type == "evaluate":
+                _run_evaluation(context, job, reporter)
+            elif job.type == "adapt":
+                _run_adaptation(context, job, reporter)
+            elif job.type == "distill":
+                _run_distillation(context, job, reporter)
+            else:
+                _run_training(context, job, reporter)
+        except JobCancelled:
+            _finish(context, lease, "cancelled", "Job cancelled")
+        except JobPreempted:
+            _requeue(context, lease, reporter)
+        except LeaseLost:
+            log.warning("job %s: this worker lost its lease; it stopped without writing more", job.id)
+        except Exception as exc:
+            log.exception("job %s failed", job.id)
+            error = _error_for(exc)
+            _finish(context, lease, "failed", f"Job failed: {error['message']}", error=error)

@@ -1,13 +1,24 @@
-"""Celery tasks: thin wrappers that pass a job id to the runner."""
+"""Celery tasks: thin wrappers that pass a job id to the runner, and the worker's lifecycle hooks."""
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 from typing import Any
 
 from celery import shared_task
-from celery.signals import worker_process_init
+from celery.signals import celeryd_init, worker_process_init, worker_shutting_down
 
 from workers.queueing import RUN_JOB
+
+log = logging.getLogger("graft.worker")
+
+
+@celeryd_init.connect
+def name_this_worker(**_: Any) -> None:
+    """The worker's name in job leases (host and main pid), inherited by the pool processes it forks."""
+    os.environ["GRAFT_WORKER_NODE"] = f"{socket.gethostname()}:{os.getpid()}"
 
 
 @worker_process_init.connect
@@ -19,6 +30,30 @@ def warm_up(**_: Any) -> None:
     from workers import runner  # noqa: F401
 
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+
+
+@worker_shutting_down.connect
+def release_running_jobs(**_: Any) -> None:
+    """SIGTERM (or Ctrl-C) on the worker: its running jobs are asked to save their training state and go
+    back to the queue, instead of the shutdown waiting for hours of training. Celery waits for them to do
+    so (within a few steps) before it exits."""
+    from app.core.config import get_settings
+    from app.core.db import make_engine, make_session_factory, session_scope
+    from app.jobs import repository
+
+    node = os.environ.get("GRAFT_WORKER_NODE")
+    if not node:
+        return
+    engine = make_engine(get_settings().effective_database_url, pool_size=1)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            released = repository.request_release(session, f"{node}/")
+        if released:
+            log.warning("shutting down: jobs %s save their state and go back to the queue", released)
+    except Exception:
+        log.exception("could not ask the running jobs to go back to the queue")
+    finally:
+        engine.dispose()
 
 
 @shared_task(name=RUN_JOB, ignore_result=True, acks_late=True)

@@ -48,6 +48,17 @@ class Settings(BaseSettings):
     model_cache_size: int = Field(default=4, ge=1)
     # Training: how often (seconds) a running job looks for a cancel request.
     cancel_poll_seconds: float = Field(default=1.0, gt=0)
+    # Durable jobs: a worker renews its job's lease every heartbeat; a lease not renewed for lease_seconds
+    # has expired, and the reaper (in every API process) sends the job to another worker, at most
+    # max_attempts times in all. Queued jobs whose broker message was lost (a broker restarted without
+    # persistence) are sent again after redispatch_seconds, when the broker's queue is empty.
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    lease_seconds: float = Field(default=60.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    reaper_interval_seconds: float = Field(default=10.0, ge=0, description="0 turns the reaper off.")
+    redispatch_seconds: float = Field(default=120.0, gt=0)
+    # How long a worker keeps retrying a write while the database is unreachable.
+    db_retry_seconds: float = Field(default=300.0, ge=0)
     torch_threads: int | None = Field(default=None, ge=1)
 
     @field_validator("home")

@@ -113,6 +113,18 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.close()
 
 
+def is_unreachable(exc: BaseException) -> bool:
+    """A lost or refused database connection (worth retrying, or a 503), as opposed to a bad statement."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated or isinstance(exc, InterfaceError):
+        return True
+    # SQLite reports a locked database as an OperationalError too: that is contention, not an outage.
+    return isinstance(exc, OperationalError) and "locked" not in str(exc.orig)
+
+
 def ping(engine: Engine) -> None:
     with engine.connect() as connection:
         connection.execute(text("SELECT 1"))

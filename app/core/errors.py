@@ -9,9 +9,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.core.db import is_unreachable
+
 log = logging.getLogger("graft.api")
+
+DATABASE_RETRY_AFTER_SECONDS = 5
 
 
 class GraftError(Exception):
@@ -169,6 +174,22 @@ def install_error_handlers(app: FastAPI) -> None:
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )
+
+    @app.exception_handler(DBAPIError)
+    async def _database_error(_request: Request, exc: DBAPIError) -> JSONResponse:
+        if is_unreachable(exc):
+            log.warning("database unreachable: %s", type(exc.orig).__name__)
+            return JSONResponse(
+                error_payload(
+                    "database_unavailable",
+                    "The database is unreachable; retry after a few seconds (a job created with an "
+                    "Idempotency-Key is never created twice)",
+                    None,
+                ),
+                status_code=503,
+                headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
+            )
+        return await _unexpected(_request, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:

@@ -27,6 +27,29 @@ class JobQueue:
             return False
         return True
 
+    def pending(self) -> int | None:
+        """Messages waiting in the broker's queue (not those a worker holds); None when it cannot tell."""
+        try:
+            if self.settings.uses_filesystem_broker:
+                folder = self.settings.broker_dir / "queue"
+                return sum(1 for entry in folder.iterdir() if entry.is_file()) if folder.exists() else 0
+            url = self.settings.effective_broker_url
+            if not url.startswith(("redis://", "rediss://")):
+                return None
+            import redis
+
+            client = redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3)
+            try:
+                return int(client.llen(self.settings.worker_queue))  # type: ignore[arg-type]
+            finally:
+                client.close()
+        except (OSError, ConnectionError) as exc:
+            log.warning("could not count the broker's pending messages: %s", exc)
+            return None
+        except Exception as exc:  # redis errors
+            log.warning("could not count the broker's pending messages: %s", exc)
+            return None
+
     def ping(self, timeout: float = 3.0) -> None:
         """Raise when the broker cannot be reached."""
         if self.settings.uses_filesystem_broker:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.core.ids import new_id, utcnow
@@ -71,6 +71,122 @@ def update_fields(session: Session, job_id: str, **values: Any) -> None:
 
 def cancel_requested(session: Session, job_id: str) -> bool:
     return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+# ---------------------------------------------------------------------------------------------- leases
+# A worker runs a job under a lease: `claim` moves it from queued to running and gives the worker a fencing
+# token (the job's lease_token, one more than any before it). Every write the worker makes afterwards
+# first renews the lease with that token, in the same transaction; when the job has moved on (requeued by
+# the reaper, claimed by someone else, finished) the renewal matches no row and the worker stops.
+
+
+def claim(session: Session, job_id: str, owner: str) -> int | None:
+    """Take a queued job; the new fencing token, or None when the job was not queued (a duplicate
+    delivery, a cancelled job) or another worker won the race."""
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued")
+        .values(
+            status="running",
+            lease_owner=owner,
+            lease_token=Job.lease_token + 1,
+            heartbeat_at=now,
+            release_requested=False,
+            attempts=Job.attempts + 1,
+            started_at=func.coalesce(Job.started_at, now),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    return int(session.scalar(select(Job.lease_token).where(Job.id == job_id)) or 0)
+
+
+def renew(session: Session, job_id: str, token: int) -> bool:
+    """Extend the lease; False when the lease is no longer this token's (nothing is written then). On
+    PostgreSQL the row stays locked until the transaction ends, so the reaper cannot requeue the job
+    between this check and the writes that follow it."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_token == token, Job.status == "running")
+        .values(heartbeat_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def fenced_transition(session: Session, job_id: str, token: int, **values: Any) -> bool:
+    """Leave the running state (finish, requeue) only while holding the lease."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_token == token, Job.status == "running")
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def stop_flags(session: Session, job_id: str) -> tuple[bool, bool]:
+    """(cancel requested, release requested) of a job."""
+    row = session.execute(
+        select(Job.cancel_requested, Job.release_requested).where(Job.id == job_id)
+    ).one_or_none()
+    return (bool(row[0]), bool(row[1])) if row is not None else (True, False)
+
+
+def request_release(session: Session, owner_prefix: str) -> list[str]:
+    """Ask the running jobs of one worker (lease owners starting with `owner_prefix`) to checkpoint and go
+    back to the queue; the ids asked."""
+    ids = list(
+        session.scalars(
+            select(Job.id).where(
+                Job.status == "running", Job.lease_owner.startswith(owner_prefix, autoescape=True)
+            )
+        )
+    )
+    if ids:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(ids), Job.status == "running")
+            .values(release_requested=True)
+            .execution_options(synchronize_session=False)
+        )
+    return ids
+
+
+def expired_leases(session: Session, cutoff: datetime) -> list[Job]:
+    """Running jobs whose last heartbeat is older than `cutoff`."""
+    return list(
+        session.scalars(
+            select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff).order_by(Job.pk)
+        )
+    )
+
+
+def requeue_values() -> dict[str, Any]:
+    """What goes back to its defaults when a job returns to the queue (its resume state stays)."""
+    return {
+        "status": "queued",
+        "lease_owner": None,
+        "heartbeat_at": None,
+        "release_requested": False,
+        "dispatched_at": utcnow(),
+    }
+
+
+def undispatched(session: Session, cutoff: datetime) -> list[str]:
+    """Queued jobs last sent to the broker before `cutoff` (or never), oldest first."""
+    return list(
+        session.scalars(
+            select(Job.id)
+            .where(
+                Job.status == "queued",
+                (Job.dispatched_at < cutoff) | (Job.dispatched_at.is_(None) & (Job.created_at < cutoff)),
+            )
+            .order_by(Job.pk)
+        )
+    )
 
 
 def get_checkpoint(session: Session, project_id: str, checkpoint_id: str) -> Checkpoint | None:

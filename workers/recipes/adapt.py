@@ -77,6 +77,15 @@ class AdaptRecipe(FinetuneRecipe):
             data={"adaptation": self.config.adaptation},
         )
 
+    def resume_extras(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors = self.discriminator.state_dict() if self.config.adaptation == "dann" else {}
+        return dict(tensors), {"target_queue": self._target_queue}
+
+    def restore_extras(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        if self.config.adaptation == "dann":
+            self.discriminator.load_state_dict(tensors)
+        self._target_queue = list(meta["target_queue"])
+
     def _target_batch(self, size: int) -> list[int]:
         while len(self._target_queue) < size:
             self._target_queue += torch.randperm(len(self.target_inputs), generator=self.generator).tolist()

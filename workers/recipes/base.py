@@ -18,6 +18,28 @@ class JobCancelled(Exception):
     """Raised inside a recipe when the reporter says the job was cancelled."""
 
 
+class JobPreempted(Exception):
+    """Raised inside a recipe when its worker is shutting down: the run saves its training state and the
+    job goes back to the queue."""
+
+
+class LeaseLost(Exception):
+    """The worker no longer holds the job's lease (the reaper requeued it, another worker took it): it
+    stops at once and writes nothing more."""
+
+
+def stop_signal(reporter: Reporter) -> Exception | None:
+    """Why a run must stop now, if it must: the reporter's `stop_reason` (cancel, release, lease_lost)."""
+    if not reporter.should_stop():
+        return None
+    reason = getattr(reporter, "stop_reason", "cancel")
+    if reason == "release":
+        return JobPreempted()
+    if reason == "lease_lost":
+        return LeaseLost()
+    return JobCancelled()
+
+
 class DatasetSource(BaseModel):
     """A stored dataset as the recipe needs it: where the file is and what upload validation found."""
 

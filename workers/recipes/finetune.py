@@ -26,7 +26,7 @@ from workers.recipes import methods
 from workers.recipes.base import (
     BaseModelSource,
     DatasetSource,
-    JobCancelled,
+    JobPreempted,
     RecipeConfig,
     Reporter,
     autocast_dtype,
@@ -34,11 +34,20 @@ from workers.recipes.base import (
     mlp_from_scratch,
     pick_device,
     seed_everything,
+    stop_signal,
     to_device,
 )
 from workers.recipes.data import Inputs, Subset, batches, label_indices, load_inputs, stratified_split
 from workers.recipes.evaluation import classification_metrics
 from workers.recipes.features import FEATURE_BATCH_SIZE, FeatureCache, extract_features, feature_key
+from workers.recipes.resume import (
+    Journal,
+    TrainingState,
+    optimizer_state,
+    restore_optimizer,
+    restore_rng,
+    rng_state,
+)
 
 HEAD_WARMUP_LR = 1e-2
 Method = Literal["full", "linear_probe", "partial", "lora"]
@@ -128,6 +137,16 @@ class FinetuneRecipe:
         self.device = pick_device(config.device)
         self.amp_dtype = autocast_dtype(self.device)
         self.step = 0
+        # Where the run stands; saved to, and restored from, the journal (when the reporter keeps one).
+        self.journal: Journal | None = getattr(reporter, "journal", None)
+        self.history: list[dict[str, float]] = []
+        self.best_score: tuple[float, float] | None = None
+        self.best_epoch, self.stale = 0, 0
+        self.best_state: dict[str, Tensor] = {}
+        self.stopped_early = False
+        self.done = False
+        self._resume_epoch: TrainingState | None = None
+        self.epoch_generator_state: Tensor | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -312,8 +331,9 @@ class FinetuneRecipe:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def _check_cancel(self) -> None:
-        if self.reporter.should_stop():
-            raise JobCancelled()
+        signal = stop_signal(self.reporter)
+        if signal is not None:
+            raise signal
 
     def _forward(self, indices: list[int], *, train: bool) -> tuple[Tensor, Tensor]:
         """(features, logits) of a batch of the training or validation data."""
@@ -350,15 +370,34 @@ class FinetuneRecipe:
         if self.config.method == "linear_probe":
             self.model.backbone.eval()
         loss_sum, correct, count = 0.0, 0, 0
+        first_batch = 0
+        resumed = self._resume_epoch
+        if resumed is not None and resumed.epoch == epoch and resumed.batch > 0:
+            # The epoch's order is drawn again from the generator state it was first drawn with; the batches
+            # already trained are skipped and every generator continues from where it stood.
+            self.epoch_generator_state = resumed.tensors["epoch_generator"]
+            self.generator.set_state(self.epoch_generator_state)
+            order = batches(
+                len(self.train_inputs), self.hp.batch_size, shuffle=True, generator=self.generator
+            )
+            restore_rng(self.generator, resumed.group("rng"), resumed.meta["rng"])
+            first_batch = resumed.batch
+            loss_sum, correct, count = resumed.meta["partial"]
+        else:
+            self.epoch_generator_state = self.generator.get_state()
+            order = batches(
+                len(self.train_inputs), self.hp.batch_size, shuffle=True, generator=self.generator
+            )
+        self._resume_epoch = None
         labels = self.train_labels.to(self.device)
         # The model's trainable weights are clipped together; extra parameter groups (a domain discriminator)
         # are clipped on their own, so that their gradients never crowd out the model's.
         model_groups = len(self.setup_method.param_groups)
         trainable = [p for group in self.optimizer.param_groups[:model_groups] for p in group["params"]]
         extra_params = [p for group in self.optimizer.param_groups[model_groups:] for p in group["params"]]
-        for indices in batches(
-            len(self.train_inputs), self.hp.batch_size, shuffle=True, generator=self.generator
-        ):
+        for position, indices in enumerate(order):
+            if position < first_batch:
+                continue
             with self._autocast():
                 features, logits = self._forward(indices, train=True)
                 extra = self.extra_loss(features, self.step / max(self.total_steps, 1))
@@ -382,7 +421,12 @@ class FinetuneRecipe:
             self.reporter.progress(
                 epoch=epoch, epochs=self.hp.epochs, step=self.step, total_steps=self.total_steps
             )
-            self._check_cancel()
+            if position + 1 < len(order):
+                try:
+                    self._check_cancel()
+                except JobPreempted:
+                    self._save_state(epoch, batch=position + 1, partial=[loss_sum, correct, count])
+                    raise
         return loss_sum / max(count, 1), correct / max(count, 1)
 
     @torch.no_grad()
@@ -411,17 +455,14 @@ class FinetuneRecipe:
         return methods.trained_tensors(self.model, self.config.method)
 
     def train(self) -> FinetuneResult:
-        history: list[dict[str, float]] = []
         stopping = self.hp.early_stopping if self.val_inputs is not None else None
-        best_score: tuple[float, float] | None = None
-        best_epoch, stale = 0, 0
-        best_state: dict[str, Tensor] = {}
-        stopped_early = False
         checkpoint_metadata: dict[str, str] = {"method": self.config.method}
         if self.setup_method.lora is not None:
             checkpoint_metadata.update(methods.lora_metadata(self.setup_method.lora))
-        self.reporter.progress(epoch=0, epochs=self.hp.epochs, step=0, total_steps=self.total_steps)
-        for epoch in range(1, self.hp.epochs + 1):
+        if not self.history:
+            self.reporter.progress(epoch=0, epochs=self.hp.epochs, step=0, total_steps=self.total_steps)
+        while not self.done and len(self.history) < self.hp.epochs:
+            epoch = len(self.history) + 1
             started = time.perf_counter()
             train_loss, train_accuracy = self.train_epoch(epoch)
             metrics = {
@@ -431,23 +472,24 @@ class FinetuneRecipe:
                 **self.evaluate(),
             }
             metrics["epoch_seconds"] = time.perf_counter() - started
-            history.append(metrics)
+            self.history.append(metrics)
             tensors = self.trained_tensors()
             improved = True
             if "val_loss" in metrics and not self.config.keep_last_epoch:
                 score = monitored(metrics, stopping)
                 margin = stopping.min_delta if stopping is not None else 0.0
+                best_score = self.best_score
                 improved = (
                     best_score is None
                     or (score[0] > best_score[0] + margin)
                     or (margin == 0.0 and score[0] == best_score[0] and score[1] > best_score[1])
                 )
             if improved:
-                best_score = monitored(metrics, stopping) if "val_loss" in metrics else None
-                best_epoch, stale = epoch, 0
-                best_state = {k: v.detach().clone() for k, v in tensors.items()}
+                self.best_score = monitored(metrics, stopping) if "val_loss" in metrics else None
+                self.best_epoch, self.stale = epoch, 0
+                self.best_state = {k: v.detach().clone() for k, v in tensors.items()}
             else:
-                stale += 1
+                self.stale += 1
             self.reporter.metrics(epoch=epoch, step=self.step, values=metrics)
             if self.config.save_checkpoints:
                 self.reporter.checkpoint(
@@ -459,15 +501,92 @@ class FinetuneRecipe:
                     metadata=checkpoint_metadata,
                     best=improved,
                 )
-            if stopping is not None and stale >= stopping.patience:
-                stopped_early = epoch < self.hp.epochs
+            if stopping is not None and self.stale >= stopping.patience:
+                self.stopped_early = epoch < self.hp.epochs
+                self.done = True
                 self.reporter.event(
-                    f"Early stopping after epoch {epoch}: {stopping.metric} did not improve for {stale} epochs; "
-                    f"the best epoch was {best_epoch}",
-                    data={"best_epoch": best_epoch},
+                    f"Early stopping after epoch {epoch}: {stopping.metric} did not improve for {self.stale} "
+                    f"epochs; the best epoch was {self.best_epoch}",
+                    data={"best_epoch": self.best_epoch},
                 )
-                break
-        return self._finish(history, best_epoch, best_state, stopped_early)
+            self._save_state(epoch)
+        return self._finish(self.history, self.best_epoch, self.best_state, self.stopped_early)
+
+    # ------------------------------------------------------------------ resuming
+
+    def resume_extras(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """More state a subclass trains with (a domain discriminator, say): (tensors, JSON)."""
+        return {}, {}
+
+    def restore_extras(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        """Put back what `resume_extras` saved."""
+
+    def _save_state(self, epoch: int, *, batch: int = 0, partial: list[float] | None = None) -> None:
+        """Hand the journal everything needed to continue from here: at the end of an epoch (batch 0) or,
+        when the worker is stopping, in the middle of one."""
+        if self.journal is None:
+            return
+        state = TrainingState(
+            meta={
+                "epoch": epoch,
+                "batch": batch,
+                "step": self.step,
+                "complete": self.done or (batch == 0 and epoch >= self.hp.epochs),
+                "history": self.history,
+                "best_epoch": self.best_epoch,
+                "best_score": list(self.best_score) if self.best_score is not None else None,
+                "stale": self.stale,
+                "stopped_early": self.stopped_early,
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+            }
+        )
+        state.put("model", self.trained_tensors())
+        state.put("best", self.best_state)
+        optimizer_tensors, state.meta["optimizer"] = optimizer_state(self.optimizer)
+        state.put("optimizer", optimizer_tensors)
+        rng_tensors, state.meta["rng"] = rng_state(self.generator)
+        state.put("rng", rng_tensors)
+        if batch > 0:
+            assert self.epoch_generator_state is not None
+            state.tensors["epoch_generator"] = self.epoch_generator_state
+            state.meta["partial"] = partial
+        extra_tensors, state.meta["extras"] = self.resume_extras()
+        state.put("extras", extra_tensors)
+        self.journal.save(state)
+
+    def restore(self, state: TrainingState) -> None:
+        """Continue from a saved state (called after setup, which rebuilt the model, data and optimiser)."""
+        self.model.load_state_dict(state.group("model"), strict=False)
+        restore_optimizer(self.optimizer, state.group("optimizer"), state.meta["optimizer"])
+        self.scheduler.load_state_dict(state.meta["scheduler"])
+        self.scaler.load_state_dict(state.meta["scaler"])
+        restore_rng(self.generator, state.group("rng"), state.meta["rng"])
+        self.restore_extras(state.group("extras"), state.meta["extras"])
+        self.step = state.step
+        self.history = [dict(h) for h in state.meta["history"]]
+        self.best_epoch = int(state.meta["best_epoch"])
+        score = state.meta["best_score"]
+        self.best_score = (float(score[0]), float(score[1])) if score is not None else None
+        self.stale = int(state.meta["stale"])
+        self.stopped_early = bool(state.meta["stopped_early"])
+        self.best_state = {k: v.to(self.device) for k, v in state.group("best").items()}
+        self.done = state.complete
+        if state.batch > 0:
+            self._resume_epoch = state
+        where = (
+            "after its last epoch"
+            if state.complete
+            else (
+                f"in epoch {state.epoch} after {state.batch} batches"
+                if state.batch
+                else f"after epoch {state.epoch}"
+            )
+        )
+        self.reporter.event(
+            f"Resumed from the training state saved {where} (step {state.step})",
+            data={"epoch": state.epoch, "batch": state.batch, "step": state.step, "resumed": True},
+        )
 
     def _finish(
         self,
@@ -510,5 +629,28 @@ class FinetuneRecipe:
         )
 
     def run(self) -> FinetuneResult:
-        self.setup()
+        saved = self.journal.load() if self.journal is not None else None
+        if saved is None:
+            self.setup()
+        else:
+            # Setup's messages were written by the attempt that first ran it.
+            reporter, self.reporter = self.reporter, SilentEvents(self.reporter)
+            try:
+                self.setup()
+            finally:
+                self.reporter = reporter
+            self.restore(saved)
         return self.train()
+
+
+class SilentEvents:
+    """A reporter that drops messages and passes everything else on."""
+
+    def __init__(self, inner: Reporter) -> None:
+        self.inner = inner
+
+    def event(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)

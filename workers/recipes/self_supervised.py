@@ -26,7 +26,6 @@ from workers.backbones.networks import TransferModel, count_parameters
 from workers.recipes.base import (
     BaseModelSource,
     DatasetSource,
-    JobCancelled,
     RecipeConfig,
     Reporter,
     autocast_dtype,
@@ -34,6 +33,7 @@ from workers.recipes.base import (
     mlp_from_scratch,
     pick_device,
     seed_everything,
+    stop_signal,
     to_device,
 )
 from workers.recipes.data import batches, load_inputs
@@ -198,8 +198,9 @@ class SelfSupervisedRecipe:
                 self.reporter.progress(
                     epoch=epoch, epochs=self.hp.epochs, step=step, total_steps=self.total_steps
                 )
-                if self.reporter.should_stop():
-                    raise JobCancelled()
+                signal = stop_signal(self.reporter)
+                if signal is not None:
+                    raise signal
             metrics = {
                 "epoch": float(epoch),
                 "train_loss": sum(losses) / max(len(losses), 1),

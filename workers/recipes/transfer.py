@@ -28,6 +28,9 @@ class RunReporter:
         self.index = index
         self.runs = runs
         self.primary = primary
+        # Where this run keeps its training state, when the job's reporter keeps one (the worker's does).
+        journal_for = getattr(inner, "journal_for", None)
+        self.journal = journal_for(name, primary) if journal_for is not None else None
 
     def event(
         self, message: str, *, level: str = "info", data: dict[str, Any] | None = None, type: str = "message"
@@ -74,6 +77,10 @@ class RunReporter:
 
     def should_stop(self) -> bool:
         return self.inner.should_stop()
+
+    @property
+    def stop_reason(self) -> str | None:
+        return getattr(self.inner, "stop_reason", None)
 
 
 def scratch_config(config: FinetuneConfig) -> FinetuneConfig:

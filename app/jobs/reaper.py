@@ -1,0 +1,155 @@
+"""The reaper: jobs whose worker stopped answering go back to the queue, and lost broker messages are sent
+again. It runs in every API process (a thread); the conditional updates it makes let any number of them
+run side by side without two requeuing the same job.
+
+- A running job whose lease has not been renewed for `lease_seconds` lost its worker (killed, out of
+  memory, machine gone). It is queued again and resumes from its saved training state, or fails with
+  `worker_lost` once it has been tried `max_attempts` times.
+- A queued job has a message in the broker, unless the broker lost it (Redis restarted without
+  persistence, a send that failed). When the broker's queue is empty, queued jobs last sent more than
+  `redispatch_seconds` ago are sent again; a second message for a job is harmless (the first delivery
+  claims it, the other finds it taken).
+- Right after the database was unreachable, leases are not judged: the workers could not renew them either.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Protocol
+
+from sqlalchemy import update
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.core.config import Settings
+from app.core.db import after_commit, session_scope
+from app.core.ids import utcnow
+from app.jobs import repository
+from app.tables import Job
+
+log = logging.getLogger("graft.reaper")
+
+
+class Sender(Protocol):
+    def send(self, job_id: str) -> bool: ...
+
+    def pending(self) -> int | None: ...
+
+
+@dataclass
+class ReapResult:
+    requeued: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    redispatched: list[str] = field(default_factory=list)
+
+
+def reap(session: Session, settings: Settings, queue: Sender, *, judge_leases: bool = True) -> ReapResult:
+    """One pass; the caller commits (messages are sent after the commit)."""
+    result = ReapResult()
+    now = utcnow()
+    cutoff = now - timedelta(seconds=settings.lease_seconds)
+    for job in repository.expired_leases(session, cutoff) if judge_leases else []:
+        # Only if nothing changed since it was read: the same lease, still without a fresh heartbeat.
+        fenced = (
+            update(Job)
+            .where(
+                Job.id == job.id,
+                Job.status == "running",
+                Job.lease_token == job.lease_token,
+                Job.heartbeat_at < cutoff,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        last_seen = job.heartbeat_at.isoformat(timespec="seconds") if job.heartbeat_at else "never"
+        if job.cancel_requested:
+            message = (
+                f"Job cancelled (its worker stopped answering after the request; last heartbeat {last_seen})"
+            )
+            values = {"status": "cancelled", "finished_at": now, "lease_owner": None}
+            if session.execute(fenced.values(**values)).rowcount == 1:  # type: ignore[attr-defined]
+                repository.add_event(session, job.id, message)
+                result.failed.append(job.id)
+            continue
+        if job.attempts >= settings.max_attempts:
+            message = (
+                f"The job's worker stopped answering (last heartbeat {last_seen}) on attempt {job.attempts} of "
+                f"{settings.max_attempts}; giving up"
+            )
+            values = {
+                "status": "failed",
+                "finished_at": now,
+                "lease_owner": None,
+                "error": {"code": "worker_lost", "message": message},
+            }
+            if session.execute(fenced.values(**values)).rowcount == 1:  # type: ignore[attr-defined]
+                repository.add_event(session, job.id, message, level="error")
+                result.failed.append(job.id)
+            continue
+        if session.execute(fenced.values(**repository.requeue_values())).rowcount == 1:  # type: ignore[attr-defined]
+            repository.add_event(
+                session,
+                job.id,
+                f"The job's worker ({job.lease_owner}) stopped answering (last heartbeat {last_seen}); the job "
+                f"was queued again (attempt {job.attempts} of {settings.max_attempts} used)",
+                level="warning",
+                data={"attempts": job.attempts, "worker": job.lease_owner},
+            )
+            result.requeued.append(job.id)
+    if queue.pending() == 0:
+        stale = now - timedelta(seconds=settings.redispatch_seconds)
+        for job_id in repository.undispatched(session, stale):
+            repository.update_fields(session, job_id, dispatched_at=now)
+            result.redispatched.append(job_id)
+    for job_id in [*result.requeued, *result.redispatched]:
+        after_commit(session, lambda job_id=job_id: queue.send(job_id))  # type: ignore[misc]
+    if result.requeued or result.failed or result.redispatched:
+        log.info(
+            "reaper: requeued %s, failed %s, sent again %s",
+            result.requeued,
+            result.failed,
+            result.redispatched,
+        )
+    return result
+
+
+class Reaper:
+    """Runs `reap` every `reaper_interval_seconds` in a daemon thread."""
+
+    def __init__(self, settings: Settings, session_factory: sessionmaker[Session], queue: Sender) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.queue = queue
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="graft-reaper", daemon=True)
+        self._unreachable_until = 0.0
+
+    def start(self) -> None:
+        if self.settings.reaper_interval_seconds > 0:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def run_once(self) -> ReapResult | None:
+        try:
+            with session_scope(self.session_factory) as session:
+                judge = time.monotonic() >= self._unreachable_until
+                return reap(session, self.settings, self.queue, judge_leases=judge)
+        except DBAPIError as exc:
+            # Workers could not renew their leases while the database was away: give them a full lease
+            # period after it is back before judging them.
+            self._unreachable_until = time.monotonic() + self.settings.lease_seconds
+            log.warning("reaper: database unreachable (%s)", type(exc.orig).__name__)
+        except Exception:
+            log.exception("reaper pass failed")
+        return None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.settings.reaper_interval_seconds):
+            self.run_once()
