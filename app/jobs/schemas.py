@@ -493,6 +493,10 @@ class JobOut(BaseModel):
     error: JobError | None
     result_model: str | None
     cancel_requested: bool
+    attempts: int = Field(
+        description="How many times a worker started this job: more than 1 after a worker died or shut down "
+        "and the job resumed from its saved training state on another."
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
