@@ -10,7 +10,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: run test venv lint bench clean
+.PHONY: run test faults venv lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fault-injection suite alone (it is part of `make test` too): kill -9, SIGTERM, duplicate deliveries,
+# Redis and PostgreSQL cut mid-run, a full disk. Needs PostgreSQL and Redis on 127.0.0.1 (or the
+# GRAFT_TEST_* URLs) and root for the small tmpfs of the disk-full tests.
+faults: $(STAMP)
+	$(BIN)/python -m pytest tests/faults $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check app workers migrations tests bench

@@ -53,8 +53,8 @@ def prestart(settings: Settings) -> str | None:
 
 def recover_embedded_jobs(settings: Settings) -> None:
     """Embedded mode has exactly one worker, started by `run`: a job left running was interrupted by the
-    last stop, so it goes back to the queue; every queued job is sent again (a delivery of a job that
-    already started is a no-op, so duplicates are harmless)."""
+    last stop (not waiting for its lease to expire), so it goes back to the queue; every queued job is sent
+    again (a delivery of a job that already started is a no-op, so duplicates are harmless)."""
     from sqlalchemy import select
 
     from app.core.db import make_engine, make_session_factory, session_scope
@@ -66,11 +66,12 @@ def recover_embedded_jobs(settings: Settings) -> None:
     try:
         with session_scope(make_session_factory(engine)) as session:
             for job_id in session.scalars(select(Job.id).where(Job.status == "running")):
-                repository.transition(
-                    session, job_id, "running", status="queued", started_at=None, progress=None
-                )
+                repository.transition(session, job_id, "running", **repository.requeue_values())
                 repository.add_event(
-                    session, job_id, "The service stopped while this job ran; it was queued again"
+                    session,
+                    job_id,
+                    "The service stopped while this job ran; it was queued again and resumes from its last "
+                    "saved training state",
                 )
             queued = list(session.scalars(select(Job.id).where(Job.status == "queued").order_by(Job.pk)))
     finally:
@@ -132,7 +133,8 @@ def run(settings: Settings) -> int:
             return
         stopping = True
         print(
-            "\nStopping Graft (a running job finishes its current work first; Ctrl-C again to force)...",
+            "\nStopping Graft (a running job saves its training state and resumes at the next start; "
+            "Ctrl-C again to force)...",
             flush=True,
         )
         for process in processes.values():

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.core.config import Settings, get_settings
 from app.core.db import is_unreachable, make_engine, make_session_factory, session_scope
 from app.core.ids import new_id, utcnow
-from app.core.storage import Storage, sha256_file
+from app.core.storage import Storage, is_disk_full, sha256_file
 from app.datasets.formats import FormatError
 from app.datasets.service import dataset_source
 from app.jobs import repository as jobs
@@ -694,6 +694,13 @@ def _run_evaluation(context: WorkerContext, job: Job, reporter: DatabaseReporter
 def _error_for(exc: BaseException) -> dict[str, str]:
     if isinstance(exc, FormatError):
         return {"code": "invalid_data", "message": exc.message}
+    if is_disk_full(exc):
+        return {
+            "code": "storage_full",
+            "message": "the storage volume is full (no space left on device); the checkpoints and training state "
+            "written before are intact and nothing was left half-written. Free space, then start a new job "
+            "from the last checkpoint",
+        }
     if isinstance(exc, FileNotFoundError):
         return {"code": "missing_input", "message": str(exc)}
     if type(exc).__name__ == "OutOfMemoryError":

@@ -13,6 +13,7 @@ from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.db import is_unreachable
+from app.core.storage import is_disk_full
 
 log = logging.getLogger("graft.api")
 
@@ -79,6 +80,11 @@ class Unprocessable(GraftError):
     code = "invalid_data"
 
 
+class StorageFull(GraftError):
+    status_code = 507
+    code = "storage_full"
+
+
 class ServiceUnavailable(GraftError):
     status_code = 503
     code = "service_unavailable"
@@ -110,6 +116,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         401: "Missing or unknown API key",
         404: "Not found (also for objects of another project)",
         422: "Invalid data; `param` names the field, row or file",
+        503: "The database is unreachable; retry after `Retry-After` seconds",
+        507: "The service's storage is full; nothing was stored",
     }.items()
 }
 
@@ -125,6 +133,7 @@ _STATUS_CODES = {
     422: "invalid_request",
     429: "rate_limited",
     503: "service_unavailable",
+    507: "storage_full",
 }
 
 
@@ -188,6 +197,20 @@ def install_error_handlers(app: FastAPI) -> None:
                 ),
                 status_code=503,
                 headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
+            )
+        return await _unexpected(_request, exc)
+
+    @app.exception_handler(OSError)
+    async def _os_error(_request: Request, exc: OSError) -> JSONResponse:
+        if is_disk_full(exc):
+            log.error("storage full: %s", exc)
+            return JSONResponse(
+                error_payload(
+                    "storage_full",
+                    "The service's storage is full; nothing was stored. Retry once space is freed",
+                    None,
+                ),
+                status_code=507,
             )
         return await _unexpected(_request, exc)
 

@@ -7,6 +7,7 @@ Several workers share this directory (a volume) when the service runs as a clust
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -59,6 +60,15 @@ class Storage:
 
     def exists(self, key: str) -> bool:
         return self.path(key).exists()
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """No space left on the storage volume (or the quota is spent). Writers that are not Python's (the
+    safetensors serialiser) report the OS error in their message."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(exc)
+    return f"(os error {errno.ENOSPC})" in text or f"(os error {errno.EDQUOT})" in text
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:

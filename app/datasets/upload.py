@@ -12,8 +12,8 @@ from typing import BinaryIO
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from app.core.errors import GraftError, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
-from app.core.storage import Storage
+from app.core.errors import GraftError, InvalidRequest, PayloadTooLarge, StorageFull, UnsupportedMediaType
+from app.core.storage import Storage, is_disk_full
 
 MAX_FIELD_BYTES = 64 * 1024
 MAX_FIELDS = 32
@@ -175,5 +175,11 @@ async def receive_multipart(
         receiver.result.discard()
         if isinstance(exc, GraftError):
             raise
+        if is_disk_full(exc):
+            raise StorageFull(
+                f"the service's storage is full: no space left for this upload after {received} bytes; nothing "
+                "was stored. Retry once space is freed",
+                param=file_field,
+            ) from None
         raise InvalidRequest(f"malformed multipart body ({exc})", param=file_field) from None
     return receiver.result
