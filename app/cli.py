@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -111,6 +112,15 @@ def _wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float = 
     return False
 
 
+WORKER_MIN_UPTIME_SECONDS = 30.0
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit status {code}"
+
+
 def run(settings: Settings) -> int:
     key = prestart(settings)
     embedded = settings.database_url is None and settings.uses_filesystem_broker
@@ -156,8 +166,26 @@ def run(settings: Settings) -> int:
             "  Press Ctrl-C to stop.\n",
             flush=True,
         )
-    # Whichever process ends first (Ctrl-C, or a crash) brings the other one down with it.
-    while all(process.poll() is None for process in processes.values()):
+    # A worker that dies (killed, out of memory) is started again, and the job it ran resumes from its last
+    # saved training state. The API ending (Ctrl-C, or a crash) brings the worker down with it, as does a
+    # worker that cannot stay up.
+    worker_started = time.monotonic()
+    while api.poll() is None:
+        worker = processes["worker"]
+        if worker.poll() is not None:
+            if stopping or time.monotonic() - worker_started < WORKER_MIN_UPTIME_SECONDS:
+                break
+            print(
+                f"The worker exited ({_describe_exit(worker.returncode)}); starting it again. A job it was "
+                "running resumes from its last saved training state.",
+                flush=True,
+            )
+            with contextlib.suppress(OSError):
+                os.killpg(worker.pid, signal.SIGKILL)  # pool processes it may have left behind
+            if embedded:
+                recover_embedded_jobs(settings)
+            processes["worker"] = subprocess.Popen(worker_command(settings), env=env, start_new_session=True)
+            worker_started = time.monotonic()
         time.sleep(0.5)
     if not stopping:
         stop(signal.SIGTERM, None)
