@@ -736,11 +736,10 @@ def _finish(
     return True
 
 
-def _requeue(context: WorkerContext, lease: Lease, reporter: DatabaseReporter) -> None:
-    """The worker is stopping: the job (its training state saved) goes back to the queue, and its message
-    is sent again for the next worker."""
-    from app.core.queue import JobQueue
-
+def _requeue(context: WorkerContext, lease: Lease) -> None:
+    """The worker is stopping: the job (its training state saved) goes back to the queue. Its message is
+    sent again by the worker's main process once it has stopped consuming (workers/tasks.py), so that the
+    next worker, not this one, receives it."""
     with session_scope(context.session_factory) as session:
         saved = session.scalar(select(Job.resume_state).where(Job.id == lease.job_id)) or {}
     where = ", ".join(
@@ -752,8 +751,7 @@ def _requeue(context: WorkerContext, lease: Lease, reporter: DatabaseReporter) -
     )
     values = jobs.requeue_values()
     status = values.pop("status")
-    if _finish(context, lease, status, message, values=values):
-        JobQueue(context.settings).send(lease.job_id)
+    _finish(context, lease, status, message, values=values)
 
 
 def execute_job(job_id: str, context: WorkerContext | None = None) -> None:
@@ -776,7 +774,7 @@ def execute_job(job_id: str, context: WorkerContext | None = None) -> None:
         except JobCancelled:
             _finish(context, lease, "cancelled", "Job cancelled")
         except JobPreempted:
-            _requeue(context, lease, reporter)
+            _requeue(context, lease)
         except LeaseLost:
             log.warning("job %s: this worker lost its lease; it stopped without writing more", job.id)
         except Exception as exc:

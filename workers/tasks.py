@@ -8,11 +8,14 @@ import socket
 from typing import Any
 
 from celery import shared_task
-from celery.signals import celeryd_init, worker_process_init, worker_shutting_down
+from celery.signals import celeryd_init, worker_process_init, worker_shutdown, worker_shutting_down
 
 from workers.queueing import RUN_JOB
 
 log = logging.getLogger("graft.worker")
+
+# Jobs this worker asked to go back to the queue while it shuts down (main process).
+_released: list[str] = []
 
 
 @celeryd_init.connect
@@ -49,11 +52,43 @@ def release_running_jobs(**_: Any) -> None:
         with session_scope(make_session_factory(engine)) as session:
             released = repository.request_release(session, f"{node}/")
         if released:
+            _released.extend(released)
             log.warning("shutting down: jobs %s save their state and go back to the queue", released)
     except Exception:
         log.exception("could not ask the running jobs to go back to the queue")
     finally:
         engine.dispose()
+
+
+@worker_shutdown.connect
+def resend_released_jobs(**_: Any) -> None:
+    """Once this worker has stopped consuming, send the jobs it released to the queue again, for the next
+    worker. (Should this never run, a killed worker say, the reaper sends them after redispatch_seconds.)"""
+    if not _released:
+        return
+    from sqlalchemy import select
+
+    from app.core.config import get_settings
+    from app.core.db import make_engine, make_session_factory, session_scope
+    from app.core.queue import JobQueue
+    from app.tables import Job
+
+    settings = get_settings()
+    engine = make_engine(settings.effective_database_url, pool_size=1)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            queued = list(
+                session.scalars(select(Job.id).where(Job.id.in_(_released), Job.status == "queued"))
+            )
+    except Exception:
+        log.exception("could not read the released jobs; the reaper will send them again")
+        return
+    finally:
+        engine.dispose()
+    queue = JobQueue(settings)
+    for job_id in queued:
+        queue.send(job_id)
+    log.warning("sent the released jobs %s back to the queue", queued)
 
 
 @shared_task(name=RUN_JOB, ignore_result=True, acks_late=True)
