@@ -24,6 +24,7 @@ from app.models import router as models
 from app.models.serving import ModelServer
 from app.projects import router as projects
 from app.transferability import router as transferability
+from app.uploads import router as uploads
 
 DESCRIPTION = """
 Graft adapts pretrained (upstream) models to your own (downstream) task.
@@ -59,7 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             queue=queue,
             model_server=ModelServer(storage, settings.model_cache_size, archive_limits(settings)),
         )
-        reaper = Reaper(settings, session_factory, queue)
+        reaper = Reaper(settings, session_factory, queue, storage)
         reaper.start()
         try:
             yield
@@ -91,9 +92,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         RequestGuard,  # type: ignore[arg-type]
         max_body_bytes=settings.max_request_bytes,
-        streaming_routes={("POST", "/v1/datasets"), ("POST", "/v1/models")},
+        streaming_routes={("POST", "/v1/datasets"), ("POST", "/v1/models"), ("PATCH", "/v1/uploads/{id}")},
     )
-    for module in (datasets, models, jobs, transferability, projects, health):
+    for module in (datasets, uploads, models, jobs, transferability, projects, health):
         app.include_router(module.router)
     app.include_router(jobs.checkpoints_router)
     return app

@@ -98,6 +98,28 @@ class Dataset(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class Upload(Base):
+    """A resumable upload: the file grows chunk by chunk at `offset` until it reaches `size`; then it
+    becomes a dataset. Abandoned ones are removed once they have not grown for a while."""
+
+    __tablename__ = "uploads"
+    __table_args__ = (
+        Index("ix_uploads_project_pk", "project_id", "pk"),
+        Index("ix_uploads_updated_at", "updated_at"),
+    )
+
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    filename: Mapped[str] = mapped_column(String(300))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))  # as declared by the client; checked at the end
+    offset: Mapped[int] = mapped_column(BigInteger, default=0)
+    path: Mapped[str] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class Model(Base):
     __tablename__ = "models"
     __table_args__ = (Index("ix_models_project_pk", "project_id", "pk"),)

@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1)
     reaper_interval_seconds: float = Field(default=10.0, ge=0, description="0 turns the reaper off.")
     redispatch_seconds: float = Field(default=120.0, gt=0)
+    # Resumable uploads that have not grown for this long are removed (and stray temporary files as old).
+    upload_expiry_seconds: float = Field(default=24 * 3600, gt=0)
     # How long a worker keeps retrying a write while the database is unreachable.
     db_retry_seconds: float = Field(default=300.0, ge=0)
     torch_threads: int | None = Field(default=None, ge=1)

@@ -6,7 +6,7 @@ import base64
 import secrets
 from datetime import UTC, datetime
 
-PREFIXES = ("proj", "key", "ds", "job", "mdl", "ckpt", "evt")
+PREFIXES = ("proj", "key", "ds", "job", "mdl", "ckpt", "evt", "upl")
 
 
 def new_id(prefix: str) -> str:

@@ -4,6 +4,7 @@ own, larger limit as they write to disk), and paths or queries with characters n
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import unquote
@@ -22,7 +23,14 @@ class RequestGuard:
     def __init__(self, app: ASGIApp, *, max_body_bytes: int, streaming_routes: set[tuple[str, str]]) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
-        self.streaming_routes = streaming_routes
+        # ("PATCH", "/v1/uploads/{id}"): a `{...}` part matches one path segment.
+        self.streaming_routes = [
+            (method, re.compile("^" + re.sub(r"\\\{[^/]*\\\}", "[^/]+", re.escape(path)) + "$"))
+            for method, path in streaming_routes
+        ]
+
+    def _streams(self, method: str, path: str) -> bool:
+        return any(method == m and pattern.match(path) for m, pattern in self.streaming_routes)
 
     async def _reject(self, send: Send, status: int, code: str, message: str, param: str | None) -> None:
         body = json.dumps(error_payload(code, message, param)).encode()
@@ -42,7 +50,7 @@ class RequestGuard:
                     send, 400, "invalid_request", f"the request {part} contains {problem}", None
                 )
                 return
-        if (scope["method"], scope["path"].rstrip("/")) in self.streaming_routes:
+        if self._streams(scope["method"], scope["path"].rstrip("/")):
             await self.app(scope, receive, send)
             return
         limit = self.max_body_bytes

@@ -65,6 +65,7 @@ UPLOAD_BODY: dict[str, Any] = {
 async def upload_dataset(
     request: Request, context: ContextDep, session: SessionDep, principal: PrincipalDep
 ) -> Dataset:
+    session.commit()  # no transaction stays open (SQLite: no write lock held) while the file streams in
     upload = await receive_multipart(request, context.storage, max_bytes=context.settings.max_upload_bytes)
     return await run_in_threadpool(
         service.create_dataset, session, context.storage, context.settings, principal, upload

@@ -42,9 +42,17 @@ def _optional_field(fields: dict[str, str], name: str) -> str | None:
 
 
 def create_dataset(
-    session: Session, storage: Storage, settings: Settings, principal: Principal, upload: ReceivedUpload
+    session: Session,
+    storage: Storage,
+    settings: Settings,
+    principal: Principal,
+    upload: ReceivedUpload,
+    *,
+    discard: bool = True,
 ) -> Dataset:
-    """Validate the received upload and register it. The temporary file is moved into place or removed."""
+    """Validate the received upload and register it. The file is moved into place, or removed when it is
+    refused (kept, with `discard` False: a resumable upload stays to be tried with other options)."""
+    committed = False
     try:
         fields = upload.fields
         for field_name, value in fields.items():
@@ -101,9 +109,11 @@ def create_dataset(
         folder = f"datasets/{dataset_id}"
         key = f"{folder}/data.{fmt}"
         storage.commit(upload.path, key)
+        committed = True
         after_rollback(session, lambda: storage.delete_tree(folder))
     finally:
-        upload.discard()
+        if discard or committed:
+            upload.discard()
 
     row = Dataset(
         id=dataset_id,

@@ -10,6 +10,7 @@ run side by side without two requeuing the same job.
   `redispatch_seconds` ago are sent again; a second message for a job is harmless (the first delivery
   claims it, the other finds it taken).
 - Right after the database was unreachable, leases are not judged: the workers could not renew them either.
+- Resumable uploads that stopped growing `upload_expiry_seconds` ago are removed (app/uploads/service.py).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.core.config import Settings
 from app.core.db import after_commit, session_scope
 from app.core.ids import utcnow
+from app.core.storage import Storage
 from app.jobs import repository
 from app.tables import Job
+from app.uploads.service import remove_abandoned
 
 log = logging.getLogger("graft.reaper")
 
@@ -45,6 +48,7 @@ class ReapResult:
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     redispatched: list[str] = field(default_factory=list)
+    uploads_removed: list[str] = field(default_factory=list)
 
 
 def reap(session: Session, settings: Settings, queue: Sender, *, judge_leases: bool = True) -> ReapResult:
@@ -117,10 +121,17 @@ def reap(session: Session, settings: Settings, queue: Sender, *, judge_leases: b
 
 
 class Reaper:
-    """Runs `reap` every `reaper_interval_seconds` in a daemon thread."""
+    """Runs `reap` every `reaper_interval_seconds` in a daemon thread, and removes abandoned uploads."""
 
-    def __init__(self, settings: Settings, session_factory: sessionmaker[Session], queue: Sender) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        queue: Sender,
+        storage: Storage | None = None,
+    ) -> None:
         self.settings = settings
+        self.storage = storage
         self.session_factory = session_factory
         self.queue = queue
         self._stop = threading.Event()
@@ -140,7 +151,11 @@ class Reaper:
         try:
             with session_scope(self.session_factory) as session:
                 judge = time.monotonic() >= self._unreachable_until
-                return reap(session, self.settings, self.queue, judge_leases=judge)
+                result = reap(session, self.settings, self.queue, judge_leases=judge)
+            if self.storage is not None:
+                with session_scope(self.session_factory) as session:
+                    result.uploads_removed = remove_abandoned(session, self.storage, self.settings)
+            return result
         except DBAPIError as exc:
             # Workers could not renew their leases while the database was away: give them a full lease
             # period after it is back before judging them.

@@ -294,3 +294,49 @@ def test_image_upload_with_unusual_images_trains(stack: Stack) -> None:
         {"base_model": "cnn-small", "training_dataset": dataset["id"], "hyperparameters": {"epochs": 2}}
     ).json()
     assert finished(api, stack, job["id"])["status"] == "succeeded"
+
+
+def test_an_upload_broken_at_90_percent_resumes_from_its_offset(stack: Stack) -> None:
+    """A real connection to uvicorn, cut after 90% of the file: the bytes that arrived are kept, and the
+    rest is sent from the offset the server reports."""
+    import socket
+    import time
+
+    from tests.helpers import digits_table_csv, wait_for
+
+    api = stack.project()
+    data = digits_table_csv(range(10), 1500)
+    created = api.post(
+        "/v1/uploads",
+        json={"filename": "digits.csv", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()},
+    )
+    assert created.status_code == 201, created.text
+    upload_id = created.json()["id"]
+    cut = len(data) * 9 // 10
+    head = (
+        f"PATCH /v1/uploads/{upload_id} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {api.key}\r\n"
+        f"Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\nContent-Length: {len(data)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", stack.settings.port)) as sock:
+        sock.sendall(head + data[:cut])
+        time.sleep(0.5)
+    # The connection is gone mid-body; the server kept what arrived.
+    offset = wait_for(
+        lambda: api.get(f"/v1/uploads/{upload_id}").json()["offset"] == cut and cut, 30, message="the offset"
+    )
+    resumed = api.http.patch(
+        f"/v1/uploads/{upload_id}",
+        content=data[offset:],
+        headers={
+            "Authorization": f"Bearer {api.key}",
+            "Content-Type": "application/offset+octet-stream",
+            "Upload-Offset": str(offset),
+        },
+    )
+    assert resumed.status_code == 200 and resumed.json()["complete"], resumed.text
+    dataset = api.post(
+        f"/v1/uploads/{upload_id}/dataset", json={"task": "tabular_classification", "label_column": "digit"}
+    )
+    assert dataset.status_code == 201, dataset.text
+    assert dataset.json()["sha256"] == hashlib.sha256(data).hexdigest()
+    assert dataset.json()["num_examples"] == 1500

@@ -1,0 +1,272 @@
+"""Resumable uploads, for datasets too large to send in one request over a connection that may break.
+
+An upload session is created with the file's size (and, best, its SHA-256). Chunks are appended with
+`PATCH` at the session's offset (`Upload-Offset`, as in the tus protocol): a chunk at the wrong offset
+gets 409 and the offset to resume from. When a connection breaks mid-chunk, the bytes that arrived are
+kept and the offset moves past them, so the client asks for the offset and sends the rest. A chunk never
+takes the file beyond its declared size (413), whether or not the request declared its length. Once the
+file is complete, `POST /v1/uploads/{id}/dataset` checks its SHA-256 and validates it exactly as a direct
+upload is validated; a dataset that fails validation leaves the upload in place to try other options.
+
+The database holds the committed offset; the file can only be longer when a process died between writing
+and committing, and those bytes are cut off before the next chunk. One writer at a time per upload (a
+file lock). Uploads that stop growing are removed by the reaper after `upload_expiry_seconds`.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import hashlib
+import os
+from datetime import timedelta
+from pathlib import PurePosixPath
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.requests import ClientDisconnect, Request
+
+from app.core.config import Settings
+from app.core.db import after_commit, session_scope
+from app.core.errors import (
+    Conflict,
+    InvalidRequest,
+    PayloadTooLarge,
+    StorageFull,
+    Unprocessable,
+    UnsupportedMediaType,
+    not_found,
+)
+from app.core.ids import new_id, utcnow
+from app.core.security import Principal
+from app.core.storage import Storage, is_disk_full, sha256_file
+from app.core.text import unsafe_character
+from app.datasets import service as datasets
+from app.datasets.upload import HEAD_BYTES, ReceivedUpload
+from app.tables import Dataset, Upload
+from app.uploads.schemas import DatasetFromUpload, UploadCreate
+
+CHUNK_CONTENT_TYPE = "application/offset+octet-stream"
+
+
+def describe(row: Upload, settings: Settings) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "project_id": row.project_id,
+        "filename": row.filename,
+        "size": row.size,
+        "offset": row.offset,
+        "sha256": row.sha256,
+        "complete": row.offset == row.size,
+        "created_at": row.created_at,
+        "updated_at": row.updated_at,
+        "expires_at": row.updated_at + timedelta(seconds=settings.upload_expiry_seconds),
+    }
+
+
+def create_upload(
+    session: Session, storage: Storage, settings: Settings, principal: Principal, body: UploadCreate
+) -> Upload:
+    if body.size > settings.max_upload_bytes:
+        raise PayloadTooLarge(
+            f"the file is larger than the upload limit of {settings.max_upload_bytes} bytes", param="size"
+        )
+    problem = unsafe_character(body.filename)
+    if problem:
+        raise Unprocessable(f"the file name contains {problem}", param="filename", code="invalid_request")
+    upload_id = new_id("upl")
+    key = f"uploads/{upload_id}.part"
+    path = storage.path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    now = utcnow()
+    row = Upload(
+        id=upload_id,
+        project_id=principal.project_id,
+        filename=PurePosixPath(body.filename).name or "upload",
+        size=body.size,
+        sha256=body.sha256.lower() if body.sha256 else None,
+        offset=0,
+        path=key,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get_upload(session: Session, principal: Principal, upload_id: str) -> Upload:
+    row = session.scalar(
+        select(Upload).where(Upload.id == upload_id, Upload.project_id == principal.project_id)
+    )
+    if row is None:
+        raise not_found("upload", upload_id)
+    return row
+
+
+def delete_upload(session: Session, storage: Storage, principal: Principal, upload_id: str) -> None:
+    row = get_upload(session, principal, upload_id)
+    session.delete(row)
+    after_commit(session, lambda: storage.delete(row.path))
+
+
+def _chunk_checksum(header: str | None) -> bytes | None:
+    """`Upload-Checksum: sha256 <base64 digest>` (tus's checksum extension), optional."""
+    if header is None:
+        return None
+    algorithm, _, value = header.strip().partition(" ")
+    if algorithm.lower() != "sha256":
+        raise InvalidRequest("Upload-Checksum: only sha256 is supported", param="Upload-Checksum")
+    try:
+        digest = base64.b64decode(value.strip(), validate=True)
+    except ValueError:
+        digest = b""
+    if len(digest) != 32:
+        raise InvalidRequest(
+            "Upload-Checksum: expected 'sha256 <base64 of 32 bytes>'", param="Upload-Checksum"
+        )
+    return digest
+
+
+async def append_chunk(
+    request: Request,
+    factory: sessionmaker[Session],
+    storage: Storage,
+    principal: Principal,
+    upload_id: str,
+) -> Upload:
+    """Append the request body at the upload's offset. No database transaction is held while the bytes
+    stream in; the new offset is committed at the end (also when the client goes away mid-chunk)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != CHUNK_CONTENT_TYPE:
+        raise UnsupportedMediaType(f"send the chunk as {CHUNK_CONTENT_TYPE}", param="Content-Type")
+    offset_header = request.headers.get("upload-offset")
+    if offset_header is None or not offset_header.isdigit():
+        raise InvalidRequest(
+            "the Upload-Offset header (where this chunk starts) is required", param="Upload-Offset"
+        )
+    start = int(offset_header)
+    expected = _chunk_checksum(request.headers.get("upload-checksum"))
+    with session_scope(factory) as session:
+        row = get_upload(session, principal, upload_id)
+        session.expunge(row)
+    if start != row.offset:
+        raise Conflict(
+            f"this upload is at offset {row.offset}, not {start}: send the chunk from {row.offset}",
+            param="Upload-Offset",
+            code="offset_mismatch",
+            headers={"Upload-Offset": str(row.offset)},
+        )
+    path = storage.path(row.path)
+    try:
+        handle = path.open("r+b")
+    except FileNotFoundError:
+        raise not_found("upload", upload_id) from None
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Conflict(
+                "another request is writing to this upload", param="Upload-Offset", code="upload_busy"
+            ) from None
+        handle.truncate(start)  # bytes a crashed writer left beyond the committed offset
+        handle.seek(start)
+        digest = hashlib.sha256()
+        written = 0
+        disconnected = False
+        try:
+            async for chunk in request.stream():
+                if start + written + len(chunk) > row.size:
+                    raise PayloadTooLarge(
+                        f"this chunk goes beyond the upload's declared size of {row.size} bytes", param="size"
+                    )
+                handle.write(chunk)
+                digest.update(chunk)
+                written += len(chunk)
+        except ClientDisconnect:
+            disconnected = True  # keep what arrived: the client resumes from the new offset
+        except BaseException as exc:
+            handle.truncate(start)
+            if is_disk_full(exc):
+                raise StorageFull(
+                    "the service's storage is full; this chunk was not stored. Retry it once space is freed",
+                    param="file",
+                ) from None
+            raise
+        if expected is not None and not disconnected and digest.digest() != expected:
+            handle.truncate(start)
+            raise Unprocessable(
+                "the chunk's SHA-256 does not match Upload-Checksum; it was not stored",
+                param="Upload-Checksum",
+                code="checksum_mismatch",
+            )
+        if disconnected and expected is not None:
+            handle.truncate(start)  # a checked chunk is all or nothing
+            written = 0
+        handle.flush()
+        os.fsync(handle.fileno())
+    with session_scope(factory) as session:
+        changed = session.execute(
+            update(Upload)
+            .where(Upload.id == row.id, Upload.offset == start)
+            .values(offset=start + written, updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        if changed.rowcount != 1:  # type: ignore[attr-defined]
+            raise Conflict("the upload changed while this chunk was written", code="offset_mismatch")
+        fresh = get_upload(session, principal, upload_id)
+        session.expunge(fresh)
+    return fresh
+
+
+def create_dataset(
+    session: Session,
+    storage: Storage,
+    settings: Settings,
+    principal: Principal,
+    upload_id: str,
+    body: DatasetFromUpload,
+) -> Dataset:
+    row = get_upload(session, principal, upload_id)
+    if row.offset != row.size:
+        raise Conflict(
+            f"the upload is incomplete: {row.offset} of {row.size} bytes; send the rest from offset {row.offset}",
+            code="upload_incomplete",
+        )
+    path = storage.path(row.path)
+    digest = sha256_file(path)
+    if row.sha256 is not None and digest != row.sha256:
+        raise Unprocessable(
+            f"the file's SHA-256 is {digest}, not the {row.sha256} declared: the upload is damaged; delete it "
+            "and upload again",
+            param="sha256",
+            code="checksum_mismatch",
+        )
+    with path.open("rb") as handle:
+        head = handle.read(HEAD_BYTES)
+    fields = {k: v for k, v in body.model_dump().items() if v is not None}
+    received = ReceivedUpload(
+        fields=fields, path=path, filename=row.filename, size=row.size, sha256=digest, head=head
+    )
+    # A dataset that fails validation keeps the upload, to try again with other options.
+    dataset = datasets.create_dataset(session, storage, settings, principal, received, discard=False)
+    session.delete(row)
+    return dataset
+
+
+def remove_abandoned(session: Session, storage: Storage, settings: Settings) -> list[str]:
+    """Uploads that have not grown for `upload_expiry_seconds`, and stray temporary files as old: removed."""
+    cutoff = utcnow() - timedelta(seconds=settings.upload_expiry_seconds)
+    rows = list(session.scalars(select(Upload).where(Upload.updated_at < cutoff)))
+    for row in rows:
+        session.delete(row)
+        after_commit(session, lambda key=row.path: storage.delete(key))  # type: ignore[misc]
+    stale = cutoff.timestamp()
+    for entry in storage.tmp_dir.iterdir():
+        with contextlib.suppress(OSError):
+            if entry.is_file() and entry.stat().st_mtime < stale:
+                entry.unlink()
+    return [row.id for row in rows]
