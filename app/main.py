@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__, health
 from app.core.config import Settings, get_settings
@@ -15,6 +16,7 @@ from app.core.deps import ServiceContext
 from app.core.errors import install_error_handlers
 from app.core.limits import RequestGuard
 from app.core.queue import JobQueue
+from app.core.ratelimit import make_limiter
 from app.core.storage import Storage
 from app.datasets import router as datasets
 from app.datasets.service import archive_limits
@@ -59,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             storage=storage,
             queue=queue,
             model_server=ModelServer(storage, settings.model_cache_size, archive_limits(settings)),
+            limiter=make_limiter(settings),
         )
         reaper = Reaper(settings, session_factory, queue, storage)
         reaper.start()
@@ -89,6 +92,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ],
     )
     install_error_handlers(app)
+    origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
+    if origins:  # off unless configured: browsers on other origins get no access
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "Idempotency-Key",
+                "Upload-Offset",
+                "Upload-Checksum",
+            ],
+            expose_headers=["Retry-After", "Upload-Offset"],
+        )
     app.add_middleware(
         RequestGuard,  # type: ignore[arg-type]
         max_body_bytes=settings.max_request_bytes,

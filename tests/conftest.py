@@ -80,6 +80,8 @@ def make_settings(backend: Backend, home: Path, **overrides: object) -> Settings
         "bootstrap_api_key": ADMIN_KEY,
         # A queue no worker of another run consumes.
         "worker_queue": f"test-{secrets.token_hex(4)}",
+        # Tests poll fast with few keys; the limit has tests of its own (test_security.py).
+        "rate_limit_per_minute": 0,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

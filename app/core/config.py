@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1)
     reaper_interval_seconds: float = Field(default=10.0, ge=0, description="0 turns the reaper off.")
     redispatch_seconds: float = Field(default=120.0, gt=0)
+    # Requests per API key per minute (429 with Retry-After beyond); 0 turns the limit off.
+    rate_limit_per_minute: int = Field(default=1200, ge=0)
+    # Origins allowed to call the API from a browser (CORS), comma-separated; none by default.
+    cors_origins: str = Field(
+        default="", description="e.g. https://app.example.com,https://admin.example.com"
+    )
     # Resumable uploads that have not grown for this long are removed (and stray temporary files as old).
     upload_expiry_seconds: float = Field(default=24 * 3600, gt=0)
     # How long a worker keeps retrying a write while the database is unreachable.

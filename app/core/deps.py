@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
@@ -13,8 +13,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.core import db
 from app.core.config import Settings
-from app.core.errors import Forbidden, Unauthorized
+from app.core.errors import Forbidden, RateLimited, Unauthorized
 from app.core.queue import JobQueue
+from app.core.ratelimit import NoLimit, RateLimiter
 from app.core.security import Principal, digest_matches, key_lookup
 from app.core.storage import Storage
 from app.tables import ApiKey
@@ -31,6 +32,7 @@ class ServiceContext:
     storage: Storage
     queue: JobQueue
     model_server: ModelServer
+    limiter: RateLimiter = field(default_factory=NoLimit)
 
 
 def get_context(request: Request) -> ServiceContext:
@@ -62,7 +64,9 @@ CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
 def get_principal(
-    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    context: ContextDep,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Principal:
     if credentials is None or not credentials.credentials:
         raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'", headers=CHALLENGE)
@@ -70,6 +74,13 @@ def get_principal(
     row = session.scalar(select(ApiKey).where(ApiKey.lookup == key_lookup(key)))
     if row is None or row.revoked_at is not None or not digest_matches(key, row.digest):
         raise Unauthorized("Unknown or revoked API key", headers=CHALLENGE)
+    wait = context.limiter.hit(row.id)
+    if wait is not None:
+        raise RateLimited(
+            f"this API key made more than {context.settings.rate_limit_per_minute} requests this minute; "
+            f"retry in {wait} s",
+            headers={"Retry-After": str(wait)},
+        )
     return Principal(project_id=row.project_id, key_id=row.id, role=row.role)
 
 

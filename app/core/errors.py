@@ -80,6 +80,11 @@ class Unprocessable(GraftError):
     code = "invalid_data"
 
 
+class RateLimited(GraftError):
+    status_code = 429
+    code = "rate_limited"
+
+
 class StorageFull(GraftError):
     status_code = 507
     code = "storage_full"
@@ -116,6 +121,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         401: "Missing or unknown API key",
         404: "Not found (also for objects of another project)",
         422: "Invalid data; `param` names the field, row or file",
+        429: "Too many requests with this API key; retry after `Retry-After` seconds",
         503: "The database is unreachable; retry after `Retry-After` seconds",
         507: "The service's storage is full; nothing was stored",
     }.items()

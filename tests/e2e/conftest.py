@@ -37,6 +37,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
             "GRAFT_CANCEL_POLL_SECONDS": "0.3",
             # Small enough that the tests see both ways an evaluation is answered.
             "GRAFT_EVALUATE_SYNC_MAX_EXAMPLES": "30",
+            "GRAFT_RATE_LIMIT_PER_MINUTE": "0",
             "PYTHONUNBUFFERED": "1",
         }
     )

@@ -1,0 +1,82 @@
+"""Per-key rate limits: at most `rate_limit_per_minute` requests per API key in each minute; beyond that,
+429 with Retry-After (the seconds until the minute ends).
+
+With Redis as the broker the counts live in Redis, shared by every API process; otherwise (the embedded
+single-process setup) in memory. When Redis cannot be reached the request is let through: a rate limit
+never takes the API down with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Protocol
+
+from app.core.config import Settings
+
+log = logging.getLogger("graft.ratelimit")
+WINDOW_SECONDS = 60
+
+
+class RateLimiter(Protocol):
+    def hit(self, key: str) -> int | None:
+        """Count one request of `key`; None when allowed, else the seconds to wait."""
+
+
+class NoLimit:
+    def hit(self, key: str) -> int | None:
+        return None
+
+
+class MemoryLimiter:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._counts: dict[str, tuple[int, int]] = {}
+
+    def hit(self, key: str) -> int | None:
+        now = time.time()
+        window = int(now // WINDOW_SECONDS)
+        with self._lock:
+            seen, count = self._counts.get(key, (window, 0))
+            count = count + 1 if seen == window else 1
+            self._counts[key] = (window, count)
+            if len(self._counts) > 100_000:  # forget idle keys
+                self._counts = {k: v for k, v in self._counts.items() if v[0] == window}
+        return _wait(now, window) if count > self.limit else None
+
+
+class RedisLimiter:
+    def __init__(self, url: str, limit: int) -> None:
+        import redis
+
+        self.limit = limit
+        self.client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+
+    def hit(self, key: str) -> int | None:
+        now = time.time()
+        window = int(now // WINDOW_SECONDS)
+        name = f"graft:ratelimit:{key}:{window}"
+        try:
+            with self.client.pipeline() as pipe:
+                pipe.incr(name)
+                pipe.expire(name, WINDOW_SECONDS * 2)
+                count = int(pipe.execute()[0])
+        except Exception as exc:  # redis errors: let the request through
+            log.warning("rate limit not checked (%s)", exc)
+            return None
+        return _wait(now, window) if count > self.limit else None
+
+
+def _wait(now: float, window: int) -> int:
+    return max(1, int((window + 1) * WINDOW_SECONDS - now + 0.999))
+
+
+def make_limiter(settings: Settings) -> RateLimiter:
+    if settings.rate_limit_per_minute <= 0:
+        return NoLimit()
+    url = settings.effective_broker_url
+    if url.startswith(("redis://", "rediss://")):
+        return RedisLimiter(url, settings.rate_limit_per_minute)
+    return MemoryLimiter(settings.rate_limit_per_minute)
