@@ -166,3 +166,34 @@ def test_request_bodies_are_capped_without_content_length(small_body_api: Api) -
         small_body_api.upload(text_csv(sentiment_rows(300)), "big.csv", "text_classification").status_code
         == 201
     )
+
+
+def test_an_archive_of_a_hundred_thousand_tiny_files_is_refused_before_anything_is_written(
+    api: Api, settings: Settings
+) -> None:
+    import time
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as archive:
+        for i in range(100_000):
+            archive.writestr(f"cats/{i}.png", b"x")
+    datasets_before = (
+        sorted((settings.storage_dir / "datasets").glob("*"))
+        if (settings.storage_dir / "datasets").exists()
+        else []
+    )
+    started = time.monotonic()
+    response = api.upload(out.getvalue(), "flood.zip", "image_classification")
+    elapsed = time.monotonic() - started
+    assert response.status_code == 422, response.text
+    assert f"at most {settings.max_archive_members} are allowed" in response.json()["error"]["message"]
+    assert response.json()["error"]["param"] == "file"
+    # Refused from the archive's directory alone: nothing extracted, nothing kept.
+    assert list((settings.storage_dir / "tmp").iterdir()) == []
+    datasets_after = (
+        sorted((settings.storage_dir / "datasets").glob("*"))
+        if (settings.storage_dir / "datasets").exists()
+        else []
+    )
+    assert datasets_after == datasets_before
+    print(f"100,000-member archive refused in {elapsed:.2f}s")
