@@ -136,10 +136,12 @@ def run(settings: Settings) -> int:
     def stop(signum: int, _frame: object) -> None:
         nonlocal stopping
         if stopping:
-            # A second Ctrl-C: stop now. An interrupted job is queued again at the next start.
+            # A second Ctrl-C: stop now (the worker with its pool processes). An interrupted job is queued
+            # again at the next start and resumes from its last finished epoch.
             for process in processes.values():
                 if process.poll() is None:
-                    process.kill()
+                    with contextlib.suppress(OSError):
+                        os.killpg(process.pid, signal.SIGKILL)
             return
         stopping = True
         print(

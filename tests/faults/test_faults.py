@@ -171,7 +171,8 @@ def test_redis_restarted_without_its_data_workers_reconnect_and_lost_jobs_are_se
     running = start_job(api, digits_table, EPOCHS)
     wait_epoch(faults, api, running, 2)
     waiting = start_job(api, digits_table, 5)  # its message waits in Redis behind the running job
-    wait_for(lambda: JobQueue(faults.settings).pending() == 1, 10, message="the second job's message")
+    queue = JobQueue(faults.settings)
+    wait_for(lambda: (queue.pending() or 0) >= 1, 10, message=f"the second job's message\n{faults.logs()}")
     faults.broker.cut()
     client = redis.Redis.from_url(faults.broker_url)
     client.delete(faults.settings.worker_queue)  # what a restart without persistence loses
