@@ -219,3 +219,30 @@ def test_postgres_cut_mid_run_the_api_answers_503_and_everything_recovers(
     assert_one_clean_history(api, job_id)
     worker_log = "".join(w.text() for w in faults.workers)
     assert "database unreachable" in worker_log or "heartbeat failed" in worker_log
+
+
+def test_cancel_works_after_every_worker_was_restarted(faults: Cluster, digits_table: bytes) -> None:
+    """Cancel is a flag in the database, not a message to the worker that received the job: it reaches a
+    job whose worker is gone (the reaper cancels it) and a job resumed on a worker started since."""
+    api = faults.project()
+    worker = faults.start_worker()
+    orphan = start_job(api, digits_table, EPOCHS)
+    wait_epoch(faults, api, orphan, 2)
+    worker.kill()  # every worker gone
+    assert api.post(f"/v1/jobs/{orphan}/cancel").status_code == 200
+    assert api.wait_job(orphan, timeout=30)["status"] == "cancelled"
+
+    worker = faults.start_worker()
+    moved = start_job(api, digits_table, EPOCHS)
+    wait_epoch(faults, api, moved, 2)
+    worker.terminate()  # the job goes back to the queue
+    worker.process.wait(30)
+    faults.start_worker()  # a new worker resumes it
+    wait_for(
+        lambda: job(api, moved)["status"] == "running" and job(api, moved)["attempts"] == 2,
+        60,
+        message="the job to resume on the new worker",
+    )
+    assert api.post(f"/v1/jobs/{moved}/cancel").status_code == 200
+    cancelled = api.wait_job(moved, timeout=30)
+    assert cancelled["status"] == "cancelled", cancelled

@@ -542,7 +542,10 @@ class FinetuneRecipe:
             }
         )
         state.put("model", self.trained_tensors())
-        state.put("best", self.best_state)
+        # At the end of an epoch that improved, the best weights are the model's: stored once.
+        state.meta["best_is_model"] = batch == 0 and self.best_epoch == epoch
+        if not state.meta["best_is_model"]:
+            state.put("best", self.best_state)
         optimizer_tensors, state.meta["optimizer"] = optimizer_state(self.optimizer)
         state.put("optimizer", optimizer_tensors)
         rng_tensors, state.meta["rng"] = rng_state(self.generator)
@@ -570,7 +573,8 @@ class FinetuneRecipe:
         self.best_score = (float(score[0]), float(score[1])) if score is not None else None
         self.stale = int(state.meta["stale"])
         self.stopped_early = bool(state.meta["stopped_early"])
-        self.best_state = {k: v.to(self.device) for k, v in state.group("best").items()}
+        best = state.group("model") if state.meta.get("best_is_model") else state.group("best")
+        self.best_state = {k: v.to(self.device) for k, v in best.items()}
         self.done = state.complete
         if state.batch > 0:
             self._resume_epoch = state
