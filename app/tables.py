@@ -198,6 +198,7 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Set when the worker is shutting down: the job checkpoints and goes back to the queue.
     release_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    worker_losses: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))  # leases expired
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # last sent to the broker
     # Per run of the job: the training state it resumes from after a requeue (see workers/journal.py).
     resume_state: Mapped[dict[str, Any] | None] = mapped_column(JSONType)

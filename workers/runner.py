@@ -23,12 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import Engine, delete, null, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings, get_settings
-from app.core.db import is_unreachable, make_engine, make_session_factory, session_scope
+from app.core.db import is_transient, make_engine, make_session_factory, session_scope
 from app.core.ids import new_id, utcnow
 from app.core.storage import Storage, is_disk_full, sha256_file
 from app.datasets.formats import FormatError
@@ -106,7 +106,9 @@ class Lease:
 
 def write(context: WorkerContext, lease: Lease, work: Callable[[Session], T]) -> T:
     """Run `work` in one transaction that first renews the lease (LeaseLost when it is gone). While the
-    database is unreachable the whole unit is retried, with backoff, for up to `db_retry_seconds`."""
+    database is unreachable (or the transaction lost a race) the whole unit is retried, with backoff, for
+    up to `db_retry_seconds`. A unit must be safe to run again: when the connection drops during COMMIT
+    nobody knows whether it landed."""
     deadline = time.monotonic() + context.settings.db_retry_seconds
     delay = 0.2
     while True:
@@ -116,7 +118,7 @@ def write(context: WorkerContext, lease: Lease, work: Callable[[Session], T]) ->
                     raise LeaseLost()
                 return work(session)
         except DBAPIError as exc:
-            if not is_unreachable(exc) or time.monotonic() > deadline:
+            if not is_transient(exc) or time.monotonic() > deadline:
                 raise
             log.warning("database unreachable (%s); retrying in %.1fs", type(exc.orig).__name__, delay)
             time.sleep(delay)
@@ -241,6 +243,8 @@ class DatabaseReporter:
             size, digest = temp.stat().st_size, sha256_file(temp)
 
         def work(session: Session) -> None:
+            if session.scalar(select(Checkpoint.id).where(Checkpoint.id == checkpoint_id)) is not None:
+                return  # an earlier try committed, but its acknowledgement was lost
             jobs.add_checkpoint(
                 session,
                 Checkpoint(
@@ -261,6 +265,8 @@ class DatabaseReporter:
 
         try:
             self._write(work)
+        except DBAPIError:
+            raise  # whether the last commit landed is unknown: the file stays
         except BaseException:
             storage.delete(key)
             raise
@@ -348,7 +354,7 @@ class DatabaseJournal:
 
     def save(self, state: TrainingState) -> None:
         job_id = self.reporter.job_id
-        key = f"checkpoints/{job_id}/state/{uuid.uuid4().hex}.safetensors"
+        key = f"{state_folder(job_id)}/{uuid.uuid4().hex}.safetensors"
         with self._storage.atomic_path(key) as temp:
             save_state(temp, state)
         entry = {
@@ -369,6 +375,8 @@ class DatabaseJournal:
 
         try:
             previous = self.reporter._write(work)
+        except DBAPIError:
+            raise  # whether the last commit landed is unknown: the file stays
         except BaseException:
             self._storage.delete(key)
             raise
@@ -491,6 +499,8 @@ def _register_result(
 
         def work(session: Session) -> None:
             nonlocal kind
+            if session.scalar(select(Job.result_model).where(Job.id == job.id)) == model_id:
+                return  # an earlier try committed, but its acknowledgement was lost
             dataset_name = session.scalar(select(Dataset.name).where(Dataset.id == job.training_dataset))
             if kind is None:
                 kind = "pretrained" if job.type == "pretrain" else "finetuned"
@@ -527,6 +537,7 @@ def _register_result(
                 metrics={**result.metrics, "best_epoch": result.best_epoch},
                 transfer=result.transfer,
                 report=study.report,
+                resume_state=null(),  # SQL NULL, not JSON null
             )
             if not finished:
                 raise RuntimeError(f"job {job.id} left the running state while it trained")
@@ -538,6 +549,16 @@ def _register_result(
             )
 
         reporter._write(work)
+        context.storage.delete_tree(state_folder(job.id))
+    except DBAPIError:
+        raise  # whether the last commit landed is unknown: the files stay
+    except LeaseLost:
+        with session_scope(context.session_factory) as session:
+            landed = session.scalar(select(Job.result_model).where(Job.id == job.id)) == model_id
+        if landed:  # a retry after a commit whose acknowledgement was lost: the job is done
+            return
+        context.storage.delete_tree(folder)
+        raise
     except BaseException:
         context.storage.delete_tree(folder)
         raise
@@ -721,6 +742,7 @@ def _finish(
     changes: dict[str, Any] = {"status": status, **(values or {})}
     if status != "queued":
         changes["finished_at"] = utcnow()
+        changes["resume_state"] = null()  # SQL NULL, not JSON null
     if error is not None:
         changes["error"] = error
 
@@ -733,7 +755,14 @@ def _finish(
     except LeaseLost:
         log.warning("job %s: lease lost before it could be marked %s", lease.job_id, status)
         return False
+    if status != "queued":
+        context.storage.delete_tree(state_folder(lease.job_id))
     return True
+
+
+def state_folder(job_id: str) -> str:
+    """Where a job's runs keep their training state (until the job ends)."""
+    return f"checkpoints/{job_id}/state"
 
 
 def _requeue(context: WorkerContext, lease: Lease) -> None:

@@ -114,15 +114,35 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
 
 
 def is_unreachable(exc: BaseException) -> bool:
-    """A lost or refused database connection (worth retrying, or a 503), as opposed to a bad statement."""
+    """A lost or refused database connection (worth retrying, or a 503), as opposed to a bad statement or
+    a database that answers with an error (disk full, deadlock, timeout)."""
     from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
     if not isinstance(exc, DBAPIError):
         return False
     if exc.connection_invalidated or isinstance(exc, InterfaceError):
         return True
-    # SQLite reports a locked database as an OperationalError too: that is contention, not an outage.
-    return isinstance(exc, OperationalError) and "locked" not in str(exc.orig)
+    if not isinstance(exc, OperationalError):
+        return False
+    state = getattr(exc.orig, "sqlstate", None)
+    if state is not None:  # PostgreSQL: connection exceptions, and the server shutting down
+        return str(state).startswith("08") or state in ("57P01", "57P02", "57P03")
+    # psycopg reports a refused connection without a state; SQLite reports a locked file as an
+    # OperationalError too, which is contention, not an outage.
+    return "locked" not in str(exc.orig)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth running the whole transaction again: the database is unreachable, or the transaction lost a
+    race (a deadlock, a serialization failure, SQLite's lock still held after its busy timeout)."""
+    from sqlalchemy.exc import OperationalError
+
+    if is_unreachable(exc):
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    state = getattr(exc.orig, "sqlstate", None)
+    return state in ("40P01", "40001") or "database is locked" in str(exc.orig)
 
 
 def ping(engine: Engine) -> None:

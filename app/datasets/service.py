@@ -47,12 +47,8 @@ def create_dataset(
     settings: Settings,
     principal: Principal,
     upload: ReceivedUpload,
-    *,
-    discard: bool = True,
 ) -> Dataset:
-    """Validate the received upload and register it. The file is moved into place, or removed when it is
-    refused (kept, with `discard` False: a resumable upload stays to be tried with other options)."""
-    committed = False
+    """Validate the received upload and register it. The temporary file is moved into place or removed."""
     try:
         fields = upload.fields
         for field_name, value in fields.items():
@@ -109,11 +105,9 @@ def create_dataset(
         folder = f"datasets/{dataset_id}"
         key = f"{folder}/data.{fmt}"
         storage.commit(upload.path, key)
-        committed = True
         after_rollback(session, lambda: storage.delete_tree(folder))
     finally:
-        if discard or committed:
-            upload.discard()
+        upload.discard()
 
     row = Dataset(
         id=dataset_id,

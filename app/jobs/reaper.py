@@ -4,7 +4,7 @@ run side by side without two requeuing the same job.
 
 - A running job whose lease has not been renewed for `lease_seconds` lost its worker (killed, out of
   memory, machine gone). It is queued again and resumes from its saved training state, or fails with
-  `worker_lost` once it has been tried `max_attempts` times.
+  `worker_lost` once it has lost `max_attempts` workers (graceful releases do not count).
 - A queued job has a message in the broker, unless the broker lost it (Redis restarted without
   persistence, a send that failed). When the broker's queue is empty, queued jobs last sent more than
   `redispatch_seconds` ago are sent again; a second message for a job is harmless (the first delivery
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Protocol
 
-from sqlalchemy import update
+from sqlalchemy import null, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -55,7 +55,7 @@ def reap(session: Session, settings: Settings, queue: Sender, *, judge_leases: b
     """One pass; the caller commits (messages are sent after the commit)."""
     result = ReapResult()
     now = utcnow()
-    cutoff = now - timedelta(seconds=settings.lease_seconds)
+    cutoff = repository.database_time(session) - timedelta(seconds=settings.lease_seconds)
     for job in repository.expired_leases(session, cutoff) if judge_leases else []:
         # Only if nothing changed since it was read: the same lease, still without a fresh heartbeat.
         fenced = (
@@ -64,7 +64,7 @@ def reap(session: Session, settings: Settings, queue: Sender, *, judge_leases: b
                 Job.id == job.id,
                 Job.status == "running",
                 Job.lease_token == job.lease_token,
-                Job.heartbeat_at < cutoff,
+                repository.expired(cutoff),
             )
             .execution_options(synchronize_session=False)
         )
@@ -78,29 +78,33 @@ def reap(session: Session, settings: Settings, queue: Sender, *, judge_leases: b
                 repository.add_event(session, job.id, message)
                 result.failed.append(job.id)
             continue
-        if job.attempts >= settings.max_attempts:
+        # Graceful releases (a worker shutting down) do not count: only workers lost.
+        losses = job.worker_losses + 1
+        if losses >= settings.max_attempts:
             message = (
-                f"The job's worker stopped answering (last heartbeat {last_seen}) on attempt {job.attempts} of "
-                f"{settings.max_attempts}; giving up"
+                f"The job lost its worker {losses} times (the last stopped answering at {last_seen}); "
+                f"GRAFT_MAX_ATTEMPTS is {settings.max_attempts}, so it is not tried again"
             )
             values = {
                 "status": "failed",
                 "finished_at": now,
                 "lease_owner": None,
+                "worker_losses": losses,
                 "error": {"code": "worker_lost", "message": message},
             }
             if session.execute(fenced.values(**values)).rowcount == 1:  # type: ignore[attr-defined]
                 repository.add_event(session, job.id, message, level="error")
                 result.failed.append(job.id)
             continue
-        if session.execute(fenced.values(**repository.requeue_values())).rowcount == 1:  # type: ignore[attr-defined]
+        values = {**repository.requeue_values(), "worker_losses": losses}
+        if session.execute(fenced.values(**values)).rowcount == 1:  # type: ignore[attr-defined]
             repository.add_event(
                 session,
                 job.id,
                 f"The job's worker ({job.lease_owner}) stopped answering (last heartbeat {last_seen}); the job "
-                f"was queued again (attempt {job.attempts} of {settings.max_attempts} used)",
+                f"was queued again (workers lost: {losses} of {settings.max_attempts} allowed)",
                 level="warning",
-                data={"attempts": job.attempts, "worker": job.lease_owner},
+                data={"attempts": job.attempts, "worker_losses": losses, "worker": job.lease_owner},
             )
             result.requeued.append(job.id)
     if queue.pending() == 0:
@@ -118,6 +122,22 @@ def reap(session: Session, settings: Settings, queue: Sender, *, judge_leases: b
             result.redispatched,
         )
     return result
+
+
+def remove_finished_states(session: Session, storage: Storage) -> list[str]:
+    """Training states of jobs that ended without their worker clearing them (the reaper failed or
+    cancelled them, the API cancelled a requeued one): nothing resumes them any more."""
+    ids = list(
+        session.scalars(
+            select(Job.id).where(
+                Job.status.in_(("succeeded", "failed", "cancelled")), Job.resume_state.is_not(None)
+            )
+        )
+    )
+    for job_id in ids:
+        repository.update_fields(session, job_id, resume_state=null())
+        after_commit(session, lambda job_id=job_id: storage.delete_tree(f"checkpoints/{job_id}/state"))  # type: ignore[misc]
+    return ids
 
 
 class Reaper:
@@ -155,6 +175,7 @@ class Reaper:
             if self.storage is not None:
                 with session_scope(self.session_factory) as session:
                     result.uploads_removed = remove_abandoned(session, self.storage, self.settings)
+                    remove_finished_states(session, self.storage)
             return result
         except DBAPIError as exc:
             # Workers could not renew their leases while the database was away: give them a full lease

@@ -91,7 +91,7 @@ def claim(session: Session, job_id: str, owner: str) -> int | None:
             status="running",
             lease_owner=owner,
             lease_token=Job.lease_token + 1,
-            heartbeat_at=now,
+            heartbeat_at=database_now(session),
             release_requested=False,
             attempts=Job.attempts + 1,
             started_at=func.coalesce(Job.started_at, now),
@@ -110,7 +110,7 @@ def renew(session: Session, job_id: str, token: int) -> bool:
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.lease_token == token, Job.status == "running")
-        .values(heartbeat_at=utcnow())
+        .values(heartbeat_at=database_now(session))
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1  # type: ignore[attr-defined]
@@ -137,31 +137,35 @@ def stop_flags(session: Session, job_id: str) -> tuple[bool, bool]:
 
 def request_release(session: Session, owner_prefix: str) -> list[str]:
     """Ask the running jobs of one worker (lease owners starting with `owner_prefix`) to checkpoint and go
-    back to the queue; the ids asked."""
-    ids = list(
-        session.scalars(
-            select(Job.id).where(
-                Job.status == "running", Job.lease_owner.startswith(owner_prefix, autoescape=True)
-            )
-        )
+    back to the queue; the ids asked. One conditional update: a job another worker took meanwhile is not
+    touched."""
+    mine = (Job.status == "running", Job.lease_owner.startswith(owner_prefix, autoescape=True))
+    session.execute(
+        update(Job).where(*mine).values(release_requested=True).execution_options(synchronize_session=False)
     )
-    if ids:
-        session.execute(
-            update(Job)
-            .where(Job.id.in_(ids), Job.status == "running")
-            .values(release_requested=True)
-            .execution_options(synchronize_session=False)
-        )
-    return ids
+    return list(session.scalars(select(Job.id).where(*mine, Job.release_requested.is_(True))))
 
 
 def expired_leases(session: Session, cutoff: datetime) -> list[Job]:
-    """Running jobs whose last heartbeat is older than `cutoff`."""
-    return list(
-        session.scalars(
-            select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff).order_by(Job.pk)
-        )
-    )
+    """Running jobs whose last heartbeat is older than `cutoff` (or that never had one)."""
+    return list(session.scalars(select(Job).where(Job.status == "running", expired(cutoff)).order_by(Job.pk)))
+
+
+def expired(cutoff: datetime) -> Any:
+    return (Job.heartbeat_at < cutoff) | Job.heartbeat_at.is_(None)
+
+
+def database_now(session: Session) -> Any:
+    """The time leases are written and judged by. On PostgreSQL, the database's clock, so that the clocks
+    of the machines running workers and API processes do not matter; SQLite is one machine's file."""
+    return func.now() if session.get_bind().dialect.name == "postgresql" else utcnow()
+
+
+def database_time(session: Session) -> datetime:
+    """`database_now` as a value."""
+    if session.get_bind().dialect.name == "postgresql":
+        return session.scalar(select(func.now()))  # type: ignore[return-value]
+    return utcnow()
 
 
 def requeue_values() -> dict[str, Any]:

@@ -497,6 +497,10 @@ class JobOut(BaseModel):
         description="How many times a worker started this job: more than 1 after a worker died or shut down "
         "and the job resumed from its saved training state on another."
     )
+    worker_losses: int = Field(
+        description="Workers this job lost (killed, vanished: their lease expired). At GRAFT_MAX_ATTEMPTS the job "
+        "fails with `worker_lost`; a worker shutting down gracefully does not count."
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

@@ -6,11 +6,12 @@ gets 409 and the offset to resume from. When a connection breaks mid-chunk, the 
 kept and the offset moves past them, so the client asks for the offset and sends the rest. A chunk never
 takes the file beyond its declared size (413), whether or not the request declared its length. Once the
 file is complete, `POST /v1/uploads/{id}/dataset` checks its SHA-256 and validates it exactly as a direct
-upload is validated; a dataset that fails validation leaves the upload in place to try other options.
+upload is validated; a dataset that fails validation (or a commit that fails) leaves the upload whole, to
+try again.
 
 The database holds the committed offset; the file can only be longer when a process died between writing
-and committing, and those bytes are cut off before the next chunk. One writer at a time per upload (a
-file lock). Uploads that stop growing are removed by the reaper after `upload_expiry_seconds`.
+and committing, and those bytes are cut off before the next chunk. One writer at a time per upload: a
+file lock, held from reading the offset until the new offset is committed. Uploads that stop growing are removed by the reaper after `upload_expiry_seconds`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from datetime import timedelta
 from pathlib import PurePosixPath
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.requests import ClientDisconnect, Request
 
@@ -153,25 +154,27 @@ async def append_chunk(
     with session_scope(factory) as session:
         row = get_upload(session, principal, upload_id)
         session.expunge(row)
-    if start != row.offset:
-        raise Conflict(
-            f"this upload is at offset {row.offset}, not {start}: send the chunk from {row.offset}",
-            param="Upload-Offset",
-            code="offset_mismatch",
-            headers={"Upload-Offset": str(row.offset)},
-        )
-    path = storage.path(row.path)
     try:
-        handle = path.open("r+b")
+        handle = storage.path(row.path).open("r+b")
     except FileNotFoundError:
         raise not_found("upload", upload_id) from None
-    with handle:
+    with handle:  # the lock is held until the new offset is committed
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise Conflict(
                 "another request is writing to this upload", param="Upload-Offset", code="upload_busy"
             ) from None
+        with session_scope(factory) as session:  # the offset, now that no one else can move it
+            row = get_upload(session, principal, upload_id)
+            session.expunge(row)
+        if start != row.offset:
+            raise Conflict(
+                f"this upload is at offset {row.offset}, not {start}: send the chunk from {row.offset}",
+                param="Upload-Offset",
+                code="offset_mismatch",
+                headers={"Upload-Offset": str(row.offset)},
+            )
         handle.truncate(start)  # bytes a crashed writer left beyond the committed offset
         handle.seek(start)
         digest = hashlib.sha256()
@@ -208,17 +211,15 @@ async def append_chunk(
             written = 0
         handle.flush()
         os.fsync(handle.fileno())
-    with session_scope(factory) as session:
-        changed = session.execute(
-            update(Upload)
-            .where(Upload.id == row.id, Upload.offset == start)
-            .values(offset=start + written, updated_at=utcnow())
-            .execution_options(synchronize_session=False)
-        )
-        if changed.rowcount != 1:  # type: ignore[attr-defined]
-            raise Conflict("the upload changed while this chunk was written", code="offset_mismatch")
-        fresh = get_upload(session, principal, upload_id)
-        session.expunge(fresh)
+        with session_scope(factory) as session:
+            session.execute(
+                update(Upload)
+                .where(Upload.id == row.id)
+                .values(offset=start + written, updated_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+            fresh = get_upload(session, principal, upload_id)
+            session.expunge(fresh)
     return fresh
 
 
@@ -231,13 +232,18 @@ def create_dataset(
     body: DatasetFromUpload,
 ) -> Dataset:
     row = get_upload(session, principal, upload_id)
+    session.expunge(row)
+    session.commit()  # no transaction stays open while the file is hashed and validated
     if row.offset != row.size:
         raise Conflict(
             f"the upload is incomplete: {row.offset} of {row.size} bytes; send the rest from offset {row.offset}",
             code="upload_incomplete",
         )
-    path = storage.path(row.path)
-    digest = sha256_file(path)
+    part = storage.path(row.path)
+    try:
+        digest = sha256_file(part)
+    except FileNotFoundError:
+        raise Conflict(f"upload {upload_id} already became a dataset", code="upload_consumed") from None
     if row.sha256 is not None and digest != row.sha256:
         raise Unprocessable(
             f"the file's SHA-256 is {digest}, not the {row.sha256} declared: the upload is damaged; delete it "
@@ -245,15 +251,23 @@ def create_dataset(
             param="sha256",
             code="checksum_mismatch",
         )
-    with path.open("rb") as handle:
+    with part.open("rb") as handle:
         head = handle.read(HEAD_BYTES)
+    # The dataset gets a second name of the same file: the upload keeps its own until the dataset is
+    # committed, so a failure anywhere (validation, the database) leaves the upload whole to try again.
+    linked = storage.new_temp_path()
+    os.link(part, linked)
     fields = {k: v for k, v in body.model_dump().items() if v is not None}
     received = ReceivedUpload(
-        fields=fields, path=path, filename=row.filename, size=row.size, sha256=digest, head=head
+        fields=fields, path=linked, filename=row.filename, size=row.size, sha256=digest, head=head
     )
-    # A dataset that fails validation keeps the upload, to try again with other options.
-    dataset = datasets.create_dataset(session, storage, settings, principal, received, discard=False)
-    session.delete(row)
+    dataset = datasets.create_dataset(session, storage, settings, principal, received)
+    consumed = session.execute(
+        delete(Upload).where(Upload.id == row.id).execution_options(synchronize_session=False)
+    )
+    if consumed.rowcount != 1:  # type: ignore[attr-defined]
+        raise Conflict(f"upload {upload_id} already became a dataset", code="upload_consumed")
+    after_commit(session, lambda: storage.delete(row.path))
     return dataset
 
 

@@ -32,9 +32,15 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("release_requested", sa.Boolean(), nullable=False, server_default=sa.false())
         )
+        batch_op.add_column(
+            sa.Column("worker_losses", sa.Integer(), nullable=False, server_default=sa.text("0"))
+        )
         batch_op.add_column(sa.Column("dispatched_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("resume_state", JSON, nullable=True))
         batch_op.create_index("ix_jobs_status_heartbeat_at", ["status", "heartbeat_at"])
+    # Jobs running while this migration runs had no lease: they get a full lease period from now, after
+    # which the reaper requeues them unless their worker finishes them first.
+    op.execute(sa.text("UPDATE jobs SET heartbeat_at = CURRENT_TIMESTAMP WHERE status = 'running'"))
 
 
 def downgrade() -> None:
@@ -42,6 +48,7 @@ def downgrade() -> None:
         batch_op.drop_index("ix_jobs_status_heartbeat_at")
         batch_op.drop_column("resume_state")
         batch_op.drop_column("dispatched_at")
+        batch_op.drop_column("worker_losses")
         batch_op.drop_column("release_requested")
         batch_op.drop_column("heartbeat_at")
         batch_op.drop_column("lease_token")

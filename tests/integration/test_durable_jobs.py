@@ -140,6 +140,9 @@ def test_a_worker_that_lost_its_lease_stops_writing_and_the_job_resumes_elsewher
     job = job_row(db, job_id)
     assert job.status == "succeeded", job.error
     assert job.attempts == 2
+    # The training state served its purpose: gone with the job's end.
+    assert job.resume_state is None
+    assert not (settings.storage_dir / "checkpoints" / job_id / "state").exists()
     # One clean history: every epoch once, in order, whatever the first worker had written.
     assert metrics_epochs(api, job_id) == list(range(1, EPOCHS + 1))
     checkpoints = api.get(f"/v1/jobs/{job_id}/checkpoints", params={"limit": 100}).json()["data"]
@@ -164,7 +167,7 @@ def test_the_reaper_gives_up_after_max_attempts(
         session.execute(
             update(Job)
             .where(Job.id == job_id)
-            .values(attempts=settings.max_attempts, heartbeat_at=utcnow() - timedelta(hours=1))
+            .values(worker_losses=settings.max_attempts - 1, heartbeat_at=utcnow() - timedelta(hours=1))
         )
     with session_scope(db) as session:
         result = reap(session, settings, JobQueue(settings))
@@ -172,7 +175,7 @@ def test_the_reaper_gives_up_after_max_attempts(
     job = api.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "failed"
     assert job["error"]["code"] == "worker_lost"
-    assert f"attempt {settings.max_attempts} of {settings.max_attempts}" in job["error"]["message"]
+    assert f"lost its worker {settings.max_attempts} times" in job["error"]["message"]
     # A worker that comes back late cannot bring it back to life.
     with session_scope(db) as session:
         assert not repository.renew(session, job_id, token)
@@ -202,6 +205,7 @@ def test_a_released_job_saves_its_state_goes_back_to_the_queue_and_finishes_the_
     run_in_process(worker_settings, job_id)
     job = job_row(db, job_id)
     assert job.status == "succeeded"
+    assert job.attempts == 2 and job.worker_losses == 0  # a graceful release is not a lost worker
     assert metrics_epochs(api, job_id) == list(range(1, EPOCHS + 1))
     assert job.metrics == pytest.approx(job_row(db, reference).metrics, rel=1e-5)
 
@@ -264,3 +268,32 @@ def test_the_api_answers_503_with_retry_after_while_the_database_is_down(setting
         assert response.json()["error"]["code"] == "database_unavailable"
         assert client.get("/healthz").status_code == 200  # the process itself is alive
         assert client.get("/readyz").status_code == 503
+
+
+def test_training_states_of_jobs_that_ended_elsewhere_are_removed(
+    digits_dataset: tuple[Api, str], settings: Settings, db: Any
+) -> None:
+    """A requeued job cancelled through the API (or failed by the reaper) ends without a worker to clear
+    its training state: the reaper's sweep removes it."""
+    from app.core.storage import Storage
+    from app.jobs.reaper import remove_finished_states
+
+    api, dataset = digits_dataset
+    job_id = long_job(api, dataset)
+    storage = Storage(settings.storage_dir)
+    state = storage.path(f"checkpoints/{job_id}/state/s.safetensors")
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"state")
+    with session_scope(db) as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(resume_state={"run": {"path": f"checkpoints/{job_id}/state/s.safetensors", "epoch": 2}})
+        )
+    assert api.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    with session_scope(db) as session:
+        assert job_id in remove_finished_states(session, storage)
+    assert job_row(db, job_id).resume_state is None
+    assert not state.parent.exists()
+    with session_scope(db) as session:
+        assert job_id not in remove_finished_states(session, storage)  # done once

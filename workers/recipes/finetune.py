@@ -563,7 +563,8 @@ class FinetuneRecipe:
         self.model.load_state_dict(state.group("model"), strict=False)
         restore_optimizer(self.optimizer, state.group("optimizer"), state.meta["optimizer"])
         self.scheduler.load_state_dict(state.meta["scheduler"])
-        self.scaler.load_state_dict(state.meta["scaler"])
+        if state.meta["scaler"] and self.scaler.is_enabled():  # empty when saved without loss scaling
+            self.scaler.load_state_dict(state.meta["scaler"])
         restore_rng(self.generator, state.group("rng"), state.meta["rng"])
         self.restore_extras(state.group("extras"), state.meta["extras"])
         self.step = state.step

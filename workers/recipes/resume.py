@@ -136,9 +136,14 @@ def rng_state(generator: torch.Generator) -> tuple[dict[str, Tensor], dict[str, 
 def restore_rng(generator: torch.Generator, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
     generator.set_state(tensors["generator"])
     torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
+    cuda = [
+        tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda")), key=lambda k: int(k[4:]))
+    ]
     if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:  # resumed on a machine with another number of GPUs: the device in use continues its stream
+            torch.cuda.set_rng_state(cuda[0])
     kind, keys, position, has_gauss, cached = meta["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
     version, internal, gauss = meta["python"]
