@@ -110,16 +110,35 @@ def test_a_second_delivery_of_a_running_job_does_nothing(
     assert job_row(db, job_id).attempts == 1
 
 
-def test_a_worker_that_lost_its_lease_stops_writing_and_the_job_resumes_elsewhere(
-    digits_dataset: tuple[Api, str], worker_settings: Settings, settings: Settings, db: Any
-) -> None:
+@pytest.fixture(scope="module")
+def uninterrupted(digits_dataset: tuple[Api, str], worker_settings: Settings, db: Any) -> dict[str, Any]:
+    """The metrics of a long job that nothing interrupts, to compare interrupted ones with."""
     api, dataset = digits_dataset
     reference = long_job(api, dataset, epochs=EPOCHS)
     run_in_process(worker_settings, reference)
+    return job_row(db, reference).metrics or {}
 
+
+def running_job(
+    digits_dataset: tuple[Api, str], worker_settings: Settings, db: Any, epoch: int
+) -> tuple[str, threading.Thread]:
+    """A long job running in a worker thread, past `epoch`."""
+    api, dataset = digits_dataset
     job_id = long_job(api, dataset, epochs=EPOCHS)
     thread = in_thread(worker_settings, job_id)
-    wait_for(lambda: epoch_of(db, job_id) >= 3, 120, message="epoch 3")
+    wait_for(lambda: epoch_of(db, job_id) >= epoch, 120, message=f"epoch {epoch}")
+    return job_id, thread
+
+
+def test_a_worker_that_lost_its_lease_stops_writing_and_the_job_resumes_elsewhere(
+    digits_dataset: tuple[Api, str],
+    worker_settings: Settings,
+    settings: Settings,
+    db: Any,
+    uninterrupted: dict[str, Any],
+) -> None:
+    api, _ = digits_dataset
+    job_id, thread = running_job(digits_dataset, worker_settings, db, 3)
     # The worker goes silent (as if its machine were cut off): the job's row is locked, so its writes wait,
     # and its heartbeat is old when the reaper looks.
     with session_scope(db) as session:
@@ -150,10 +169,9 @@ def test_a_worker_that_lost_its_lease_stops_writing_and_the_job_resumes_elsewher
     later = messages(api, job_id)[requeued_at:]
     assert any(m.startswith("Resumed from the training state saved after epoch") for m in later)
     # The same result as the run nobody interrupted.
-    expected = job_row(db, reference).metrics or {}
     found = job.metrics or {}
-    assert found["val_accuracy"] == pytest.approx(expected["val_accuracy"], abs=1e-6)
-    assert found["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
+    assert found["val_accuracy"] == pytest.approx(uninterrupted["val_accuracy"], abs=1e-6)
+    assert found["val_loss"] == pytest.approx(uninterrupted["val_loss"], rel=1e-5)
 
 
 def test_the_reaper_gives_up_after_max_attempts(
@@ -182,15 +200,10 @@ def test_the_reaper_gives_up_after_max_attempts(
 
 
 def test_a_released_job_saves_its_state_goes_back_to_the_queue_and_finishes_the_same(
-    digits_dataset: tuple[Api, str], worker_settings: Settings, db: Any
+    digits_dataset: tuple[Api, str], worker_settings: Settings, db: Any, uninterrupted: dict[str, Any]
 ) -> None:
-    api, dataset = digits_dataset
-    reference = long_job(api, dataset, epochs=EPOCHS)
-    run_in_process(worker_settings, reference)
-
-    job_id = long_job(api, dataset, epochs=EPOCHS)
-    thread = in_thread(worker_settings, job_id)
-    wait_for(lambda: epoch_of(db, job_id) >= 2, 120, message="epoch 2")
+    api, _ = digits_dataset
+    job_id, thread = running_job(digits_dataset, worker_settings, db, 2)
     with session_scope(db) as session:
         owner = job_row(db, job_id).lease_owner
         assert owner is not None
@@ -207,7 +220,7 @@ def test_a_released_job_saves_its_state_goes_back_to_the_queue_and_finishes_the_
     assert job.status == "succeeded"
     assert job.attempts == 2 and job.worker_losses == 0  # a graceful release is not a lost worker
     assert metrics_epochs(api, job_id) == list(range(1, EPOCHS + 1))
-    assert job.metrics == pytest.approx(job_row(db, reference).metrics, rel=1e-5)
+    assert job.metrics == pytest.approx(uninterrupted, rel=1e-5)
 
 
 def test_cancel_reaches_a_job_through_the_database(
