@@ -567,6 +567,7 @@ def _register_result(
 def _run_self_supervised(context: WorkerContext, job: Job, reporter: DatabaseReporter) -> None:
     from workers.recipes.finetune import Hyperparameters
     from workers.recipes.self_supervised import SelfSupervisedConfig, SelfSupervisedRecipe
+    from workers.recipes.transfer import RunReporter
 
     with session_scope(context.session_factory) as session:
         assert job.training_dataset is not None
@@ -577,10 +578,7 @@ def _run_self_supervised(context: WorkerContext, job: Job, reporter: DatabaseRep
             train=_dataset_source(context, session, job.training_dataset),
             hyperparameters=Hyperparameters.model_validate(job.hyperparameters),
         )
-    # Self-supervised pretraining keeps no training state: a requeued job starts over, and what an earlier
-    # attempt reported (epochs, checkpoints) is removed first.
-    reporter.journal_for("self-supervised", primary=True).load()
-    result = SelfSupervisedRecipe(config, reporter).run()
+    result = SelfSupervisedRecipe(config, RunReporter(reporter, "self-supervised", 0, 1, primary=True)).run()
     _register_result(
         context,
         job,

@@ -166,3 +166,27 @@ def test_the_state_file_holds_no_pickle(iris: DatasetSource, tmp_path: Path) -> 
     header_size = int.from_bytes(raw[:8], "little")
     assert raw[8 : 8 + header_size].startswith(b"{")  # a safetensors JSON header, then raw tensor bytes
     assert b"\x80\x04\x95" not in raw  # no pickle protocol-4 frame anywhere
+
+
+def test_self_supervised_pretraining_resumes_from_its_last_epoch(iris: DatasetSource, tmp_path: Path) -> None:
+    from workers.recipes.finetune import Hyperparameters
+    from workers.recipes.self_supervised import SelfSupervisedConfig, SelfSupervisedRecipe
+
+    def recipe(reporter: JournalReporter) -> SelfSupervisedRecipe:
+        base = BaseModelSource(id="mlp", spec=ModelSpec.for_builtin("mlp"), pretrained=False)
+        hp = {**default_hyperparameters("mlp", "self_supervised"), "epochs": 5, "batch_size": 16}
+        config = SelfSupervisedConfig(
+            job_id="job_resume", seed=4, base=base, train=iris, hyperparameters=Hyperparameters(**hp)
+        )
+        return SelfSupervisedRecipe(config, reporter)
+
+    uninterrupted = recipe(JournalReporter(FileJournal(tmp_path / "a"))).run()
+    journal = FileJournal(tmp_path / "b")
+    with pytest.raises(JobPreempted):
+        recipe(JournalReporter(journal, release_after_steps=20)).run()  # 9 steps an epoch: in epoch 3
+    assert journal.load() is not None and journal.load().epoch == 2  # type: ignore[union-attr]
+    again = JournalReporter(journal)
+    resumed = recipe(again).run()
+    assert [m["epoch"] for m in again.metrics_seen] == [3.0, 4.0, 5.0]
+    for key in uninterrupted.state:
+        assert torch.equal(resumed.state[key], uninterrupted.state[key]), key

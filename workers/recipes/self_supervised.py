@@ -37,7 +37,15 @@ from workers.recipes.base import (
     to_device,
 )
 from workers.recipes.data import batches, load_inputs
-from workers.recipes.finetune import FinetuneResult, Hyperparameters, warmup_cosine
+from workers.recipes.finetune import FinetuneResult, Hyperparameters, SilentEvents, warmup_cosine
+from workers.recipes.resume import (
+    Journal,
+    TrainingState,
+    optimizer_state,
+    restore_optimizer,
+    restore_rng,
+    rng_state,
+)
 
 PROJECTION_DIM = 128
 TEMPERATURE = {"image": 0.2, "text": 0.05}
@@ -99,6 +107,7 @@ class SelfSupervisedRecipe:
         self.hp = config.hyperparameters
         self.device = pick_device(config.device)
         self.amp_dtype = autocast_dtype(self.device)
+        self.journal: Journal | None = getattr(reporter, "journal", None)
 
     def setup(self) -> None:
         config = self.config
@@ -173,13 +182,56 @@ class SelfSupervisedRecipe:
             reconstruction = self.auxiliary(self.model.features(noisy))
         return F.mse_loss(reconstruction.float(), target)
 
+    def _save_state(self, epoch: int, step: int, history: list[dict[str, float]]) -> None:
+        """At an epoch's end: what the next attempt needs to go on from here (as fine-tuning runs do)."""
+        if self.journal is None:
+            return
+        state = TrainingState(
+            meta={
+                "epoch": epoch,
+                "batch": 0,
+                "step": step,
+                "complete": epoch >= self.hp.epochs,
+                "history": history,
+                "scheduler": self.scheduler.state_dict(),
+            }
+        )
+        state.put("model", self.model.state_dict())
+        state.put("auxiliary", self.auxiliary.state_dict())
+        optimizer_tensors, state.meta["optimizer"] = optimizer_state(self.optimizer)
+        state.put("optimizer", optimizer_tensors)
+        rng_tensors, state.meta["rng"] = rng_state(self.generator)
+        state.put("rng", rng_tensors)
+        self.journal.save(state)
+
+    def _restore(self, state: TrainingState) -> tuple[int, list[dict[str, float]]]:
+        self.model.load_state_dict(state.group("model"))
+        self.auxiliary.load_state_dict(state.group("auxiliary"))
+        restore_optimizer(self.optimizer, state.group("optimizer"), state.meta["optimizer"])
+        self.scheduler.load_state_dict(state.meta["scheduler"])
+        restore_rng(self.generator, state.group("rng"), state.meta["rng"])
+        self.reporter.event(
+            f"Resumed from the training state saved after epoch {state.epoch} (step {state.step})",
+            data={"epoch": state.epoch, "batch": 0, "step": state.step, "resumed": True},
+        )
+        return state.step, [dict(h) for h in state.meta["history"]]
+
     def run(self) -> FinetuneResult:
-        self.setup()
-        step = 0
+        saved = self.journal.load() if self.journal is not None else None
         history: list[dict[str, float]] = []
+        if saved is None:
+            self.setup()
+            step = 0
+            self.reporter.progress(epoch=0, epochs=self.hp.epochs, step=0, total_steps=self.total_steps)
+        else:
+            reporter, self.reporter = self.reporter, SilentEvents(self.reporter)
+            try:
+                self.setup()
+            finally:
+                self.reporter = reporter
+            step, history = self._restore(saved)
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.reporter.progress(epoch=0, epochs=self.hp.epochs, step=0, total_steps=self.total_steps)
-        for epoch in range(1, self.hp.epochs + 1):
+        for epoch in range(len(history) + 1, self.hp.epochs + 1):
             started = time.perf_counter()
             self.model.train()
             self.auxiliary.train()
@@ -200,7 +252,7 @@ class SelfSupervisedRecipe:
                 )
                 signal = stop_signal(self.reporter)
                 if signal is not None:
-                    raise signal
+                    raise signal  # a worker shutting down: the next attempt resumes from the last epoch
             metrics = {
                 "epoch": float(epoch),
                 "train_loss": sum(losses) / max(len(losses), 1),
@@ -218,6 +270,7 @@ class SelfSupervisedRecipe:
                     metadata={"method": "full", "objective": self.modality},
                     best=True,
                 )
+            self._save_state(epoch, step, history)
         state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         return FinetuneResult(
             spec=self.spec,
