@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import os
 import signal
@@ -112,7 +113,10 @@ def _wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float = 
     return False
 
 
-WORKER_MIN_UPTIME_SECONDS = 30.0
+# A worker that dies is started again, unless it died more than this many times within the window: then
+# it cannot stay up (a broken install, a bad setting) and Graft stops with the reason instead of looping.
+WORKER_RESTART_LIMIT = 3
+WORKER_RESTART_WINDOW_SECONDS = 60.0
 
 
 def _describe_exit(code: int) -> str:
@@ -153,57 +157,66 @@ def run(settings: Settings) -> int:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-
-    base = f"http://{settings.host}:{settings.port}"
-    if _wait_until_up(f"{base}/healthz", api):
-        shown = key if key is not None else "(the value of GRAFT_BOOTSTRAP_API_KEY)"
-        print(
-            "\n"
-            "  Graft is running\n"
-            f"    API docs       {base}/docs\n"
-            f"    Admin API key  {shown}\n"
-            f"    Data           {settings.home}\n"
-            "  Press Ctrl-C to stop.\n",
-            flush=True,
-        )
-    # A worker that dies (killed, out of memory) is started again, and the job it ran resumes from its last
-    # saved training state. The API ending (Ctrl-C, or a crash) brings the worker down with it, as does a
-    # worker that cannot stay up.
-    worker_started = time.monotonic()
-    while api.poll() is None:
-        worker = processes["worker"]
-        if worker.poll() is not None:
-            if stopping or time.monotonic() - worker_started < WORKER_MIN_UPTIME_SECONDS:
-                break
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        base = f"http://{settings.host}:{settings.port}"
+        if _wait_until_up(f"{base}/healthz", api):
+            shown = key if key is not None else "(the value of GRAFT_BOOTSTRAP_API_KEY)"
             print(
-                f"The worker exited ({_describe_exit(worker.returncode)}); starting it again. A job it was "
-                "running resumes from its last saved training state.",
+                "\n"
+                "  Graft is running\n"
+                f"    API docs       {base}/docs\n"
+                f"    Admin API key  {shown}\n"
+                f"    Data           {settings.home}\n"
+                "  Press Ctrl-C to stop.\n",
                 flush=True,
             )
-            with contextlib.suppress(OSError):
-                os.killpg(worker.pid, signal.SIGKILL)  # pool processes it may have left behind
-            if embedded:
-                recover_embedded_jobs(settings)
-            processes["worker"] = subprocess.Popen(worker_command(settings), env=env, start_new_session=True)
-            worker_started = time.monotonic()
-        time.sleep(0.5)
-    if not stopping:
-        stop(signal.SIGTERM, None)
-    for process in processes.values():
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    failed = [
-        name
-        for name, process in processes.items()
-        if process.returncode not in (0, -signal.SIGTERM, -signal.SIGINT)
-    ]
-    if failed and not stopping:
-        print(f"Graft stopped because the {failed[0]} process exited.", file=sys.stderr)
+        # A worker that dies (killed, out of memory) is started again, and the job it ran resumes from its
+        # last saved training state. The API ending (Ctrl-C, or a crash) brings the worker down with it, as
+        # does a worker that keeps dying.
+        deaths: collections.deque[float] = collections.deque()
+        reason = None
+        while api.poll() is None and not stopping:
+            worker = processes["worker"]
+            if worker.poll() is not None:
+                now = time.monotonic()
+                deaths.append(now)
+                while now - deaths[0] > WORKER_RESTART_WINDOW_SECONDS:
+                    deaths.popleft()
+                with contextlib.suppress(OSError):
+                    os.killpg(worker.pid, signal.SIGKILL)  # pool processes it may have left behind
+                if len(deaths) > WORKER_RESTART_LIMIT:
+                    reason = (
+                        f"the worker exited {len(deaths)} times within {WORKER_RESTART_WINDOW_SECONDS:.0f} s "
+                        f"(last: {_describe_exit(worker.returncode)}); its log is above"
+                    )
+                    break
+                print(
+                    f"The worker exited ({_describe_exit(worker.returncode)}); starting it again. A job it was "
+                    "running resumes from its last saved training state.",
+                    flush=True,
+                )
+                if embedded:
+                    recover_embedded_jobs(settings)
+                processes["worker"] = subprocess.Popen(
+                    worker_command(settings), env=env, start_new_session=True
+                )
+            time.sleep(0.5)
+        if reason is None and not stopping:
+            reason = f"the API process exited ({_describe_exit(api.returncode)}); its log is above"
+        if not stopping:
+            stop(signal.SIGTERM, None)
+        for process in processes.values():
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if reason is not None:
+        print(f"Graft stopped because {reason}.", file=sys.stderr, flush=True)
         return 1
     return 0
 

@@ -105,6 +105,27 @@ def test_run_serves_the_embedded_default_and_restarts_with_the_same_data(tmp_pat
             60,
             message="the rerun",
         )
+        # A worker killed with -9 (as by the out-of-memory killer), even moments after it started, is started
+        # again by the launcher, and its job runs again.
+        attempts = api.get(f"/v1/jobs/{long_job['id']}").json()["attempts"]
+        worker_pid = int(
+            subprocess.run(
+                ["pgrep", "-P", str(relaunched.pid), "-f", "celery"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()[0]
+        )
+        os.killpg(worker_pid, signal.SIGKILL)
+        wait_for(lambda: "starting it again" in log.read_text(), 30, message="the worker's restart")
+        wait_for(
+            lambda: (lambda j: j["status"] == "running" and j["attempts"] > attempts)(
+                api.get(f"/v1/jobs/{long_job['id']}").json()
+            ),
+            90,
+            message="the job on the restarted worker",
+        )
+        assert relaunched.poll() is None, log_tail(log)
         assert api.post(f"/v1/jobs/{long_job['id']}/cancel").status_code == 200
         assert api.wait_job(long_job["id"], timeout=30)["status"] == "cancelled"
         prediction = api.post(
