@@ -225,15 +225,16 @@ def test_cancel_works_after_every_worker_was_restarted(faults: Cluster, digits_t
     """Cancel is a flag in the database, not a message to the worker that received the job: it reaches a
     job whose worker is gone (the reaper cancels it) and a job resumed on a worker started since."""
     api = faults.project()
+    # Jobs long enough that none can finish before its cancel arrives, on however fast a machine.
     worker = faults.start_worker()
-    orphan = start_job(api, digits_table, EPOCHS)
+    orphan = start_job(api, digits_table, 10 * EPOCHS)
     wait_epoch(faults, api, orphan, 2)
     worker.kill()  # every worker gone
     assert api.post(f"/v1/jobs/{orphan}/cancel").status_code == 200
     assert api.wait_job(orphan, timeout=30)["status"] == "cancelled"
 
     worker = faults.start_worker()
-    moved = start_job(api, digits_table, EPOCHS)
+    moved = start_job(api, digits_table, 10 * EPOCHS)
     wait_epoch(faults, api, moved, 2)
     worker.terminate()  # the job goes back to the queue
     worker.process.wait(30)
