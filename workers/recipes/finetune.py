@@ -635,17 +635,23 @@ class FinetuneRecipe:
 
     def run(self) -> FinetuneResult:
         saved = self.journal.load() if self.journal is not None else None
-        if saved is None:
-            self.setup()
-        else:
-            # Setup's messages were written by the attempt that first ran it.
-            reporter, self.reporter = self.reporter, SilentEvents(self.reporter)
-            try:
-                self.setup()
-            finally:
-                self.reporter = reporter
+        set_up(self, resuming=saved is not None)
+        if saved is not None:
             self.restore(saved)
         return self.train()
+
+
+def set_up(trainer: Any, *, resuming: bool) -> None:
+    """Run a trainer's setup; on a resume its messages are dropped (the attempt that first ran it wrote
+    them), so the job's history holds them once."""
+    if not resuming:
+        trainer.setup()
+        return
+    reporter, trainer.reporter = trainer.reporter, SilentEvents(trainer.reporter)
+    try:
+        trainer.setup()
+    finally:
+        trainer.reporter = reporter
 
 
 class SilentEvents:

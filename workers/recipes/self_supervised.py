@@ -37,7 +37,7 @@ from workers.recipes.base import (
     to_device,
 )
 from workers.recipes.data import batches, load_inputs
-from workers.recipes.finetune import FinetuneResult, Hyperparameters, SilentEvents, warmup_cosine
+from workers.recipes.finetune import FinetuneResult, Hyperparameters, set_up, warmup_cosine
 from workers.recipes.resume import (
     Journal,
     TrainingState,
@@ -224,11 +224,7 @@ class SelfSupervisedRecipe:
             step = 0
             self.reporter.progress(epoch=0, epochs=self.hp.epochs, step=0, total_steps=self.total_steps)
         else:
-            reporter, self.reporter = self.reporter, SilentEvents(self.reporter)
-            try:
-                self.setup()
-            finally:
-                self.reporter = reporter
+            set_up(self, resuming=True)
             step, history = self._restore(saved)
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         for epoch in range(len(history) + 1, self.hp.epochs + 1):
