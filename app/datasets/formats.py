@@ -5,8 +5,11 @@
 
 Every problem raises FormatError whose message names the row, line or file and the column. Archives
 are read in place and never extracted; unsafe members (absolute or `..` paths, links, encryption) and
-zip bombs (member count, total size, compression ratio) are refused before any image is decoded.
-This module knows nothing of the database or HTTP.
+zip bombs (member count, total size, compression ratio) are refused before any image is read. Images
+are checked from their headers (format, pixels per image and per archive) and for damage without
+decoding them whole. Validation at upload applies the limits of ArchiveLimits (classes, label and column
+name lengths, pixels); reading for training applies none of them, so a dataset accepted once stays
+readable. This module knows nothing of the database or HTTP.
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ DEFAULT_LABEL_COLUMN = "label"
 MAX_LINE_BYTES = 16 * 1024 * 1024
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 MAX_FEATURES = 10_000
-MAX_LABEL_CHARS = 1000
 FLOAT32_MAX = 3.4028234663852886e38
 csv.field_size_limit(MAX_LINE_BYTES)
 
@@ -51,12 +53,29 @@ class FormatError(ValueError):
         self.param = param
 
 
+# Below this many uncompressed bytes a compression ratio says nothing: DEFLATE's few bytes of framing
+# make 6 KiB of zeros (a .DS_Store, a __MACOSX resource fork) look like 300:1, and inflating 64 KiB costs
+# microseconds. Above it the ratio is checked at every size, for each member and for the whole archive
+# (the members under it are still counted in the whole archive's ratio).
+RATIO_FLOOR_BYTES = 64 * 1024
+
+
 @dataclass(frozen=True)
 class ArchiveLimits:
+    """The limits an upload is validated against. The name is historical: the class and column limits
+    apply to text and tabular datasets too."""
+
     max_members: int = 50_000
     max_uncompressed_bytes: int = 8 * 1024**3
     max_compression_ratio: float = 200.0
     max_image_pixels: int = 40_000_000
+    # width * height summed over the images of one archive: what decoding them all for training costs.
+    max_archive_pixels: int = 1_000_000_000
+    # Distinct labels of a dataset (text and tabular label columns, image class folders): every class is
+    # stored with the dataset and returned by every GET, and becomes an output of the model's head.
+    max_classes: int = 1000
+    max_class_chars: int = 200
+    max_column_chars: int = 200
 
 
 @dataclass
@@ -180,39 +199,64 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, int, dict[str, Any]]]:
             yield f"line {line_no}", row, record
 
 
-def _records(path: Path, fmt: str) -> Iterator[tuple[str, int, dict[str, Any]]]:
+def _check_column_names(where: str, header: dict[str, Any], max_chars: int) -> None:
+    for position, name in enumerate(header, 1):
+        if len(name) > max_chars:
+            raise FormatError(
+                f"{where}: the name of column {position} is longer than {max_chars} characters "
+                f"({len(name)} found)"
+            )
+
+
+def _records(
+    path: Path, fmt: str, max_column_chars: int | None = None
+) -> Iterator[tuple[str, int, dict[str, Any]]]:
     """Header-first record stream: CSV yields its header as the first item; JSONL yields its first
-    record's keys as the 'header' so both formats resolve columns the same way."""
+    record's keys as the 'header' so both formats resolve columns the same way. Column names longer than
+    max_column_chars (None: no limit) are refused where the header is."""
     if fmt == "csv":
-        yield from _csv_records(path)
+        records = _csv_records(path)
+        header = next(records)
+        if max_column_chars is not None:
+            _check_column_names("header", header[2], max_column_chars)
+        yield header
+        yield from records
         return
-    records = _jsonl_records(path)
-    first = next(records, None)
+    jsonl_records = _jsonl_records(path)
+    first = next(jsonl_records, None)
     if first is None:
         raise FormatError("the file has no records")
+    if max_column_chars is not None:
+        # Only the first record's keys: they are the columns; later lines are held to them (tabular) or
+        # only their text and label keys are read (text).
+        _check_column_names(first[0], first[2], max_column_chars)
     yield "header", 0, {key: key for key in first[2]}
     yield first
-    yield from records
+    yield from jsonl_records
 
 
-def _label_value(value: Any, where: str, column: str) -> str | None:
+def _label_value(value: Any, where: str, column: str, max_chars: int | None) -> str | None:
+    """The label as a string (None when missing); longer than max_chars is refused (None: no limit)."""
     if value is None:
         return None
     if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        if abs(value) >= 10**MAX_LABEL_CHARS:
-            raise FormatError(f"{where}, column '{column}': label longer than {MAX_LABEL_CHARS} characters")
-        return str(value)
-    if isinstance(value, float):
+        label = "true" if value else "false"
+    elif isinstance(value, int):
+        # JSON refuses integers of more than 4300 digits before this, so str() is cheap.
+        label = str(value)
+    elif isinstance(value, float):
         if not math.isfinite(value):
             raise FormatError(f"{where}, column '{column}': label must be finite")
-        return str(int(value)) if value.is_integer() else str(value)
-    if isinstance(value, str):
-        if len(value) > MAX_LABEL_CHARS:
-            raise FormatError(f"{where}, column '{column}': label longer than {MAX_LABEL_CHARS} characters")
-        return value.strip() or None
-    raise FormatError(f"{where}, column '{column}': label must be a string or a number")
+        label = str(int(value)) if value.is_integer() else str(value)
+    elif isinstance(value, str):
+        label = value.strip()
+    else:
+        raise FormatError(f"{where}, column '{column}': label must be a string or a number")
+    if max_chars is not None and len(label) > max_chars:
+        raise FormatError(
+            f"{where}, column '{column}': label longer than {max_chars} characters ({len(label)} found)"
+        )
+    return label or None
 
 
 def _resolve_label_column(header: dict[str, Any], label_column: str | None) -> str | None:
@@ -243,10 +287,17 @@ def _check_classes(counts: Counter[str], label_column: str | None) -> tuple[list
 
 
 def iter_text(
-    path: Path, fmt: str, text_column: str | None, label_column: str | None
+    path: Path,
+    fmt: str,
+    text_column: str | None,
+    label_column: str | None,
+    limits: ArchiveLimits | None = None,
 ) -> Iterator[tuple[str, str, str | None]]:
-    """(where, text, label) for every example; the first item is ('columns', text_col, label_col)."""
-    records = _records(path, fmt)
+    """(where, text, label) for every example; the first item is ('columns', text_col, label_col).
+
+    limits: the upload's limits (column names, label length, text column differing from the label
+    column); None when reading a dataset for training, which applies none of them."""
+    records = _records(path, fmt, limits.max_column_chars if limits else None)
     _, _, header = next(records)
     text_col = text_column or DEFAULT_TEXT_COLUMN
     if text_col not in header:
@@ -254,6 +305,14 @@ def iter_text(
             f"text column '{text_col}' not found (columns: {', '.join(header)})", param="text_column"
         )
     label_col = _resolve_label_column(header, label_column)
+    if limits is not None and label_col == text_col:
+        # Every text would be its own class. When the label column was not asked for, the message says it
+        # is the default one, or the client would not see where a second column came from.
+        how = "" if label_column is not None else " (the default label column)"
+        raise FormatError(
+            f"the text and label columns must differ: both are '{text_col}'{how}", param="label_column"
+        )
+    max_label_chars = limits.max_class_chars if limits else None
     yield "columns", text_col, label_col
     for where, _row, record in records:
         if text_col not in record:
@@ -265,22 +324,34 @@ def iter_text(
             raise FormatError(f"{where}, column '{text_col}': empty text")
         label = None
         if label_col is not None:
-            label = _label_value(record.get(label_col), where, label_col)
+            label = _label_value(record.get(label_col), where, label_col, max_label_chars)
             if label is None:
                 raise FormatError(f"{where}, column '{label_col}': missing label")
         yield where, text, label
 
 
 def _summarise(
-    fmt: str, rows: Iterator[tuple[str, Any, str | None]], label_col: str | None, schema_info: dict[str, Any]
+    fmt: str,
+    rows: Iterator[tuple[str, Any, str | None]],
+    label_col: str | None,
+    schema_info: dict[str, Any],
+    limits: ArchiveLimits,
 ) -> DatasetInfo:
     """Count the examples and classes of a validated row stream."""
     counts: Counter[str] = Counter()
     n = 0
-    for _where, _value, label in rows:
+    for where, _value, label in rows:
         n += 1
-        if label is not None:
-            counts[label] += 1
+        if label is None:
+            continue
+        if label not in counts and len(counts) >= limits.max_classes:
+            # Refused at the first label past the limit: the counter never holds more than the limit.
+            raise FormatError(
+                f"more than {limits.max_classes} distinct labels in column '{label_col}': {where} has "
+                f"label number {len(counts) + 1}; at most {limits.max_classes} classes are supported",
+                param="label_column",
+            )
+        counts[label] += 1
     if n == 0:
         raise FormatError("the file has a header but no rows")
     classes, class_counts = _check_classes(counts, label_col) if label_col else ([], {})
@@ -294,10 +365,17 @@ def _summarise(
     )
 
 
-def inspect_text(path: Path, fmt: str, text_column: str | None, label_column: str | None) -> DatasetInfo:
-    rows = iter_text(path, fmt, text_column, label_column)
+def inspect_text(
+    path: Path,
+    fmt: str,
+    text_column: str | None,
+    label_column: str | None,
+    limits: ArchiveLimits | None = None,
+) -> DatasetInfo:
+    limits = limits or ArchiveLimits()
+    rows = iter_text(path, fmt, text_column, label_column, limits)
     _, text_col, label_col = next(rows)
-    return _summarise(fmt, rows, label_col, {"text_column": text_col})
+    return _summarise(fmt, rows, label_col, {"text_column": text_col}, limits)
 
 
 def read_text(path: Path, fmt: str, schema_info: dict[str, Any]) -> tuple[list[str], list[str] | None]:
@@ -340,10 +418,12 @@ def _number(value: Any, where: str, column: str) -> float:
 
 
 def iter_tabular(
-    path: Path, fmt: str, label_column: str | None
+    path: Path, fmt: str, label_column: str | None, limits: ArchiveLimits | None = None
 ) -> Iterator[tuple[str, list[float] | list[str], str | None]]:
-    """First item: ('columns', feature_columns, label_col); then (where, features, label)."""
-    records = _records(path, fmt)
+    """First item: ('columns', feature_columns, label_col); then (where, features, label).
+
+    limits: the upload's limits (column names, label length); None when reading for training."""
+    records = _records(path, fmt, limits.max_column_chars if limits else None)
     _, _, header = next(records)
     label_col = _resolve_label_column(header, label_column)
     features = [name for name in header if name != label_col]
@@ -351,6 +431,7 @@ def iter_tabular(
         raise FormatError("no feature columns: a tabular dataset needs at least one numeric column")
     if len(features) > MAX_FEATURES:
         raise FormatError(f"{len(features)} feature columns; at most {MAX_FEATURES} are supported")
+    max_label_chars = limits.max_class_chars if limits else None
     yield "columns", features, label_col
     expected = set(header)
     for where, _row, record in records:
@@ -362,16 +443,19 @@ def iter_tabular(
         values = [_number(record[name], where, name) for name in features]
         label = None
         if label_col is not None:
-            label = _label_value(record.get(label_col), where, label_col)
+            label = _label_value(record.get(label_col), where, label_col, max_label_chars)
             if label is None:
                 raise FormatError(f"{where}, column '{label_col}': missing label")
         yield where, values, label
 
 
-def inspect_tabular(path: Path, fmt: str, label_column: str | None) -> DatasetInfo:
-    rows = iter_tabular(path, fmt, label_column)
+def inspect_tabular(
+    path: Path, fmt: str, label_column: str | None, limits: ArchiveLimits | None = None
+) -> DatasetInfo:
+    limits = limits or ArchiveLimits()
+    rows = iter_tabular(path, fmt, label_column, limits)
     _, features, label_col = next(rows)
-    return _summarise(fmt, rows, label_col, {"feature_columns": list(features)})
+    return _summarise(fmt, rows, label_col, {"feature_columns": list(features)}, limits)
 
 
 def read_tabular(path: Path, fmt: str, schema_info: dict[str, Any]) -> tuple[np.ndarray, list[str] | None]:
@@ -426,7 +510,10 @@ def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
 
 
 def scan_archive(archive: zipfile.ZipFile, limits: ArchiveLimits) -> ImageArchive:
-    """Check every member's path, type and size, then work out the layout. Reads no member data."""
+    """Check every member's path, type and size, then work out the layout. Reads no member data.
+
+    Training reads archives through this too (with limits that let everything pass): the checks of
+    classes and pixels, which are upload rules, are in inspect_images."""
     infos = archive.infolist()
     if len(infos) > limits.max_members:
         raise FormatError(f"the archive has {len(infos)} members; at most {limits.max_members} are allowed")
@@ -449,7 +536,7 @@ def scan_archive(archive: zipfile.ZipFile, limits: ArchiveLimits) -> ImageArchiv
             raise FormatError(
                 f"the archive expands to more than {limits.max_uncompressed_bytes} bytes; that is the limit"
             )
-        if info.file_size > 1024 * 1024 and info.file_size > limits.max_compression_ratio * max(
+        if info.file_size > RATIO_FLOOR_BYTES and info.file_size > limits.max_compression_ratio * max(
             info.compress_size, 1
         ):
             raise FormatError(
@@ -460,7 +547,7 @@ def scan_archive(archive: zipfile.ZipFile, limits: ArchiveLimits) -> ImageArchiv
         if not parts or _is_junk(parts):
             continue
         files.append((parts, info))
-    if total > 10 * 1024 * 1024 and total > limits.max_compression_ratio * max(total_compressed, 1):
+    if total > RATIO_FLOOR_BYTES and total > limits.max_compression_ratio * max(total_compressed, 1):
         raise FormatError(
             f"the archive's compression ratio is above {limits.max_compression_ratio:g} (a zip bomb?)"
         )
@@ -496,27 +583,87 @@ def scan_archive(archive: zipfile.ZipFile, limits: ArchiveLimits) -> ImageArchiv
     return ImageArchive(entries=entries, layout=layout, root=root)
 
 
-def decode_image(data: bytes, name: str, limits: ArchiveLimits, *, draft: bool = False) -> Image.Image:
-    """Open and fully decode one PNG/JPEG; FormatError names the file when it is not a readable image."""
+def _unreadable(name: str, exc: Exception) -> FormatError:
+    return FormatError(f"file '{name}': not a readable image ({type(exc).__name__}: {exc})")
+
+
+def _open_image(data: bytes, name: str, limits: ArchiveLimits) -> Image.Image:
+    """Parse one image's header (Image.open reads no pixel data) and check its format and pixel count."""
     try:
         with warnings.catch_warnings():
+            # PIL's own bomb check, also from the header: above Image.MAX_IMAGE_PIXELS (89 M) it only
+            # warns (it refuses at twice that); made an error so that it cannot pass silently.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            if image.format not in ("PNG", "JPEG"):
-                raise FormatError(f"file '{name}': not a PNG or JPEG image (found {image.format})")
-            if image.width * image.height > limits.max_image_pixels:
-                raise FormatError(
-                    f"file '{name}': {image.width}x{image.height} pixels is above the limit of "
-                    f"{limits.max_image_pixels}"
-                )
-            if draft and image.format == "JPEG":
-                image.draft("RGB", (64, 64))
-            image.load()
-            return image
-    except FormatError:
-        raise
     except Exception as exc:
-        raise FormatError(f"file '{name}': not a readable image ({type(exc).__name__}: {exc})") from None
+        raise _unreadable(name, exc) from None
+    if image.format not in ("PNG", "JPEG"):
+        raise FormatError(f"file '{name}': not a PNG or JPEG image (found {image.format})")
+    if image.width * image.height > limits.max_image_pixels:
+        raise FormatError(
+            f"file '{name}': {image.width}x{image.height} pixels is above the limit of "
+            f"{limits.max_image_pixels}"
+        )
+    return image
+
+
+def image_size(data: bytes, name: str, limits: ArchiveLimits) -> tuple[int, int]:
+    """(width, height) of one PNG/JPEG from its header alone, after the format and per-image pixel checks:
+    what a caller sums over several images before decoding any of them."""
+    return _open_image(data, name, limits).size
+
+
+def decode_image(data: bytes, name: str, limits: ArchiveLimits, *, draft: bool = False) -> Image.Image:
+    """Open and fully decode one PNG/JPEG; FormatError names the file when it is not a readable image."""
+    image = _open_image(data, name, limits)
+    try:
+        if draft and image.format == "JPEG":
+            image.draft("RGB", (64, 64))
+        image.load()
+    except Exception as exc:
+        raise _unreadable(name, exc) from None
+    return image
+
+
+def _check_intact(image: Image.Image, name: str) -> None:
+    """Refuse a truncated or damaged image without decoding it whole (`image` comes from _open_image)."""
+    try:
+        if image.format == "PNG":
+            # Walks the chunks after the header and checks each one's CRC; pixel data is read but not
+            # inflated, so this costs a pass over the file's bytes, not width*height pixels (about 0.2 ms
+            # for a 6300x6300 PNG that takes over a second to decode).
+            image.verify()
+        else:
+            # DCT scaling decodes at 1/8 of the size, but every entropy-coded block is still read: a
+            # truncated or garbled JPEG fails here at a fraction of a full decode's cost.
+            image.draft("RGB", (64, 64))
+            image.load()
+    except Exception as exc:
+        raise _unreadable(name, exc) from None
+
+
+def _shorten(text: str, chars: int = 60) -> str:
+    return text if len(text) <= chars else text[:chars] + "…"
+
+
+def _check_class_folders(scanned: ImageArchive, limits: ArchiveLimits) -> None:
+    """The class folders' names and number, from the member list alone: before any member is read."""
+    seen: set[str] = set()
+    for _name, label in scanned.entries:
+        if label is None or label in seen:
+            continue
+        folder = f"{scanned.root}{label}/"
+        if len(label) > limits.max_class_chars:
+            raise FormatError(
+                f"folder '{_shorten(folder)}': a class folder name is at most {limits.max_class_chars} "
+                f"characters ({len(label)} found)"
+            )
+        if len(seen) >= limits.max_classes:
+            raise FormatError(
+                f"more than {limits.max_classes} class folders: '{_shorten(folder)}' is folder number "
+                f"{len(seen) + 1}; at most {limits.max_classes} classes are supported"
+            )
+        seen.add(label)
 
 
 # What zipfile raises on damaged or exotic archives (bad headers, unknown versions, odd names).
@@ -550,11 +697,25 @@ def read_member(archive: zipfile.ZipFile, name: str) -> bytes:
 def inspect_images(path: Path, limits: ArchiveLimits) -> DatasetInfo:
     with open_archive(path) as archive:
         scanned = scan_archive(archive, limits)
+        labeled = scanned.layout == "class_folders"
+        classes: list[str] = []
+        class_counts: dict[str, int] = {}
+        if labeled:
+            _check_class_folders(scanned, limits)
+            counts = Counter(label for _, label in scanned.entries if label is not None)
+            classes, class_counts = _check_classes(counts, None)
+        total_pixels = 0
         for name, _label in scanned.entries:
-            decode_image(read_member(archive, name), name, limits, draft=True)
-    counts = Counter(label for _, label in scanned.entries if label is not None)
-    labeled = scanned.layout == "class_folders"
-    classes, class_counts = _check_classes(counts, None) if labeled else ([], {})
+            image = _open_image(read_member(archive, name), name, limits)
+            # Summed from the header, before this member's integrity check: an archive over the limit is
+            # refused at the member that passes it, having only header-checked the members before it.
+            total_pixels += image.width * image.height
+            if total_pixels > limits.max_archive_pixels:
+                raise FormatError(
+                    f"file '{name}': with this image the archive holds more than "
+                    f"{limits.max_archive_pixels} pixels in all; that is the limit"
+                )
+            _check_intact(image, name)
     return DatasetInfo(
         format="zip",
         num_examples=len(scanned.entries),
@@ -580,17 +741,18 @@ def inspect_dataset(
     if fmt not in expected_formats(task):
         wanted = " or ".join(expected_formats(task))
         raise FormatError(f"{task} datasets are uploaded as {wanted}, not {fmt}")
+    limits = limits or ArchiveLimits()
     if task == "text_classification":
-        return inspect_text(path, fmt, text_column, label_column)
+        return inspect_text(path, fmt, text_column, label_column, limits)
     if task == "tabular_classification":
         if text_column is not None:
             raise FormatError("text_column applies to text_classification datasets only", param="text_column")
-        return inspect_tabular(path, fmt, label_column)
+        return inspect_tabular(path, fmt, label_column, limits)
     if task == "image_classification":
         if text_column is not None or label_column is not None:
             raise FormatError(
                 "image datasets take their labels from folder names; omit text_column and label_column",
                 param="label_column" if label_column is not None else "text_column",
             )
-        return inspect_images(path, limits or ArchiveLimits())
+        return inspect_images(path, limits)
     raise FormatError(f"unknown task '{task}'", param="task")

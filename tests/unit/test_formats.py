@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,13 +16,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from app.datasets.formats import (
+    RATIO_FLOOR_BYTES,
     ArchiveLimits,
     DatasetInfo,
     FormatError,
+    decode_image,
     detect_format,
+    image_size,
     inspect_dataset,
     inspect_images,
     inspect_tabular,
@@ -583,6 +587,205 @@ def test_malformed_tabular_is_refused(
         assert fragment in caught.value.message, caught.value.message
 
 
+# ------------------------------------------------------------------------------------ upload limits: classes, labels, columns
+
+
+def labelled_rows(fmt: str, task: str, labels: list[Any], tail: bytes = b"") -> bytes:
+    """One row per label with the columns of `task` (text: text,label; tabular: x,label); `tail` is
+    appended verbatim."""
+    column = "text" if task == "text" else "x"
+    values = [f"example {i}" if task == "text" else str(i) for i in range(len(labels))]
+    if fmt == "csv":
+        lines = [
+            f"{column},label",
+            *(f"{value},{label}" for value, label in zip(values, labels, strict=True)),
+        ]
+        return ("\n".join(lines) + "\n").encode() + tail
+    records = ({column: value, "label": label} for value, label in zip(values, labels, strict=True))
+    return jsonl(*records) + tail
+
+
+def inspect_rows(path: Path, fmt: str, task: str, limits: ArchiveLimits | None = None) -> DatasetInfo:
+    if task == "text":
+        return inspect_text(path, fmt, None, None, limits)
+    return inspect_tabular(path, fmt, None, limits)
+
+
+ROW_KINDS = [("csv", "text"), ("jsonl", "text"), ("csv", "tabular"), ("jsonl", "tabular")]
+
+
+@pytest.mark.parametrize(("fmt", "task"), ROW_KINDS)
+def test_more_classes_than_the_limit_are_refused_at_the_first_one_past_it(
+    tmp_path: Path, fmt: str, task: str
+) -> None:
+    # A malformed row after label 1001: were the whole file counted first, the error would be about it.
+    tail = b"   ,x\n" if fmt == "csv" else b"not json\n"
+    path = write(tmp_path / f"d.{fmt}", labelled_rows(fmt, task, [f"class {i}" for i in range(1001)], tail))
+    with pytest.raises(FormatError) as caught:
+        inspect_rows(path, fmt, task)
+    where = "row 1001 (line 1002)" if fmt == "csv" else "line 1001"
+    assert caught.value.param == "label_column"
+    assert caught.value.message == (
+        f"more than 1000 distinct labels in column 'label': {where} has label number 1001; "
+        "at most 1000 classes are supported"
+    )
+
+
+@pytest.mark.parametrize(("fmt", "task"), ROW_KINDS)
+def test_as_many_classes_as_the_limit_are_accepted(tmp_path: Path, fmt: str, task: str) -> None:
+    labels = [f"class {i}" for i in range(1000)] * 2  # repeats are no new classes
+    info = inspect_rows(write(tmp_path / f"d.{fmt}", labelled_rows(fmt, task, labels)), fmt, task)
+    assert len(info.classes) == 1000
+    assert set(info.class_counts.values()) == {2}
+
+
+def test_the_class_limit_is_configurable(tmp_path: Path) -> None:
+    path = write(tmp_path / "d.csv", labelled_rows("csv", "text", ["a", "b", "c"]))
+    assert len(inspect_text(path, "csv", None, None, ArchiveLimits(max_classes=3)).classes) == 3
+    with pytest.raises(FormatError, match=r"more than 2 distinct labels.*row 3 \(line 4\)"):
+        inspect_text(path, "csv", None, None, ArchiveLimits(max_classes=2))
+
+
+@pytest.mark.parametrize(("fmt", "task"), ROW_KINDS)
+def test_long_labels_are_refused_naming_row_and_column(tmp_path: Path, fmt: str, task: str) -> None:
+    ok = write(tmp_path / f"ok.{fmt}", labelled_rows(fmt, task, ["a", "b" * 200]))
+    assert inspect_rows(ok, fmt, task).classes == ["a", "b" * 200]
+    path = write(tmp_path / f"d.{fmt}", labelled_rows(fmt, task, ["a", "b" * 201]))
+    with pytest.raises(FormatError) as caught:
+        inspect_rows(path, fmt, task)
+    where = "row 2 (line 3)" if fmt == "csv" else "line 2"
+    assert caught.value.param == "file"
+    assert f"{where}, column 'label': label longer than 200 characters (201 found)" in caught.value.message
+
+
+def test_long_labels_count_what_is_stored(tmp_path: Path) -> None:
+    # An integer label is stored as its digits; surrounding spaces are stripped before it is stored.
+    digits = write(tmp_path / "d.jsonl", jsonl({"text": "a", "label": 1}, {"text": "b", "label": 10**201}))
+    with pytest.raises(FormatError, match="line 2, column 'label': label longer than 200 characters"):
+        inspect_text(digits, "jsonl", None, None)
+    padded = write(tmp_path / "p.csv", labelled_rows("csv", "text", ["a", " " * 300 + "b" + " " * 300]))
+    assert inspect_text(padded, "csv", None, None).classes == ["a", "b"]
+    tight = ArchiveLimits(max_class_chars=3)
+    with pytest.raises(FormatError, match=r"row 2 \(line 3\), column 'label': label longer than 3"):
+        inspect_text(
+            write(tmp_path / "t.csv", labelled_rows("csv", "text", ["abc", "abcd"])), "csv", None, None, tight
+        )
+
+
+@pytest.mark.parametrize(
+    ("fmt", "task", "data", "where"),
+    [
+        pytest.param("csv", "text", f"text,{'c' * 201},label\na,1,x\nb,2,y\n".encode(), "header", id="csv-text"),
+        pytest.param("csv", "tabular", f"x,{'c' * 201},label\n1,1,x\n2,2,y\n".encode(), "header", id="csv-tabular"),
+        pytest.param(
+            "jsonl", "text", b"\n" + jsonl({"text": "a", "c" * 201: 1, "label": "x"}, {"text": "b", "label": "y"}),
+            "line 2", id="jsonl-text",
+        ),
+        pytest.param(
+            "jsonl", "tabular", jsonl({"x": 1, "c" * 201: 1, "label": "x"}, {"x": 2, "c" * 201: 2, "label": "y"}),
+            "line 1", id="jsonl-tabular",
+        ),
+    ],
+)  # fmt: skip
+def test_long_column_names_are_refused_naming_the_column(
+    tmp_path: Path, fmt: str, task: str, data: bytes, where: str
+) -> None:
+    path = write(tmp_path / f"d.{fmt}", data)
+    with pytest.raises(FormatError) as caught:
+        inspect_rows(path, fmt, task)
+    assert caught.value.param == "file"
+    assert caught.value.message == (
+        f"{where}: the name of column 2 is longer than 200 characters (201 found)"
+    )
+    fits = write(tmp_path / f"fits.{fmt}", data.replace(b"c" * 201, b"c" * 200))
+    assert inspect_rows(fits, fmt, task).num_examples == 2
+
+
+@pytest.mark.parametrize(
+    ("fmt", "data", "columns", "fragment"),
+    [
+        pytest.param(
+            "csv", b"body,label\ngreat,a\nawful,b\n", {"text_column": "body", "label_column": "body"},
+            "both are 'body'", id="explicit",
+        ),
+        pytest.param(
+            "jsonl", jsonl({"text": "great", "label": "a"}, {"text": "awful", "label": "b"}),
+            {"label_column": "text"}, "both are 'text'", id="explicit-default-text-column",
+        ),
+        pytest.param(
+            "csv", b"text,label\ngreat,a\nawful,b\n", {"text_column": "label"},
+            "both are 'label' (the default label column)", id="default-label-column",
+        ),
+    ],
+)  # fmt: skip
+def test_the_label_column_must_not_be_the_text_column(
+    tmp_path: Path, fmt: str, data: bytes, columns: dict[str, str], fragment: str
+) -> None:
+    error = text_error(tmp_path, fmt, data, columns.get("text_column"), columns.get("label_column"))
+    assert error.param == "label_column"
+    assert "the text and label columns must differ" in error.message
+    assert fragment in error.message
+    with pytest.raises(FormatError) as caught:
+        inspect_dataset(
+            tmp_path / f"data.{fmt}",
+            task="text_classification",
+            fmt=fmt,
+            text_column=columns.get("text_column"),
+            label_column=columns.get("label_column"),
+        )
+    assert caught.value.param == "label_column"
+
+
+def test_inspect_dataset_applies_the_limits_to_text_and_tabular(tmp_path: Path) -> None:
+    strict = ArchiveLimits(max_classes=2, max_class_chars=5, max_column_chars=5)
+    text = write(tmp_path / "t.csv", labelled_rows("csv", "text", ["a", "b", "c"]))
+    with pytest.raises(FormatError, match="more than 2 distinct labels"):
+        inspect_dataset(text, task="text_classification", fmt="csv", limits=strict)
+    table = write(tmp_path / "t.jsonl", labelled_rows("jsonl", "tabular", ["a", "abcdef"]))
+    with pytest.raises(FormatError, match="line 2, column 'label': label longer than 5"):
+        inspect_dataset(table, task="tabular_classification", fmt="jsonl", limits=strict)
+    wide = write(tmp_path / "w.csv", b"x,longer,label\n1,2,a\n3,4,b\n")
+    with pytest.raises(FormatError, match="header: the name of column 2 is longer than 5"):
+        inspect_dataset(wide, task="tabular_classification", fmt="csv", limits=strict)
+    # Without limits, the defaults apply.
+    with pytest.raises(FormatError, match="more than 1000 distinct labels"):
+        inspect_dataset(
+            write(tmp_path / "many.csv", labelled_rows("csv", "text", list(range(1001)))),
+            task="text_classification",
+            fmt="csv",
+        )
+
+
+def test_readers_apply_no_upload_limits(tmp_path: Path) -> None:
+    """Datasets accepted before these limits (labels up to 1000 characters, any number of classes, long
+    column names, the text column as label) are still read for training."""
+    long_column = "c" * 300
+    labels = [f"{i:04d}" + "x" * 496 for i in range(1001)]
+    rows = [f"example {i},{i},{label}" for i, label in enumerate(labels)]
+    text = write(tmp_path / "t.csv", (f"text,{long_column},label\n" + "\n".join(rows) + "\n").encode())
+    with pytest.raises(FormatError):
+        inspect_text(text, "csv", None, None)
+    assert read_text(text, "csv", {"text_column": "text", "label_column": "label"}) == (
+        [f"example {i}" for i in range(1001)],
+        labels,
+    )
+    assert read_text(text, "csv", {"text_column": "text", "label_column": "text"})[1] == [
+        f"example {i}" for i in range(1001)
+    ]
+    schema = {"feature_columns": [long_column], "label_column": "label"}
+    features, tabular_labels = read_tabular(
+        write(
+            tmp_path / "f.csv",
+            (
+                f"{long_column},label\n" + "\n".join(f"{i},{label}" for i, label in enumerate(labels)) + "\n"
+            ).encode(),
+        ),
+        "csv",
+        schema,
+    )
+    assert features.shape == (1001, 1) and tabular_labels == labels
+
+
 # ------------------------------------------------------------------------------------ images: valid
 
 
@@ -758,6 +961,148 @@ def test_image_pixel_limit(upload_dir: Path) -> None:
     assert "file 'dogs/2.png'" in error.message and "64x64 pixels" in error.message
 
 
+# ------------------------------------------------------------------------------------ images: cost
+
+BIG = 6300  # 6300 * 6300 = 39.69 M pixels: each under the 40 M per-image limit, 26 of them over 1e9
+
+
+@pytest.fixture(scope="module")
+def big_png() -> bytes:
+    """A 6300x6300 RGBA PNG of one colour: 159 MB of pixels in about 170 KB (built once: it takes a
+    couple of seconds)."""
+    return png_bytes(Image.new("RGBA", (BIG, BIG), (10, 200, 30, 255)))
+
+
+@pytest.fixture(scope="module")
+def big_archive(big_png: bytes) -> bytes:
+    """The outside test's archive: 60 such PNGs in two class folders, deflated (about 110 KB)."""
+    members: list[Member] = [(f"{'cats' if i % 2 else 'dogs'}/{i:02d}.png", big_png) for i in range(60)]
+    return make_zip(members, zipfile.ZIP_DEFLATED)
+
+
+@pytest.fixture
+def full_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
+    """The format of every image PIL decodes: pixel data is only ever decoded in ImageFile.load."""
+    decoded: list[str | None] = []
+    original = ImageFile.ImageFile.load
+
+    def load(self: ImageFile.ImageFile) -> Any:
+        decoded.append(self.format)
+        return original(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    return decoded
+
+
+def test_the_pixels_of_an_archive_are_bounded_from_the_headers(
+    upload_dir: Path, big_archive: bytes, full_decodes: list[str | None]
+) -> None:
+    assert len(big_archive) < 200 * 1024  # 9.5 G pixels in a small upload
+    error = zip_error(upload_dir, big_archive)  # the default limits
+    assert error.param == "file"
+    twenty_sixth = sorted(member_names(big_archive))[25]  # 26 * 39.69 M > 1e9 >= 25 * 39.69 M
+    assert error.message == (
+        f"file '{twenty_sixth}': with this image the archive holds more than 1000000000 pixels in all; "
+        "that is the limit"
+    )
+    assert full_decodes == []  # refused without decoding a single image (it used to take about 48 s)
+
+
+def test_large_images_are_validated_without_decoding_them(
+    upload_dir: Path, big_archive: bytes, full_decodes: list[str | None]
+) -> None:
+    exactly = ArchiveLimits(max_archive_pixels=60 * BIG * BIG)
+    info = inspect_zip(upload_dir, big_archive, exactly)
+    assert info.num_examples == 60
+    assert info.class_counts == {"cats": 30, "dogs": 30}
+    assert full_decodes == []  # PNG integrity is checked from chunk CRCs, not by inflating the pixels
+    one_short = ArchiveLimits(max_archive_pixels=60 * BIG * BIG - 1)
+    last = sorted(member_names(big_archive))[-1]
+    assert f"file '{last}': with this image" in zip_error(upload_dir, big_archive, one_short).message
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda data: data[: len(data) // 2], id="cut-in-the-pixel-data"),
+        pytest.param(lambda data: data[:-12], id="no-end-chunk"),
+        pytest.param(
+            lambda data: data[: data.index(b"IDAT") + 100] + bytes([data[data.index(b"IDAT") + 100] ^ 1])
+            + data[data.index(b"IDAT") + 101 :],
+            id="bit-flipped-pixel-data",
+        ),
+    ],
+)  # fmt: skip
+def test_damaged_large_pngs_are_refused_without_decoding(
+    upload_dir: Path, big_png: bytes, damage: Any, full_decodes: list[str | None]
+) -> None:
+    damaged = damage(big_png)
+    assert damaged != big_png and Image.open(io.BytesIO(damaged)).size == (BIG, BIG)  # the header is intact
+    error = zip_error(upload_dir, make_zip([*two_classes(), ("dogs/big.png", damaged)]))
+    assert error.param == "file"
+    assert "file 'dogs/big.png': not a readable image" in error.message
+    assert full_decodes == ["JPEG"]  # the small JPEG of two_classes(), at 1/8 scale; no PNG
+
+
+def test_jpegs_are_still_checked_by_a_scaled_decode(upload_dir: Path) -> None:
+    jpeg = image_bytes(fmt="JPEG", size=256)
+    garbled = jpeg[:-600] + bytes(600)  # the header is intact, the last rows of blocks are zeros
+    members: list[Member] = [*two_classes(), ("dogs/3.jpg", garbled)]
+    error = zip_error(upload_dir, make_zip(members))
+    assert "file 'dogs/3.jpg': not a readable image" in error.message
+
+
+def test_image_size_reads_only_the_header(big_png: bytes, full_decodes: list[str | None]) -> None:
+    limits = ArchiveLimits()
+    assert image_size(big_png, "big.png", limits) == (BIG, BIG)
+    assert image_size(image_bytes(fmt="JPEG", size=24), "a.jpg", limits) == (24, 24)
+    assert full_decodes == []
+    with pytest.raises(
+        FormatError, match=re.escape("file 'big.png': 6300x6300 pixels is above the limit of 1000")
+    ):
+        image_size(big_png, "big.png", ArchiveLimits(max_image_pixels=1000))
+    with pytest.raises(FormatError, match=re.escape("file 'a.gif': not a PNG or JPEG image (found GIF)")):
+        image_size(image_bytes(fmt="GIF"), "a.gif", limits)
+    with pytest.raises(FormatError, match=re.escape("file 'x.png': not a readable image")):
+        image_size(b"\x89PNG but not really an image", "x.png", limits)
+
+
+def test_decode_image_still_decodes(full_decodes: list[str | None]) -> None:
+    image = decode_image(image_bytes("L", size=20), "a.png", ArchiveLimits())
+    assert full_decodes == ["PNG"]
+    assert (image.size, image.mode) == ((20, 20), "L")
+    assert np.asarray(image).std() > 0  # the pixels themselves, not only the header
+    with pytest.raises(FormatError, match=re.escape("file 'cut.png': not a readable image")):
+        decode_image(image_bytes(size=64)[:-40], "cut.png", ArchiveLimits())
+
+
+def test_more_class_folders_than_the_limit_are_refused_before_reading_images(upload_dir: Path) -> None:
+    # The members are not images: the folders alone decide, before any member is read.
+    members: list[Member] = [(f"c{i:04d}/1.png", b"never read") for i in range(1001)]
+    error = zip_error(upload_dir, make_zip(members))
+    assert error.param == "file"
+    assert error.message == (
+        "more than 1000 class folders: 'c1000/' is folder number 1001; at most 1000 classes are supported"
+    )
+    three: list[Member] = [*two_classes(), ("birds/3.png", image_bytes())]
+    assert len(inspect_zip(upload_dir, make_zip(three), ArchiveLimits(max_classes=3)).classes) == 3
+    wrapped = zip_error(
+        upload_dir, make_zip([(f"data/{name}", data) for name, data in three]), ArchiveLimits(max_classes=2)
+    )
+    assert "more than 2 class folders: 'data/dogs/' is folder number 3" in wrapped.message
+
+
+def test_long_class_folder_names_are_refused(upload_dir: Path) -> None:
+    fits: list[Member] = [("cats/1.png", image_bytes()), (f"{'d' * 200}/2.png", image_bytes())]
+    assert inspect_zip(upload_dir, make_zip(fits)).classes == ["cats", "d" * 200]
+    members: list[Member] = [("cats/1.png", image_bytes()), (f"{'d' * 201}/2.png", b"never read")]
+    error = zip_error(upload_dir, make_zip(members))
+    assert error.param == "file"
+    assert error.message == (
+        f"folder '{'d' * 60}…': a class folder name is at most 200 characters (201 found)"
+    )
+
+
 # ------------------------------------------------------------------------------------ hostile archives
 
 
@@ -852,10 +1197,44 @@ def test_compression_ratio_limit_is_configurable(upload_dir: Path) -> None:
 
 
 def test_many_small_compressed_members_are_a_zip_bomb(upload_dir: Path) -> None:
-    # Each member is 1 MiB, under the per-member threshold; together they expand 12 MiB from a few KB.
-    members: list[Member] = [*garbage_first(), *((f"dogs/{i}.png", bytes(1024 * 1024)) for i in range(12))]
+    # Each member is 32 KiB, under the per-member floor; together they expand 1.25 MiB from a few KB, and
+    # the whole archive's ratio is checked at that size too (it used to be only above 10 MiB).
+    members: list[Member] = [*garbage_first(), *((f"dogs/{i}.png", bytes(32 * 1024)) for i in range(40))]
     error = zip_error(upload_dir, make_zip(members, zipfile.ZIP_DEFLATED))
     assert "the archive's compression ratio is above 200" in error.message
+
+
+def test_a_small_highly_compressed_member_is_a_zip_bomb(upload_dir: Path) -> None:
+    # 512 KiB of zeros: below the old 1 MiB threshold, it used to reach the decoder.
+    members: list[Member] = [*garbage_first(), ("dogs/bomb.png", bytes(512 * 1024))]
+    error = zip_error(upload_dir, make_zip(members, zipfile.ZIP_DEFLATED))
+    assert error.message == "file 'dogs/bomb.png': compression ratio above 200 (a zip bomb?)"
+
+
+def test_a_small_macos_archive_passes_the_ratio_checks(upload_dir: Path) -> None:
+    """What zipping a folder in the Finder makes: 40 tiny PNGs, a .DS_Store and a resource fork per image,
+    the last two mostly zeros. Each of those compresses far beyond 200:1, but below the floor a member's
+    ratio is not judged; the whole archive's is, and it is modest."""
+    names = [(f"{'cats' if i % 2 else 'dogs'}", f"{i}.png") for i in range(40)]
+    images: list[Member] = [
+        (f"{folder}/{file}", image_bytes(size=4 + i % 5)) for i, (folder, file) in enumerate(names)
+    ]
+    junk: list[Member] = [
+        ("cats/.DS_Store", bytes(6148)),
+        ("dogs/.DS_Store", b"\x00\x00\x00\x01Bud1" + bytes(10234)),
+    ]
+    forks: list[Member] = [(f"__MACOSX/{folder}/._{file}", bytes(4096)) for folder, file in names]
+    data = make_zip([*images, *junk, *forks], zipfile.ZIP_DEFLATED)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        infos = archive.infolist()
+        store = archive.getinfo("cats/.DS_Store")
+        assert store.file_size > 200 * store.compress_size  # only the floor lets this member pass
+        total = sum(info.file_size for info in infos)
+        assert total > RATIO_FLOOR_BYTES  # so the whole archive's ratio is checked
+        assert total < 200 * sum(info.compress_size for info in infos)
+    info = inspect_zip(upload_dir, data)
+    assert info.num_examples == 40
+    assert info.class_counts == {"cats": 20, "dogs": 20}
 
 
 def test_total_uncompressed_size_limit(upload_dir: Path) -> None:
