@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from app.core.text import SafeStr
 
@@ -118,7 +118,9 @@ class PredictResponse(BaseModel):
 
 
 class ImportConfig(BaseModel):
-    """The `config` part of a model import."""
+    """The `config` part of a model import. Its shape is checked here; its values by the validation a
+    weights file's embedded config (graft_spec) goes through too (app.models.importing.validate_spec),
+    with the limits said below."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -130,22 +132,35 @@ class ImportConfig(BaseModel):
     architecture: Literal["minilm-l6", "efficientnet-lite0", "cnn-small", "mlp"]
     classes: list[SafeStr] = Field(
         default_factory=list,
-        max_length=10_000,
-        description="Head classes in row order; empty: a bare backbone.",
+        description="Head classes in row order: distinct, 2 to GRAFT_MAX_CLASSES (1000), each at most "
+        "GRAFT_MAX_CLASS_CHARS (200) characters; empty: a bare backbone.",
     )
     name: SafeStr | None = Field(default=None, max_length=300)
     feature_columns: list[SafeStr] | None = Field(
-        default=None, max_length=10_000, description="mlp: input columns in order."
+        default=None,
+        description="mlp: input columns in order: distinct, at most 10,000, each at most "
+        "GRAFT_MAX_COLUMN_CHARS (200) characters.",
     )
-    hidden: list[int] | None = Field(
-        default=None, min_length=1, max_length=8, description="mlp: hidden layer sizes."
+    hidden: list[StrictInt] | None = Field(
+        default=None, description="mlp: hidden layer sizes, 1 to 8 layers of 1 to 4096 ([128, 128])."
     )
-    max_length: int | None = Field(default=None, ge=8, le=512, description="minilm-l6: tokens per text.")
+    layers: StrictInt | None = Field(
+        default=None,
+        description="minilm-l6: transformer layers, 1 to 6 (6; fewer for a distilled student's weights).",
+    )
+    width: StrictInt | None = Field(
+        default=None, description="cnn-small: channels of the first block, 4 to 256 (32)."
+    )
+    max_length: StrictInt | None = Field(
+        default=None, description="minilm-l6: tokens per text, 8 to 512 (128)."
+    )
 
 
 class EvaluateRequest(BaseModel):
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"dataset": "ds_mb2kqv7gq3zd5w4bn6e2c3x1"}]}
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"examples": [{"dataset": "ds_mb2kqv7gq3zd5w4bn6e2c3x1"}]},
     )
 
     dataset: SafeStr = Field(max_length=64, description="A labelled dataset whose classes the model knows.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from tests.conftest import ADMIN_KEY
 from tests.helpers import Api, iris_csv, new_project, sentiment_rows, text_csv
 from tests.integration.conftest import run_in_process
 from workers.backbones.networks import build_model
-from workers.backbones.spec import ModelSpec
+from workers.backbones.spec import SPEC_METADATA_KEY, ModelSpec
 
 ROW = {"sepal_length": 6.7, "sepal_width": 3.0, "petal_length": 5.2, "petal_width": 2.3}
 
@@ -187,3 +188,109 @@ def test_pretrain_registers_an_upstream_model_with_lineage(api: Api, settings: S
         {"type": "pretrain", "base_model": "mlp", "training_dataset": dataset["id"], "baseline": True}
     )
     assert refused.status_code == 422 and refused.json()["error"]["param"] == "baseline"
+
+
+def spec_file(spec: object, tensors: dict[str, torch.Tensor] | None = None) -> bytes:
+    """A safetensors file whose metadata carries `spec` as its graft_spec (JSON text as given, or dumped)."""
+    text = spec if isinstance(spec, str) else json.dumps(spec)
+    return save(tensors or {"x": torch.zeros(2)}, metadata={SPEC_METADATA_KEY: text})
+
+
+def exported(base: str, /, **changes: object) -> dict[str, object]:
+    """The graft_spec of a Graft export of `architecture`, with fields replaced (options, classes...)."""
+    spec = ModelSpec.for_builtin(base).with_classes(["cat", "dog"]).model_dump()
+    if base == "mlp":
+        spec["options"] = {"in_features": 4, "hidden": [16]}
+        spec["input_spec"] = {**spec["input_spec"], "feature_columns": list(ROW)}
+    return {**spec, **changes}
+
+
+HOSTILE_SPECS: dict[str, object] = {
+    "unknown architecture": exported("cnn-small", architecture="resnet-9000"),
+    "invalid JSON": '{"architecture": "mlp", "options": {',
+    "nested JSON": "[" * 50_000 + "]" * 50_000,
+    "not an object": '["mlp"]',
+    "missing in_features": exported("mlp", options={"hidden": [16]}),
+    "negative in_features": exported("mlp", options={"in_features": -1, "hidden": [16]}),
+    "string hidden": exported("mlp", options={"in_features": 4, "hidden": "16"}),
+    "huge hidden": exported("mlp", options={"in_features": 4, "hidden": [12000, 12000]}),
+    "minilm 99 layers": exported("minilm-l6", options={"layers": 99}),
+    "cnn width 0": exported("cnn-small", options={"width": 0}),
+    "lone surrogate": '{"architecture": "cnn-small", "modality": "image", "classes": ["a", "\\ud800"]}',
+    "NUL class": exported("cnn-small", classes=["a", "b\x00"]),
+    "duplicate classes": exported("cnn-small", classes=["x", "x"]),
+    "one class": exported("cnn-small", classes=["x"]),
+    "20,000 classes of 1,000 characters": exported(
+        "cnn-small", classes=[f"{i:05d}" + "c" * 995 for i in range(20_000)]
+    ),
+    "option of another architecture": exported("efficientnet-lite0", options={"hidden": [8]}),
+    "modality of another architecture": exported("minilm-l6", modality="image"),
+    "image size not its own": exported(
+        "cnn-small", input_spec={"type": "image", "height": 4096, "width": 4096}
+    ),
+    "max_length past the encoder": exported("minilm-l6", input_spec={"type": "text", "max_length": 100_000}),
+    "columns not in_features": exported("mlp", options={"in_features": 4000, "hidden": [16]}),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_SPECS))
+def test_a_hostile_embedded_spec_is_refused_with_a_json_4xx(api: Api, settings: Settings, case: str) -> None:
+    response: Any = import_model(api, spec_file(HOSTILE_SPECS[case]), None)
+    assert 400 <= response.status_code < 500, response.text[:500]
+    error = response.json()["error"]
+    assert error["param"] == "weights" and "graft_spec" in error["message"], error
+    assert [m for m in api.get("/v1/models").json()["data"] if not m["builtin"]] == []
+    assert not any((settings.storage_dir / "tmp").iterdir())
+
+
+HOSTILE_CONFIGS: dict[str, tuple[dict[str, object], str]] = {
+    "duplicate classes": ({"architecture": "cnn-small", "classes": ["a", "b", "a"]}, "config.classes"),
+    "too many classes": (
+        {"architecture": "cnn-small", "classes": [str(i) for i in range(1001)]},
+        "config.classes",
+    ),
+    "long class": ({"architecture": "cnn-small", "classes": ["a", "b" * 201]}, "config.classes"),
+    "huge hidden": (
+        {"architecture": "mlp", "feature_columns": list(ROW), "hidden": [12000, 12000]},
+        "config.hidden",
+    ),
+    "minilm 7 layers": ({"architecture": "minilm-l6", "layers": 7}, "config.layers"),
+    "long column": ({"architecture": "mlp", "feature_columns": ["c" * 201]}, "config.feature_columns"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_CONFIGS))
+def test_a_hostile_config_part_is_refused_naming_its_field(api: Api, case: str) -> None:
+    config, param = HOSTILE_CONFIGS[case]
+    response: Any = import_model(api, cnn_weights(["a", "b"]), config)
+    assert response.status_code == 422, response.text[:500]
+    assert response.json()["error"]["param"] == param
+
+
+def test_a_spec_at_every_limit_is_checked_from_the_header_not_built(api: Api) -> None:
+    """Some 160 M parameters at the limits (10,000 columns, 8 layers of 4,096, 1,000 classes): the header's
+    one small tensor is found wrong without the network being allocated."""
+    spec = exported(
+        "mlp",
+        classes=[f"c{i}" for i in range(1000)],
+        options={"in_features": 10_000, "hidden": [4096] * 8},
+        input_spec={"type": "tabular", "feature_columns": [f"f{i}" for i in range(10_000)]},
+    )
+    response: Any = import_model(api, spec_file(spec, {"backbone.input_mean": torch.zeros(3)}), None)
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "tensor_mismatch"
+
+
+def test_a_distilled_students_export_imports_with_its_own_options(api: Api, tmp_path: Path) -> None:
+    from workers.backbones.weights import save_weights
+
+    spec = (
+        ModelSpec.for_builtin("cnn-small")
+        .model_copy(update={"options": {"width": 8}})
+        .with_classes(["a", "b"])
+    )
+    path = tmp_path / "student.safetensors"
+    save_weights(path, build_model(spec, pretrained=False).state_dict(), spec)
+    response: Any = import_model(api, path.read_bytes(), None)
+    assert response.status_code == 201, response.text
+    assert response.json()["config"]["options"] == {"width": 8}

@@ -1,6 +1,7 @@
 """Input preparation shared by training and serving, so a model sees the same inputs in both.
 
-- text: the backbone's WordPiece tokenizer, truncated to `max_length`, padded per batch;
+- text: cut to the part its first `max_length` tokens come from, then the backbone's WordPiece tokenizer,
+  truncated to `max_length`, padded per batch;
 - images: any size and colour mode -> EXIF-rotated, transparent pixels over white, RGB (or grey), shorter
   side resized, centre-cropped, kept as uint8 CHW until a batch is normalised with the spec's mean/std;
 - tabular: the spec's feature columns, in order, as float32 (standardisation lives in the network).
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
@@ -46,14 +48,105 @@ def load_tokenizer(architecture: str) -> Any:
     return AutoTokenizer.from_pretrained(str(minilm_package_dir()))
 
 
+# What the BERT normaliser (clean_text) deletes before anything else, and deleting first is the same
+# transformation done earlier: part of its list (C0 and C1 controls but tab and newlines, soft hyphen,
+# zero-width and direction marks, BOM) and U+FFFD.
+_DELETED = re.compile(
+    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\xad\u200b-\u200f\u202a-\u202e"
+    "\u2060-\u2064\u2066-\u206f\ufeff\ufffd]+"
+)
+# The deleted characters Python's split takes for whitespace: gone before splitting, they join their
+# neighbours as the tokenizer has them do.
+_SPLIT_CONTROLS = "\x0b\x0c\x1c\x1d\x1e\x1f\x85"
+# WordPiece reads a word of more than 100 characters as one [UNK]. ASCII letters and digits stay one
+# character each through lowercasing and never split a word, so keeping 101 of a longer run keeps that
+# word above 100 characters: the same [UNK].
+_LONG_ASCII_RUN = re.compile("([A-Za-z0-9]{101})[A-Za-z0-9]+")
+# Characters before which a word always ends (space, ASCII punctuation, the CJK ideographs the
+# tokenizer splits one by one): text cut just before one holds whole words only.
+_WORD_END = re.compile(
+    "[ !-/:-@\\[-`{-~\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df"
+    "\U0002a700-\U0002ceaf\U0002f800-\U0002fa1f]"
+)
+# After the clean-up, every word (a run between spaces, punctuation and CJK ideographs) of realistic
+# text is at most 101 characters and one space at most separates it from the next; each yields at least
+# one token. So max_length * 102 characters, cut back to a word end, hold at least max_length - 1 whole
+# words: enough for the max_length - 2 tokens between [CLS] and [SEP]. That is exact for every ASCII or
+# CJK-ideograph text; scripts with longer words are checked by counting (TextPipeline.clip).
+CHARS_PER_TOKEN = 102
+# How far (x the budget) clip widens for text whose budget holds too few tokens before it settles.
+MAX_WIDENING = 16
+
+
+def clean_text(text: str) -> str:
+    """`text` without what cannot change its tokens: deleted characters, whitespace runs (one space
+    instead: what Python's split takes for whitespace, once those controls are gone, is what the fast
+    BERT tokenizer separates words with), ASCII runs past 101 characters. The tokens are those of
+    `text`, and the clean-up of a prefix is a prefix of the clean-up of the whole."""
+    for control in _SPLIT_CONTROLS:
+        text = text.replace(control, "")
+    # Whitespace runs first (split is fast, and they are what leaves a text much shorter), then the
+    # deletions, which may leave two spaces side by side.
+    text = " ".join(text.split())
+    if _DELETED.search(text):
+        text = " ".join(_DELETED.sub("", text).split())
+    return _LONG_ASCII_RUN.sub(r"\1", text)
+
+
+def _clean_prefix(text: str, budget: int) -> str:
+    """A prefix of `clean_text(text)` longer than `budget`, or all of it; reads as little as it can."""
+    window = budget
+    while True:
+        cleaned = clean_text(text[:window])
+        if len(cleaned) > budget or window >= len(text):
+            return cleaned
+        window *= 4
+
+
+def _last_word_end(text: str, budget: int) -> int | None:
+    """The largest i <= budget (i > 0) such that a word ends before text[i]; None if there is none."""
+    found = _WORD_END.search(text[budget::-1])
+    if found is None or found.start() >= budget:
+        return None
+    return budget - found.start()
+
+
 class TextPipeline:
     def __init__(self, spec: ModelSpec) -> None:
         self.tokenizer = load_tokenizer(spec.architecture)
         self.max_length = int(spec.input_spec.get("max_length", 128))
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        self.char_budget = self.max_length * CHARS_PER_TOKEN
+        self.content_tokens = self.max_length - int(self.tokenizer.num_special_tokens_to_add(pair=False))
+
+    def clip(self, text: str) -> str:
+        """The part of `text` its first max_length tokens come from (their ids unchanged), so that a
+        text of megabytes is tokenised in milliseconds: the tokenizer reads every character it is given,
+        though the model reads only max_length tokens."""
+        if len(text) <= self.char_budget:
+            return text
+        budget = self.char_budget
+        while True:
+            cleaned = _clean_prefix(text, budget)
+            if len(cleaned) <= budget:
+                return cleaned
+            end = _last_word_end(cleaned, budget)
+            clipped = cleaned[:budget] if end is None else cleaned[:end]
+            # Whole words only: their tokens are the first tokens of the text. Enough of them settles it.
+            if budget >= self.char_budget * MAX_WIDENING or (
+                end is not None and self._count_tokens(clipped) >= self.content_tokens
+            ):
+                return clipped
+            budget *= 4
+
+    def _count_tokens(self, text: str) -> int:
+        # Truncated at what is wanted: only whether there are that many matters.
+        ids = self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=self.content_tokens)
+        return len(ids["input_ids"])
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
+        clipped = [self.clip(text) for text in texts]
+        encoded = self.tokenizer(clipped, truncation=True, max_length=self.max_length)
         return [list(ids) for ids in encoded["input_ids"]]
 
     def collate(self, token_ids: Sequence[Sequence[int]]) -> dict[str, Tensor]:
