@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.core.errors import UNION_TAGS
 from app.core.text import SafeStr
+from workers.backbones.catalog import LORA_TARGET_MODULES
 from workers.recipes.defaults import defaults_table
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -14,8 +15,14 @@ JOB_STATUSES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "ca
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 
 
+# Request bodies are strict: a JSON string is not a number ("learning_rate": "0.1"), nor a boolean an
+# integer ("epochs": true), nor "yes" a boolean. Lax parsing would turn a client's mistake into a job it
+# did not mean to start. (Integers are still accepted for floats; JSON has no other way to write 1.0.)
+STRICT_REQUEST = ConfigDict(extra="forbid", strict=True)
+
+
 class EarlyStoppingIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(**STRICT_REQUEST, allow_inf_nan=False)
 
     metric: Literal["val_loss", "val_accuracy"] = "val_loss"
     patience: int = Field(default=3, ge=1, le=100, description="Epochs without improvement before stopping.")
@@ -34,7 +41,7 @@ METHOD_KEYS: dict[str, tuple[str, ...]] = {
 class _BudgetIn(BaseModel):
     """Every field is optional; what is left out takes the default for the base model and method."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(**STRICT_REQUEST, allow_inf_nan=False)
 
     epochs: int | None = Field(
         default=None, ge=1, le=1000, description="Passes over the training data (at most)."
@@ -88,14 +95,20 @@ class HyperparametersIn(_BudgetIn):
         "(0: none).",
     )
     lora_target_modules: list[SafeStr] | None = Field(
-        default=None, min_length=1, max_length=32, description="lora: module names (suffixes) to adapt."
+        default=None,
+        min_length=1,
+        max_length=32,
+        description="lora: the modules to adapt (peft matches each name against the end of a module's "
+        "qualified name). Left out: the backbone's own choice. Names per base architecture: "
+        + "; ".join(f"{arch}: {', '.join(names)}" for arch, names in LORA_TARGET_MODULES.items())
+        + ".",
     )
 
 
 class _JobRequest(BaseModel):
     """What every job request has: a seed and the client's metadata."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(**STRICT_REQUEST)
 
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1, description="Random when left out; recorded.")
     metadata: dict[SafeStr, SafeStr] | None = Field(
@@ -129,7 +142,7 @@ class TrainingJobCreate(_JobRequest):
     """A finetune or pretrain job."""
 
     model_config = ConfigDict(
-        extra="forbid",
+        **STRICT_REQUEST,
         json_schema_extra={
             "examples": [
                 {
@@ -237,7 +250,7 @@ class AdaptJobCreate(_JobRequest):
     """Domain adaptation (transductive transfer): labelled source data, unlabelled target data."""
 
     model_config = ConfigDict(
-        extra="forbid",
+        **STRICT_REQUEST,
         json_schema_extra={
             "examples": [
                 {
@@ -313,7 +326,7 @@ class DistillHyperparametersIn(_BudgetIn):
 
 
 class StudentIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(**STRICT_REQUEST)
 
     architecture: Literal["minilm-l6", "efficientnet-lite0", "cnn-small", "mlp"] = Field(
         description="A built-in architecture of the teacher's modality."
@@ -343,7 +356,7 @@ class DistillJobCreate(_JobRequest):
     """Knowledge distillation: a smaller student learns to imitate a teacher."""
 
     model_config = ConfigDict(
-        extra="forbid",
+        **STRICT_REQUEST,
         json_schema_extra={
             "examples": [
                 {
@@ -383,7 +396,11 @@ JobCreate = Annotated[TrainingJobCreate | AdaptJobCreate | DistillJobCreate, Fie
 JOB_CREATE_DESCRIPTION = (
     "Create a job: `finetune` or `pretrain` (inductive transfer), `adapt` (domain adaptation to unlabelled "
     "target data) or `distill` (knowledge distillation into a smaller student). The `type` field selects the "
-    "request schema.\n\nDefault hyperparameters:\n\n" + defaults_table()
+    'request schema. Values are strict JSON types: `"3"` is not a number, nor `true` an integer.\n\n'
+    "A job's training is bounded: its epoch passes (epochs times seeds times the runs it makes, plus head "
+    "warm-up epochs) and its optimiser steps (epoch passes times batches per epoch). A job above either is "
+    "refused with 422 `budget_exceeded`, the computed budget in the message and the field that drives it in "
+    "`param`.\n\nDefault hyperparameters:\n\n" + defaults_table()
 )
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import secrets
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -22,9 +24,20 @@ from app.jobs import repository
 from app.jobs.schemas import METHOD_KEYS, AdaptJobCreate, DistillJobCreate, JobCreate, TrainingJobCreate
 from app.models import service as models
 from app.tables import Checkpoint, Dataset, Job
-from workers.backbones.catalog import BUILTIN_MODELS, TASK_MODALITY
+from workers.backbones.catalog import BUILTIN_MODELS, LORA_TARGET_MODULES, TASK_MODALITY
 from workers.backbones.spec import SPEC_METADATA_KEY, ModelSpec
-from workers.recipes.defaults import default_hyperparameters, epochs_for
+from workers.recipes.defaults import HEAD_WARMUP_EPOCHS, default_hyperparameters, epochs_for
+
+# The most training one job may ask for, counted in passes over its training examples: every run the job
+# makes (its arms, for each seed) times the epochs, plus the head warm-up epochs of the runs that fit a new
+# head first. Jobs with the default hyperparameters stay far below it (the most, a distilled mlp student
+# on a tiny dataset, is 600); a 5-seed baseline study of 1,000 epochs (10,000) is refused.
+MAX_EPOCH_PASSES = 2000
+# The same in optimiser steps (epoch passes times batches per epoch): what bounds batch_size 1 over a large
+# dataset, which a count of epochs cannot see. 2,000,000 steps are most of a day of minilm-l6 fine-tuning
+# on one GPU; jobs with the default hyperparameters reach it only beyond about 180,000 training examples
+# (a 5-seed baseline study) or 350,000 (a single job: an mlp distillation), far beyond Graft's small data.
+MAX_OPTIMIZER_STEPS = 2_000_000
 
 
 def request_fingerprint(body: JobCreate) -> str:
@@ -185,6 +198,19 @@ def _check_method(body: TrainingJobCreate, upstream: Upstream, given: dict[str, 
                 param=f"hyperparameters.{key}",
                 code="invalid_request",
             )
+    targets = given.get("lora_target_modules")
+    if targets is not None:
+        # Checked against static names (no network is built here): the worker would only find out when
+        # peft refuses a name, or the network breaks in its first forward pass, after the job started.
+        valid = LORA_TARGET_MODULES.get(upstream.architecture, ())
+        unknown = [name for name in targets if name not in valid]
+        if unknown:
+            raise Unprocessable(
+                f"{upstream.architecture} has no module '{unknown[0]}' that LoRA can adapt; use one or more "
+                f"of: {', '.join(valid)}",
+                param="hyperparameters.lora_target_modules",
+                code="invalid_request",
+            )
     blocks = given.get("unfreeze_blocks")
     if blocks is not None and blocks > builtin.num_blocks:
         raise Unprocessable(
@@ -316,10 +342,195 @@ def _budget(
     learned: bool,
     method: str = "full",
 ) -> dict[str, Any]:
-    split = given.get("validation_split", default_hyperparameters(architecture, method)["validation_split"])
-    train_examples = train.num_examples if held_out else int(train.num_examples * (1 - split))
+    train_examples = _train_examples(architecture, given, train, held_out=held_out, method=method)
     return resolve_hyperparameters(
         architecture, method, given, train_examples=train_examples, fine_tunes_learned_weights=learned
+    )
+
+
+def _default_epochs(
+    architecture: str, given: dict[str, Any], train: Dataset, *, held_out: bool, method: str = "full"
+) -> int:
+    """The epochs the job would get had the client left them out (scaled to the dataset)."""
+    rest = {key: value for key, value in given.items() if key != "epochs"}
+    return int(_budget(architecture, rest, train, held_out=held_out, learned=False, method=method)["epochs"])
+
+
+def _train_examples(
+    architecture: str, given: dict[str, Any], train: Dataset, *, held_out: bool, method: str = "full"
+) -> int:
+    """The examples a run trains on: all of them beside held-out validation data, else what the split
+    leaves."""
+    split = given.get("validation_split", default_hyperparameters(architecture, method)["validation_split"])
+    return train.num_examples if held_out else int(train.num_examples * (1 - split))
+
+
+JobKind = Literal["finetune", "pretrain", "adapt", "distill"]
+
+
+@dataclass(frozen=True)
+class BudgetLimits:
+    epoch_passes: int = MAX_EPOCH_PASSES
+    optimizer_steps: int = MAX_OPTIMIZER_STEPS
+
+
+@dataclass(frozen=True)
+class TrainingBudget:
+    """How much training a job makes, counted the way its recipe runs it."""
+
+    epochs: int
+    seeds: int
+    arms: tuple[str, ...]  # the runs made for each seed, each `epochs` long
+    warmup_epochs: int  # head warm-up epochs of each run that fits a new head first
+    warmup_arms: int  # how many of the runs of a seed do
+    train_examples: int
+    batch_size: int
+    steps_per_epoch: int
+
+    @property
+    def epoch_passes(self) -> int:
+        return self.seeds * (len(self.arms) * self.epochs + self.warmup_arms * self.warmup_epochs)
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.epoch_passes * self.steps_per_epoch
+
+    def formula(self) -> str:
+        """How the epoch passes add up, for the client to check (epochs times seeds times arms, and so on)."""
+        seeds = _count(self.seeds, "seed")
+        text = f"{_count(self.epochs, 'epoch')}{TIMES}{seeds}{TIMES}{_count(len(self.arms), 'arm')}"
+        if self.warmup_arms:
+            warmup = _count(self.warmup_epochs, "head warm-up epoch")
+            text += f" + {warmup}{TIMES}{seeds}{TIMES}{_count(self.warmup_arms, 'arm')}"
+        return text
+
+
+TIMES = " \N{MULTIPLICATION SIGN} "
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def training_budget(
+    kind: JobKind,
+    method: str,
+    hyperparameters: Mapping[str, Any],
+    train_examples: int,
+    *,
+    seeds: int = 1,
+    baseline: bool = False,
+    adaptation_methods: Sequence[str] = (),
+    labelled: bool = True,
+    warm_start: bool = False,
+) -> TrainingBudget:
+    """The training a job of this kind makes with these resolved hyperparameters. `warm_start`: the model
+    starts from learned weights under a new head.
+
+    The runs, as the recipes make them: finetune (workers/recipes/transfer.py, run_study) trains the
+    transferred model and, with baseline, the architecture from scratch, for each seed; pretrain is one
+    run; adapt (adapt.py, run_adaptation) trains source_only and each method, for each seed; distill
+    (distill.py, run_distillation) trains the distilled student and, when the transfer data have labels,
+    the student alone (the teacher only predicts, once). The head warm-up (finetune.py, _warm_up_head) is
+    extra epochs over the training data before a run that starts from learned weights with a new head and
+    moves the backbone: the transferred run of a finetune or pretrain job (not its scratch baseline, whose
+    weights are random), and every run of an adapt or distill job (their method is full). warmup_ratio
+    adds nothing: it is a share of a run's own steps.
+    """
+    if kind == "finetune":
+        arms: tuple[str, ...] = ("transferred", "scratch baseline") if baseline else ("transferred",)
+        warmup_arms = 1
+    elif kind == "pretrain":
+        arms, warmup_arms = ("pretraining",), 1
+    elif kind == "adapt":
+        arms = ("source_only", *adaptation_methods)
+        warmup_arms = len(arms)
+    else:
+        arms = ("distilled student", "student alone") if labelled else ("distilled student",)
+        warmup_arms = len(arms)
+    warmup_epochs = int(hyperparameters.get("head_warmup_epochs") or 0)
+    if not warm_start or method in ("linear_probe", "self_supervised") or not warmup_epochs:
+        warmup_arms, warmup_epochs = 0, 0
+    batch_size = int(hyperparameters["batch_size"])
+    if method == "self_supervised":
+        # Contrastive batches need two examples: the last, smaller batch is dropped (self_supervised.py).
+        steps_per_epoch = max(1, train_examples // max(1, min(batch_size, train_examples)))
+    else:
+        steps_per_epoch = max(1, math.ceil(train_examples / batch_size))
+    return TrainingBudget(
+        epochs=int(hyperparameters["epochs"]),
+        seeds=seeds,
+        arms=arms,
+        warmup_epochs=warmup_epochs,
+        warmup_arms=warmup_arms,
+        train_examples=train_examples,
+        batch_size=batch_size,
+        steps_per_epoch=steps_per_epoch,
+    )
+
+
+BUDGET_HINTS = {
+    "hyperparameters.epochs": "Set fewer hyperparameters.epochs",
+    "hyperparameters.head_warmup_epochs": "Set fewer hyperparameters.head_warmup_epochs",
+    "hyperparameters.batch_size": "Set a larger hyperparameters.batch_size",
+    "seeds": "Use fewer seeds",
+    "methods": "Use fewer methods",
+}
+
+
+def check_budget(
+    budget: TrainingBudget,
+    limits: BudgetLimits,
+    given: dict[str, Any],
+    *,
+    default_epochs: int,
+    default_batch_size: int,
+    methods_param: bool = False,
+) -> None:
+    """Refuse a job above the limits, naming the field that drives it: the first of the hyperparameters the
+    client raised (epochs, head_warmup_epochs) or lowered (batch_size; first when only the steps are too
+    many) whose default alone would bring the job within the limits, else the first multiplier (seeds,
+    adaptation methods) whose minimum would, else hyperparameters.epochs."""
+
+    def fits(candidate: TrainingBudget) -> bool:
+        return (
+            candidate.epoch_passes <= limits.epoch_passes
+            and candidate.optimizer_steps <= limits.optimizer_steps
+        )
+
+    if fits(budget):
+        return
+    alternatives: list[tuple[str, TrainingBudget]] = []
+    if "epochs" in given:
+        alternatives.append(("hyperparameters.epochs", replace(budget, epochs=default_epochs)))
+    if "head_warmup_epochs" in given and budget.warmup_arms:
+        warmup = replace(budget, warmup_epochs=HEAD_WARMUP_EPOCHS)
+        alternatives.append(("hyperparameters.head_warmup_epochs", warmup))
+    if "batch_size" in given and default_batch_size > budget.batch_size:
+        steps = max(1, math.ceil(budget.train_examples / default_batch_size))
+        batch = replace(budget, batch_size=default_batch_size, steps_per_epoch=steps)
+        # Small batches make many steps of few epochs: then the batch size is the first thing to look at.
+        first = budget.epoch_passes <= limits.epoch_passes
+        alternatives.insert(0 if first else len(alternatives), ("hyperparameters.batch_size", batch))
+    if budget.seeds > 1:
+        alternatives.append(("seeds", replace(budget, seeds=1)))
+    if methods_param and len(budget.arms) > 2:
+        one_method = replace(budget, arms=budget.arms[:2], warmup_arms=min(budget.warmup_arms, 2))
+        alternatives.append(("methods", one_method))
+    param = next((field for field, candidate in alternatives if fits(candidate)), "hyperparameters.epochs")
+    arms = f"the arms: {', '.join(budget.arms)}"
+    if budget.epoch_passes > limits.epoch_passes:
+        found = (
+            f"{budget.formula()} = {budget.epoch_passes} epoch passes; at most {limits.epoch_passes} ({arms})"
+        )
+    else:
+        found = (
+            f"{budget.epoch_passes} epoch passes{TIMES}{budget.steps_per_epoch} steps "
+            f"({_count(budget.train_examples, 'training example')} in batches of {budget.batch_size}) = "
+            f"{budget.optimizer_steps} optimiser steps; at most {limits.optimizer_steps} ({arms})"
+        )
+    raise Unprocessable(
+        f"the job trains too long: {found}. {BUDGET_HINTS[param]}", param=param, code="budget_exceeded"
     )
 
 
@@ -330,7 +541,7 @@ def _transfer(upstream: Upstream, train: Dataset, head: str | None) -> dict[str,
 
 
 def _training_job(
-    session: Session, storage: Storage, principal: Principal, body: TrainingJobCreate
+    session: Session, storage: Storage, principal: Principal, body: TrainingJobCreate, limits: BudgetLimits
 ) -> tuple[dict[str, Any], str]:
     upstream = _upstream(session, storage, principal, body)
     self_supervised = body.method == "self_supervised"
@@ -352,6 +563,25 @@ def _training_job(
     transfer: dict[str, Any] | None = _check_options(body, upstream, train, hyperparameters)
     if self_supervised:
         transfer = None  # no head: nothing to keep or replace
+    held_out = body.validation_dataset is not None or self_supervised  # self-supervision trains on all
+    budget = training_budget(
+        body.type,
+        body.method,
+        hyperparameters,
+        _train_examples(upstream.architecture, given, train, held_out=held_out, method=body.method),
+        seeds=len(body.seeds) if body.seeds else 1,
+        baseline=body.baseline,
+        warm_start=upstream.has_weights and transfer is not None and transfer["head"] == "new",
+    )
+    check_budget(
+        budget,
+        limits,
+        given,
+        default_epochs=_default_epochs(
+            upstream.architecture, given, train, held_out=held_out, method=body.method
+        ),
+        default_batch_size=default_hyperparameters(upstream.architecture, body.method)["batch_size"],
+    )
     initialization = body.initialization
     if body.type == "pretrain" and initialization is None:
         initialization = "pretrained" if upstream.has_weights else "random"
@@ -383,7 +613,9 @@ DISTILLATION_DEFAULTS = {"temperature": 4.0, "alpha": 0.5}
 DISTILLATION_EPOCHS_FACTOR = 3
 
 
-def _adapt_job(session: Session, principal: Principal, body: AdaptJobCreate) -> tuple[dict[str, Any], str]:
+def _adapt_job(
+    session: Session, principal: Principal, body: AdaptJobCreate, limits: BudgetLimits
+) -> tuple[dict[str, Any], str]:
     upstream = _model_upstream(session, principal, body.base_model)
     source = _training_dataset(session, principal, body.source_dataset, upstream, "source_dataset")
     target = _check_companion(
@@ -402,6 +634,24 @@ def _adapt_job(session: Session, principal: Principal, body: AdaptJobCreate) -> 
         **ADAPTATION_DEFAULTS,
         **_budget(upstream.architecture, given, source, held_out=False, learned=upstream.has_weights),
     }
+    transfer = _transfer(upstream, source, None)
+    budget = training_budget(
+        "adapt",
+        "full",
+        hyperparameters,
+        _train_examples(upstream.architecture, given, source, held_out=False),
+        seeds=len(body.seeds) if body.seeds else 1,
+        adaptation_methods=body.methods,
+        warm_start=upstream.has_weights and transfer["head"] == "new",
+    )
+    check_budget(
+        budget,
+        limits,
+        given,
+        default_epochs=_default_epochs(upstream.architecture, given, source, held_out=False),
+        default_batch_size=default_hyperparameters(upstream.architecture, "full")["batch_size"],
+        methods_param=True,
+    )
     fields = {
         "type": "adapt",
         "base_model": upstream.base_model,
@@ -412,7 +662,7 @@ def _adapt_job(session: Session, principal: Principal, body: AdaptJobCreate) -> 
         "methods": list(body.methods),
         "hyperparameters": hyperparameters,
         "seeds": body.seeds,
-        "transfer": _transfer(upstream, source, None),
+        "transfer": transfer,
     }
     return fields, (
         f"Job created: adapt {upstream.base_model} from {source.id} to {target.id} with "
@@ -424,7 +674,7 @@ STUDENT_OPTIONS = {"layers": "minilm-l6", "width": "cnn-small", "hidden": "mlp"}
 
 
 def _distill_job(
-    session: Session, principal: Principal, body: DistillJobCreate
+    session: Session, principal: Principal, body: DistillJobCreate, limits: BudgetLimits
 ) -> tuple[dict[str, Any], str]:
     teacher = _model_upstream(session, principal, body.teacher, param="teacher")
     if not teacher.classes:
@@ -494,6 +744,23 @@ def _distill_job(
             param="evaluation_dataset",
             code="invalid_request",
         )
+    held_out = body.evaluation_dataset is not None or not train.labeled
+    budget = training_budget(
+        "distill",
+        "full",
+        hyperparameters,
+        _train_examples(student.architecture, given, train, held_out=held_out),
+        labelled=train.labeled,
+        warm_start=builtin.pretrained,  # the student always gets a new head (the teacher's classes)
+    )
+    default_epochs = _default_epochs(student.architecture, given, train, held_out=held_out)
+    check_budget(
+        budget,
+        limits,
+        given,
+        default_epochs=min(default_epochs * DISTILLATION_EPOCHS_FACTOR, 1000),
+        default_batch_size=default_hyperparameters(student.architecture, "full")["batch_size"],
+    )
     fields = {
         "type": "distill",
         "base_model": teacher.base_model,
@@ -516,20 +783,26 @@ def create_job(
     principal: Principal,
     body: JobCreate,
     idempotency_key: str | None,
+    *,
+    max_epoch_passes: int = MAX_EPOCH_PASSES,
+    max_optimizer_steps: int = MAX_OPTIMIZER_STEPS,
 ) -> tuple[Job, bool]:
-    """The job, and whether it was created now (False: an earlier request with the same key made it)."""
+    """The job, and whether it was created now (False: an earlier request with the same key made it).
+    A job training more than `max_epoch_passes` passes over its data, or `max_optimizer_steps` steps, is
+    refused."""
     fingerprint = request_fingerprint(body)
     if idempotency_key is not None:
         existing = repository.by_idempotency_key(session, principal.project_id, idempotency_key)
         if existing is not None:
             return _replay(existing, fingerprint), False
 
+    limits = BudgetLimits(epoch_passes=max_epoch_passes, optimizer_steps=max_optimizer_steps)
     if isinstance(body, AdaptJobCreate):
-        fields, description = _adapt_job(session, principal, body)
+        fields, description = _adapt_job(session, principal, body, limits)
     elif isinstance(body, DistillJobCreate):
-        fields, description = _distill_job(session, principal, body)
+        fields, description = _distill_job(session, principal, body, limits)
     else:
-        fields, description = _training_job(session, storage, principal, body)
+        fields, description = _training_job(session, storage, principal, body, limits)
     job = Job(
         id=new_id("job"),
         project_id=principal.project_id,

@@ -133,3 +133,28 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 
 def get_builtin(model_id: str) -> BuiltinModel | None:
     return BUILTIN_MODELS.get(model_id)
+
+
+# The names `lora_target_modules` may hold, per architecture: what peft can put an adapter on. peft
+# matches a name against the end of each module's qualified name and refuses (or, for a convolution with
+# its own padding, breaks in the forward pass on) any matched module it cannot adapt, so a name is listed
+# when every backbone module it matches is a Linear, a plain Conv2d or an Embedding. cnn-small's
+# convolutions share their index names with the blocks around them ("0"), so they are named by path. The
+# API checks requests against these lists without building a network; tests/unit/test_lora_targets.py
+# builds each network and checks the lists against what peft accepts. Architectures without `lora` in
+# their methods have none.
+LORA_TARGET_MODULES: dict[str, tuple[str, ...]] = {
+    "minilm-l6": (
+        "query",
+        "key",
+        "value",
+        "dense",
+        "word_embeddings",
+        "position_embeddings",
+        "token_type_embeddings",
+    ),
+    # The 1x1 convolutions; the stem and the depthwise convolutions pad themselves ("same" padding) and
+    # are grouped, which peft's convolution adapter cannot follow.
+    "efficientnet-lite0": ("_expand_conv", "_project_conv", "_conv_head"),
+    "cnn-small": ("conv_blocks.0.0", "conv_blocks.1.0", "conv_blocks.2.0"),
+}
