@@ -1,6 +1,7 @@
 """Command line: `python -m app.cli {run,prestart,api,worker}`.
 
-- `prestart`: apply migrations and make sure the default project's admin key exists;
+- `prestart`: apply migrations and make sure the default project and the operator's key exist;
+  `prestart --new-operator-key` makes a new operator key (after the old one was revoked or lost);
 - `run`: prestart, then the API and one worker side by side (what `make run` does); Ctrl-C stops both;
 - `api` / `worker`: one process each, for docker-compose and clusters.
 """
@@ -17,8 +18,12 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.core.config import Settings, get_settings
+
+if TYPE_CHECKING:
+    from app.projects.service import Bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,21 +39,57 @@ def migrate(settings: Settings) -> None:
     command.upgrade(config, "head")
 
 
-def prestart(settings: Settings) -> str | None:
-    """Migrate and bootstrap; returns the admin key when Graft generated it (None when it came from the
-    environment, which Graft never echoes)."""
+def bootstrap(settings: Settings) -> Bootstrap:
+    """Migrate, and make sure the default project and the operator's key exist."""
     from app.core.db import make_engine, make_session_factory, session_scope
-    from app.projects.service import bootstrap
+    from app.projects.service import bootstrap as ensure_bootstrap
 
     settings.home.mkdir(parents=True, exist_ok=True)
     migrate(settings)
     engine = make_engine(settings.effective_database_url)
     try:
         with session_scope(make_session_factory(engine)) as session:
-            result = bootstrap(session, settings)
+            result = ensure_bootstrap(session, settings)
             if result.created and result.key is not None:
-                print(f"Created the admin API key of project {result.project.id}.", flush=True)
-            return result.key
+                print(
+                    f"Created the operator API key of this instance (project {result.project.id}).",
+                    flush=True,
+                )
+            if result.revoked:
+                print(
+                    "The operator API key "
+                    + (
+                        "in GRAFT_BOOTSTRAP_API_KEY"
+                        if result.key is None
+                        else f"in {settings.admin_key_file}"
+                    )
+                    + " was revoked. Make a new one with `python -m app.cli prestart --new-operator-key` (it replaces "
+                    f"{settings.admin_key_file}).",
+                    flush=True,
+                )
+            return result
+    finally:
+        engine.dispose()
+
+
+def prestart(settings: Settings) -> str | None:
+    """Migrate and bootstrap; returns the operator key when Graft generated it and it is valid (None when it
+    came from the environment, which Graft never echoes, or was revoked)."""
+    result = bootstrap(settings)
+    return None if result.revoked else result.key
+
+
+def new_operator_key(settings: Settings) -> str:
+    from app.core.db import make_engine, make_session_factory, session_scope
+    from app.projects.service import new_operator_key as make_key
+
+    migrate(settings)
+    engine = make_engine(settings.effective_database_url)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            key = make_key(session, settings).key
+            assert key is not None
+            return key
     finally:
         engine.dispose()
 
@@ -119,14 +160,48 @@ WORKER_RESTART_LIMIT = 3
 WORKER_RESTART_WINDOW_SECONDS = 60.0
 
 
+class _WorkerDeaths:
+    """The worker's deaths within the last window."""
+
+    def __init__(self) -> None:
+        self.times: collections.deque[float] = collections.deque()
+
+    def record(self) -> bool:
+        """Count a death; True when the worker died too often to start it again."""
+        now = time.monotonic()
+        self.times.append(now)
+        while now - self.times[0] > WORKER_RESTART_WINDOW_SECONDS:
+            self.times.popleft()
+        return len(self.times) > WORKER_RESTART_LIMIT
+
+
 def _describe_exit(code: int) -> str:
     if code < 0:
         return f"killed by {signal.Signals(-code).name}"
     return f"exit status {code}"
 
 
+def _key_revoked(settings: Settings, key: str) -> bool:
+    from sqlalchemy import select
+
+    from app.core.db import make_engine
+    from app.core.security import key_lookup
+    from app.tables import ApiKey
+
+    engine = make_engine(settings.effective_database_url)
+    try:
+        with engine.connect() as connection:
+            revoked_at = connection.scalar(select(ApiKey.revoked_at).where(ApiKey.lookup == key_lookup(key)))
+        return revoked_at is not None
+    finally:
+        engine.dispose()
+
+
 def run(settings: Settings) -> int:
     key = prestart(settings)
+    # prestart shows no key when it came from GRAFT_BOOTSTRAP_API_KEY or was revoked: tell them apart.
+    env_key = settings.bootstrap_api_key
+    revoked = key is None and (env_key is None or _key_revoked(settings, env_key.get_secret_value()))
     embedded = settings.database_url is None and settings.uses_filesystem_broker
     if embedded:
         recover_embedded_jobs(settings)
@@ -161,7 +236,10 @@ def run(settings: Settings) -> int:
     try:
         base = f"http://{settings.host}:{settings.port}"
         if _wait_until_up(f"{base}/healthz", api):
-            shown = key if key is not None else "(the value of GRAFT_BOOTSTRAP_API_KEY)"
+            if revoked:
+                shown = "(revoked: make a new one with `python -m app.cli prestart --new-operator-key`)"
+            else:
+                shown = key if key is not None else "(the value of GRAFT_BOOTSTRAP_API_KEY)"
             print(
                 "\n"
                 "  Graft is running\n"
@@ -174,34 +252,30 @@ def run(settings: Settings) -> int:
         # A worker that dies (killed, out of memory) is started again, and the job it ran resumes from its
         # last saved training state. The API ending (Ctrl-C, or a crash) brings the worker down with it, as
         # does a worker that keeps dying.
-        deaths: collections.deque[float] = collections.deque()
+        deaths = _WorkerDeaths()
         reason = None
         while api.poll() is None and not stopping:
-            worker = processes["worker"]
-            if worker.poll() is not None:
-                now = time.monotonic()
-                deaths.append(now)
-                while now - deaths[0] > WORKER_RESTART_WINDOW_SECONDS:
-                    deaths.popleft()
-                with contextlib.suppress(OSError):
-                    os.killpg(worker.pid, signal.SIGKILL)  # pool processes it may have left behind
-                if len(deaths) > WORKER_RESTART_LIMIT:
-                    reason = (
-                        f"the worker exited {len(deaths)} times within {WORKER_RESTART_WINDOW_SECONDS:.0f} s "
-                        f"(last: {_describe_exit(worker.returncode)}); its log is above"
-                    )
-                    break
-                print(
-                    f"The worker exited ({_describe_exit(worker.returncode)}); starting it again. A job it was "
-                    "running resumes from its last saved training state.",
-                    flush=True,
-                )
-                if embedded:
-                    recover_embedded_jobs(settings)
-                processes["worker"] = subprocess.Popen(
-                    worker_command(settings), env=env, start_new_session=True
-                )
             time.sleep(0.5)
+            worker = processes["worker"]
+            if stopping or worker.poll() is None:  # a worker stopped by our own SIGTERM is no death
+                continue
+            with contextlib.suppress(OSError):
+                os.killpg(worker.pid, signal.SIGKILL)  # pool processes it may have left behind
+            exit_ = _describe_exit(worker.returncode)
+            if deaths.record():
+                reason = (
+                    f"the worker exited {len(deaths.times)} times within {WORKER_RESTART_WINDOW_SECONDS:.0f} s "
+                    f"(last: {exit_}); its log is above"
+                )
+                break
+            print(
+                f"The worker exited ({exit_}); starting it again. A job it was running resumes from its last "
+                "saved training state.",
+                flush=True,
+            )
+            if embedded:
+                recover_embedded_jobs(settings)
+            processes["worker"] = subprocess.Popen(worker_command(settings), env=env, start_new_session=True)
         if reason is None and not stopping:
             reason = f"the API process exited ({_describe_exit(api.returncode)}); its log is above"
         if not stopping:
@@ -224,12 +298,21 @@ def run(settings: Settings) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app.cli", description="Graft service commands")
     parser.add_argument("command", choices=["run", "prestart", "api", "worker"])
+    parser.add_argument(
+        "--new-operator-key",
+        action="store_true",
+        help="prestart: make a new operator key (after the old one was revoked or lost), kept in "
+        "$GRAFT_HOME/admin.key",
+    )
     args = parser.parse_args(argv)
     settings = get_settings()
     if args.command == "prestart":
-        key = prestart(settings)
-        if key is not None:
-            print(f"Admin API key: {key}")
+        if args.new_operator_key:
+            print(f"Operator API key (also in {settings.admin_key_file}): {new_operator_key(settings)}")
+            return 0
+        shown = prestart(settings)
+        if shown is not None:
+            print(f"Admin API key: {shown}")
         return 0
     if args.command == "run":
         return run(settings)

@@ -15,7 +15,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", summary="The process is up")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
@@ -26,7 +26,7 @@ def healthz() -> dict[str, str]:
 )
 async def readyz(context: ContextDep) -> JSONResponse:
     checks: dict[str, Any] = {}
-    for name, probe in (("database", lambda: db.ping(context.engine)), ("broker", context.queue.ping)):
+    for name, probe in (("database", lambda: db.ping(context.db.engine)), ("broker", context.queue.ping)):
         try:
             await run_in_threadpool(probe)
             checks[name] = "ok"

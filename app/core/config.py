@@ -29,8 +29,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     max_upload_bytes: int = Field(default=2 * GIB, gt=0)
-    # Every other request body (JSON, images to predict on).
+    # Every other request body (images to predict on); JSON bodies have a smaller cap of their own.
     max_request_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    max_json_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     bootstrap_api_key: SecretStr | None = Field(
         default=None, description="Admin key of the default project; generated when unset."
     )
@@ -41,11 +42,44 @@ class Settings(BaseSettings):
     max_archive_uncompressed_bytes: int = Field(default=8 * GIB, gt=0)
     max_compression_ratio: float = Field(default=200.0, gt=1)
     max_image_pixels: int = Field(default=40_000_000, gt=0)
-    # Serving.
+    # Every image of one archive together: images are validated from their headers at upload, and this is
+    # what training will decode.
+    max_archive_pixels: int = Field(default=1_000_000_000, gt=0)
+    # Labels (classes) and column names, at upload and at model import.
+    max_classes: int = Field(default=1000, ge=2)
+    max_class_chars: int = Field(default=200, ge=1)
+    max_column_chars: int = Field(default=200, ge=1)
+    # Serving: per request, at most this many inputs, characters of text (each input and all together;
+    # a text model reads only its first max_length tokens anyway) and decoded image pixels.
     max_predict_inputs: int = Field(default=256, gt=0)
-    # Evaluations of datasets up to this size are answered within the request; larger ones become jobs.
+    max_text_chars: int = Field(default=20_000, gt=0)
+    max_predict_chars: int = Field(default=1_000_000, gt=0)
+    max_predict_pixels: int = Field(default=100_000_000, gt=0)
+    # An evaluation is answered within the request when the model's measured cost per example says it
+    # takes at most evaluate_sync_seconds (and the dataset has at most evaluate_sync_max_examples);
+    # otherwise it becomes a job at once.
     evaluate_sync_max_examples: int = Field(default=2000, ge=0)
+    evaluate_sync_seconds: float = Field(default=5.0, ge=0)
     model_cache_size: int = Field(default=4, ge=1)
+    # Model inference, evaluation, report drawing and dataset validation in the API process run at most
+    # this many at a time, beside (never in place of) the threads that answer everything else.
+    compute_concurrency: int = Field(default=2, ge=1)
+    # Database connections of one API process (the pool of short units of work; the async reader of
+    # status polls and key lookups has its own, db_reader_pool_size).
+    db_pool_size: int = Field(default=10, ge=1)
+    db_reader_pool_size: int = Field(default=10, ge=1)
+    # A key looked up once is trusted for this long without asking the database again; revoking a key
+    # takes effect at once on the API process that revoked it and within this time on the others.
+    key_cache_seconds: float = Field(default=10.0, ge=0)
+    # Storage: a declared upload must fit in the free space (less what other unfinished uploads declared
+    # and a reserve: min_free_bytes, or a twentieth of a smaller volume), and in the project's share when
+    # project_storage_bytes is set (0: no share).
+    min_free_bytes: int = Field(default=1024**3, ge=0)
+    project_storage_bytes: int = Field(default=0, ge=0)
+    # A job's training budget: passes over its data (epochs x seeds x the runs it makes, head warm-up
+    # included) and optimiser steps in all.
+    max_epoch_passes: int = Field(default=2000, ge=1)
+    max_optimizer_steps: int = Field(default=2_000_000, ge=1)
     # Training: how often (seconds) a running job looks for a cancel request.
     cancel_poll_seconds: float = Field(default=1.0, gt=0)
     # Durable jobs: a worker renews its job's lease every heartbeat; a lease not renewed for lease_seconds

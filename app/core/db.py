@@ -3,11 +3,13 @@ session scope."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio
 from sqlalchemy import Engine, MetaData, create_engine, event, text
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
@@ -40,10 +42,18 @@ def _sqlite_takes_control(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None
 
 
+READ_ONLY = "graft_read_only"
+
+
 def _sqlite_begin(connection: Any) -> None:
-    # IMMEDIATE takes the write lock up front: a transaction that reads, then writes, never fails on a
-    # snapshot another process (API or worker) changed in between; busy_timeout makes others wait.
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    # A unit of work that may write takes the write lock up front (IMMEDIATE): a transaction that reads,
+    # then writes, never fails on a snapshot another process (API or worker) changed in between, and
+    # busy_timeout makes the others wait. Read-only units take no lock at all: in WAL mode a reader never
+    # waits for a writer, nor a writer for a reader.
+    if connection.get_execution_options().get(READ_ONLY):
+        connection.exec_driver_sql("BEGIN DEFERRED")
+    else:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_engine(url: str, *, pool_size: int = 5) -> Engine:
@@ -56,11 +66,14 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
 
 
-def make_session_factory(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
+def make_session_factory(engine: Engine, *, read_only: bool = False) -> sessionmaker[Session]:
+    """Sessions for units of work; `read_only` ones never take SQLite's write lock (and must not write)."""
+    bind = engine.execution_options(**{READ_ONLY: True}) if read_only else engine
+    return sessionmaker(bind=bind, expire_on_commit=False, autoflush=False)
 
 
 log = logging.getLogger("graft.db")
+T = TypeVar("T")
 
 
 def after_commit(session: Session, callback: Callable[[], object]) -> None:
@@ -148,3 +161,39 @@ def is_transient(exc: BaseException) -> bool:
 def ping(engine: Engine) -> None:
     with engine.connect() as connection:
         connection.execute(text("SELECT 1"))
+
+
+class Database:
+    """The API's units of work, each run whole in one thread hop: the session is opened, used, committed
+    (with its after-commit hooks) and closed in the same thread, so a pooled connection is held only while
+    its statements run and never while a request waits for a thread, a body or a model.
+
+    `read` units never write and never take SQLite's write lock; `write` units take it for their few
+    statements only. Long work (streaming, hashing, validation, inference) happens between units, never
+    inside one.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.read_factory = make_session_factory(engine, read_only=True)
+        self.write_factory = make_session_factory(engine)
+
+    def read_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        session = self.read_factory()
+        try:
+            result = fn(session, *args, **kwargs)
+            if session.new or session.dirty or session.deleted:
+                raise RuntimeError(f"{getattr(fn, '__name__', fn)} changed rows in a read-only unit of work")
+            return result
+        finally:
+            session.close()  # objects stay usable (their state is loaded), the connection goes back
+
+    def write_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        with session_scope(self.write_factory) as session:
+            return fn(session, *args, **kwargs)
+
+    async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await anyio.to_thread.run_sync(functools.partial(self.read_sync, fn, *args, **kwargs))
+
+    async def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await anyio.to_thread.run_sync(functools.partial(self.write_sync, fn, *args, **kwargs))

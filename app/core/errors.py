@@ -13,6 +13,7 @@ from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.db import is_unreachable
+from app.core.reads import DatabaseUnavailable
 from app.core.storage import is_disk_full
 
 log = logging.getLogger("graft.api")
@@ -190,21 +191,28 @@ def install_error_handlers(app: FastAPI) -> None:
             headers=getattr(exc, "headers", None),
         )
 
+    def _unavailable() -> JSONResponse:
+        return JSONResponse(
+            error_payload(
+                "database_unavailable",
+                "The database is unreachable; retry after a few seconds (a job created with an "
+                "Idempotency-Key is never created twice)",
+                None,
+            ),
+            status_code=503,
+            headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
+        )
+
     @app.exception_handler(DBAPIError)
     async def _database_error(_request: Request, exc: DBAPIError) -> JSONResponse:
         if is_unreachable(exc):
             log.warning("database unreachable: %s", type(exc.orig).__name__)
-            return JSONResponse(
-                error_payload(
-                    "database_unavailable",
-                    "The database is unreachable; retry after a few seconds (a job created with an "
-                    "Idempotency-Key is never created twice)",
-                    None,
-                ),
-                status_code=503,
-                headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
-            )
+            return _unavailable()
         return await _unexpected(_request, exc)
+
+    @app.exception_handler(DatabaseUnavailable)
+    async def _reader_unavailable(_request: Request, _exc: DatabaseUnavailable) -> JSONResponse:
+        return _unavailable()
 
     @app.exception_handler(OSError)
     async def _os_error(_request: Request, exc: OSError) -> JSONResponse:

@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import unquote
 
+from starlette.exceptions import HTTPException
+
 from app.core.errors import error_payload
 from app.core.text import unsafe_character
 
@@ -19,10 +21,32 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` when a body grows past its cap; rendered as 413 by the error handler."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(status_code=413, detail=f"request bodies are limited to {limit} bytes")
+
+
 class RequestGuard:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, streaming_routes: set[tuple[str, str]]) -> None:
+    """Paths and queries no store can hold are refused; bodies are capped as they arrive.
+
+    A body is never buffered here: `receive` is wrapped to count bytes, so a route reads at most the cap
+    (and an unauthenticated request, refused by the auth middleware, reads nothing). JSON bodies have a
+    smaller cap than other bodies (images to predict on). The streaming upload routes enforce their own,
+    larger limit as they write to disk."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        max_json_bytes: int,
+        streaming_routes: set[tuple[str, str]],
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_json_bytes = max_json_bytes
         # ("PATCH", "/v1/uploads/{id}"): a `{...}` part matches one path segment.
         self.streaming_routes = [
             (method, re.compile("^" + re.sub(r"\\\{[^/]*\\\}", "[^/]+", re.escape(path)) + "$"))
@@ -55,36 +79,23 @@ class RequestGuard:
             return
         limit = self.max_body_bytes
         for name, value in scope.get("headers", []):
+            if name == b"content-type" and value.split(b";")[0].strip().lower() == b"application/json":
+                limit = min(self.max_json_bytes, self.max_body_bytes)
+        for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 await self._reject(
                     send, 413, "payload_too_large", f"request bodies are limited to {limit} bytes", None
                 )
                 return
-        # Read the body before the route does (it would be held in memory by the route anyway), so an
-        # oversized one is refused with a 413 whether or not it declared its length.
-        chunks: list[bytes] = []
         received = 0
-        while True:
+
+        async def counted() -> Message:
+            nonlocal received
             message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            chunk = message.get("body", b"")
-            received += len(chunk)
-            if received > limit:
-                await self._reject(
-                    send, 413, "payload_too_large", f"request bodies are limited to {limit} bytes", None
-                )
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        replayed = False
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, counted, send)

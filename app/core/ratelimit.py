@@ -20,12 +20,17 @@ WINDOW_SECONDS = 60
 
 
 class RateLimiter(Protocol):
-    def hit(self, key: str) -> int | None:
+    async def hit(self, key: str) -> int | None:
         """Count one request of `key`; None when allowed, else the seconds to wait."""
+
+    async def close(self) -> None: ...
 
 
 class NoLimit:
-    def hit(self, key: str) -> int | None:
+    async def hit(self, key: str) -> int | None:
+        return None
+
+    async def close(self) -> None:
         return None
 
 
@@ -35,10 +40,10 @@ class MemoryLimiter:
         self._lock = threading.Lock()
         self._counts: dict[str, tuple[int, int]] = {}
 
-    def hit(self, key: str) -> int | None:
+    async def hit(self, key: str) -> int | None:
         now = time.time()
         window = int(now // WINDOW_SECONDS)
-        with self._lock:
+        with self._lock:  # held for a dict update, never across an await
             seen, count = self._counts.get(key, (window, 0))
             count = count + 1 if seen == window else 1
             self._counts[key] = (window, count)
@@ -46,27 +51,35 @@ class MemoryLimiter:
                 self._counts = {k: v for k, v in self._counts.items() if v[0] == window}
         return _wait(now, window) if count > self.limit else None
 
+    async def close(self) -> None:
+        return None
+
 
 class RedisLimiter:
+    """Counts in Redis through its asyncio client: a request waits for the count without holding a thread."""
+
     def __init__(self, url: str, limit: int) -> None:
-        import redis
+        import redis.asyncio
 
         self.limit = limit
-        self.client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+        self.client = redis.asyncio.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
 
-    def hit(self, key: str) -> int | None:
+    async def hit(self, key: str) -> int | None:
         now = time.time()
         window = int(now // WINDOW_SECONDS)
         name = f"graft:ratelimit:{key}:{window}"
         try:
-            with self.client.pipeline() as pipe:
+            async with self.client.pipeline(transaction=False) as pipe:
                 pipe.incr(name)
                 pipe.expire(name, WINDOW_SECONDS * 2)
-                count = int(pipe.execute()[0])
+                count = int((await pipe.execute())[0])
         except Exception as exc:  # redis errors: let the request through
             log.warning("rate limit not checked (%s)", exc)
             return None
         return _wait(now, window) if count > self.limit else None
+
+    async def close(self) -> None:
+        await self.client.aclose()
 
 
 def _wait(now: float, window: int) -> int:

@@ -8,9 +8,13 @@ import secrets
 from dataclasses import dataclass
 
 KEY_PREFIX = "graft_"
+# operator: the instance's operator (the bootstrap key): every project, creates projects, any key.
+# admin: a project's administrator: that project's objects and its own keys, nothing of other projects.
+# member: the project's objects.
+ROLE_OPERATOR = "operator"
 ROLE_ADMIN = "admin"
 ROLE_MEMBER = "member"
-ROLES = (ROLE_ADMIN, ROLE_MEMBER)
+ROLES = (ROLE_OPERATOR, ROLE_ADMIN, ROLE_MEMBER)
 
 
 def generate_api_key() -> str:
@@ -43,5 +47,17 @@ class Principal:
     role: str
 
     @property
+    def is_operator(self) -> bool:
+        return self.role == ROLE_OPERATOR
+
+    @property
     def is_admin(self) -> bool:
-        return self.role == ROLE_ADMIN
+        """May manage its project's keys (operators may manage every project's)."""
+        return self.role in (ROLE_ADMIN, ROLE_OPERATOR)
+
+    def manages(self, project_id: str) -> bool:
+        """May manage this project's keys."""
+        return self.is_operator or (self.role == ROLE_ADMIN and project_id == self.project_id)
+
+    def sees(self, project_id: str) -> bool:
+        return self.is_operator or project_id == self.project_id

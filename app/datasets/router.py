@@ -4,12 +4,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request, status
 from fastapi.responses import FileResponse
-from starlette.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
 
-from app.core.deps import ContextDep, PrincipalDep, SessionDep
+from app.core.deps import ContextDep, PrincipalDep
 from app.core.errors import ERROR_RESPONSES, ErrorResponse
 from app.core.pagination import AfterQuery, LimitQuery, ListResponse, paginate
-from app.datasets import service
+from app.datasets import service, storage_quota
 from app.datasets.formats import TASKS
 from app.datasets.schemas import DatasetOut, Deleted
 from app.datasets.upload import receive_multipart
@@ -62,45 +62,59 @@ UPLOAD_BODY: dict[str, Any] = {
     openapi_extra=UPLOAD_BODY,
     responses={413: {"model": ErrorResponse, "description": "Larger than the upload limit"}},
 )
-async def upload_dataset(
-    request: Request, context: ContextDep, session: SessionDep, principal: PrincipalDep
-) -> Dataset:
-    session.commit()  # no transaction stays open (SQLite: no write lock held) while the file streams in
-    upload = await receive_multipart(request, context.storage, max_bytes=context.settings.max_upload_bytes)
-    return await run_in_threadpool(
-        service.create_dataset, session, context.storage, context.settings, principal, upload
+async def upload_dataset(request: Request, context: ContextDep, principal: PrincipalDep) -> Dataset:
+    # No unit of work is open while the file streams in and while it is validated; the dataset's row is
+    # written in a short one at the end.
+    declared = request.headers.get("content-length")
+    await context.db.read(
+        storage_quota.check_room,
+        context.storage,
+        context.settings,
+        principal,
+        int(declared) if declared and declared.isdigit() else 0,
+        param="file",
     )
+    upload = await receive_multipart(request, context.storage, max_bytes=context.settings.max_upload_bytes)
+    prepared = await context.compute(service.prepare_dataset, context.storage, context.settings, upload)
+    return await context.db.write(service.register_dataset, context.storage, principal, prepared)
 
 
 @router.get("", response_model=ListResponse[DatasetOut], summary="List datasets")
-def list_datasets(
-    session: SessionDep, principal: PrincipalDep, limit: LimitQuery = 20, after: AfterQuery = None
+async def list_datasets(
+    context: ContextDep, principal: PrincipalDep, limit: LimitQuery = 20, after: AfterQuery = None
 ) -> dict[str, object]:
-    rows, has_more = paginate(
-        session, Dataset, [Dataset.project_id == principal.project_id], after=after, limit=limit
-    )
-    return {"data": rows, "has_more": has_more}
+    def page(session: Session) -> dict[str, object]:
+        rows, has_more = paginate(
+            session, Dataset, [Dataset.project_id == principal.project_id], after=after, limit=limit
+        )
+        return {"data": rows, "has_more": has_more}
+
+    return await context.db.read(page)
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, summary="Get a dataset")
-def get_dataset(dataset_id: str, session: SessionDep, principal: PrincipalDep) -> Dataset:
-    return service.get_dataset(session, principal, dataset_id)
+async def get_dataset(dataset_id: str, context: ContextDep, principal: PrincipalDep) -> Dataset:
+    return await context.db.read(service.get_dataset, principal, dataset_id)
 
 
 @router.get(
     "/{dataset_id}/content",
     summary="Download the dataset's original bytes",
+    description=(
+        "The file exactly as it was uploaded, as an attachment. Graft never alters your data: a CSV cell "
+        "that begins with `=`, `+`, `-` or `@` is served as it is, and a spreadsheet program may read it "
+        "as a formula (open CSV files from untrusted sources as text)."
+    ),
     response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}}, "description": "The uploaded file"}},
 )
-def get_dataset_content(
-    dataset_id: str, context: ContextDep, session: SessionDep, principal: PrincipalDep
-) -> FileResponse:
-    row = service.get_dataset(session, principal, dataset_id)
+async def get_dataset_content(dataset_id: str, context: ContextDep, principal: PrincipalDep) -> FileResponse:
+    row = await context.db.read(service.get_dataset, principal, dataset_id)
     return FileResponse(
         context.storage.path(row.path),
         media_type=MEDIA_TYPES.get(row.format, "application/octet-stream"),
         filename=row.filename or f"{row.id}.{row.format}",
+        headers={"X-Content-Type-Options": "nosniff"},
     )
 
 
@@ -110,8 +124,6 @@ def get_dataset_content(
     summary="Delete a dataset",
     responses={409: {"model": ErrorResponse, "description": "A queued or running job uses it"}},
 )
-def delete_dataset(
-    dataset_id: str, context: ContextDep, session: SessionDep, principal: PrincipalDep
-) -> dict[str, object]:
-    row = service.delete_dataset(session, context.storage, principal, dataset_id)
+async def delete_dataset(dataset_id: str, context: ContextDep, principal: PrincipalDep) -> dict[str, object]:
+    row = await context.db.write(service.delete_dataset, context.storage, principal, dataset_id)
     return {"id": row.id, "object": "dataset", "deleted": True}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from sqlalchemy.orm import Session
@@ -28,6 +29,10 @@ def archive_limits(settings: Settings) -> ArchiveLimits:
         max_uncompressed_bytes=settings.max_archive_uncompressed_bytes,
         max_compression_ratio=settings.max_compression_ratio,
         max_image_pixels=settings.max_image_pixels,
+        max_archive_pixels=settings.max_archive_pixels,
+        max_classes=settings.max_classes,
+        max_class_chars=settings.max_class_chars,
+        max_column_chars=settings.max_column_chars,
     )
 
 
@@ -41,14 +46,17 @@ def _optional_field(fields: dict[str, str], name: str) -> str | None:
     return value
 
 
-def create_dataset(
-    session: Session,
-    storage: Storage,
-    settings: Settings,
-    principal: Principal,
-    upload: ReceivedUpload,
-) -> Dataset:
-    """Validate the received upload and register it. The temporary file is moved into place or removed."""
+@dataclass
+class PreparedDataset:
+    """A validated upload, its file already in its place in storage; the row is written next."""
+
+    row: Dataset
+    folder: str
+
+
+def prepare_dataset(storage: Storage, settings: Settings, upload: ReceivedUpload) -> PreparedDataset:
+    """Validate the received upload completely and move its file into place (the temporary file is moved
+    or removed). No database work: this may take a while, and no unit of work is open meanwhile."""
     try:
         fields = upload.fields
         for field_name, value in fields.items():
@@ -105,13 +113,12 @@ def create_dataset(
         folder = f"datasets/{dataset_id}"
         key = f"{folder}/data.{fmt}"
         storage.commit(upload.path, key)
-        after_rollback(session, lambda: storage.delete_tree(folder))
     finally:
         upload.discard()
 
     row = Dataset(
         id=dataset_id,
-        project_id=principal.project_id,
+        project_id="",  # set when registered
         name=name,
         task=task,
         format=info.format,
@@ -126,8 +133,28 @@ def create_dataset(
         path=key,
         created_at=utcnow(),
     )
-    repository.add(session, row)
-    return row
+    return PreparedDataset(row=row, folder=folder)
+
+
+def register_dataset(
+    session: Session, storage: Storage, principal: Principal, prepared: PreparedDataset
+) -> Dataset:
+    """Write the row of a prepared dataset; if the unit of work fails, its file goes too."""
+    after_rollback(session, lambda: storage.delete_tree(prepared.folder))
+    prepared.row.project_id = principal.project_id
+    repository.add(session, prepared.row)
+    return prepared.row
+
+
+def create_dataset(
+    session: Session,
+    storage: Storage,
+    settings: Settings,
+    principal: Principal,
+    upload: ReceivedUpload,
+) -> Dataset:
+    """Validate and register in the caller's unit of work (tests, tools); the API prepares outside one."""
+    return register_dataset(session, storage, principal, prepare_dataset(storage, settings, upload))
 
 
 def get_dataset(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Select, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from app.core.ids import new_id, utcnow
@@ -206,3 +206,101 @@ def add_checkpoint(session: Session, row: Checkpoint) -> None:
 
 def now() -> datetime:
     return utcnow()
+
+
+# ------------------------------------------------------------------------------------- async reads
+# Status polling: one statement per read, only the columns a response needs (not the training state or
+# the report, which can be large), run by the API's async reader (app/core/reads.py).
+
+_JOB_COLUMNS = (
+    Job.id,
+    Job.project_id,
+    Job.type,
+    Job.status,
+    Job.base_model,
+    Job.training_dataset,
+    Job.validation_dataset,
+    Job.target_dataset,
+    Job.evaluation_dataset,
+    Job.methods,
+    Job.student,
+    Job.method,
+    Job.hyperparameters,
+    Job.head,
+    Job.initialization,
+    Job.from_checkpoint,
+    Job.baseline,
+    Job.seeds,
+    Job.transfer,
+    Job.best_checkpoint,
+    Job.seed,
+    Job.user_metadata.label("user_metadata"),
+    Job.progress,
+    Job.metrics,
+    Job.error,
+    Job.result_model,
+    Job.cancel_requested,
+    Job.attempts,
+    Job.worker_losses,
+    Job.created_at,
+    Job.started_at,
+    Job.finished_at,
+    Job.report.is_not(None).label("has_report"),
+)
+
+JOB_BY_ID = select(*_JOB_COLUMNS).where(
+    Job.id == bindparam("job_id"), Job.project_id == bindparam("project_id")
+)
+
+JOB_EXISTS = select(Job.pk).where(Job.id == bindparam("job_id"), Job.project_id == bindparam("project_id"))
+
+
+def _jobs_page(*, by_status: bool, after: bool) -> Select[Any]:
+    stmt = select(*_JOB_COLUMNS).where(Job.project_id == bindparam("project_id"))
+    if by_status:
+        stmt = stmt.where(Job.status == bindparam("status"))
+    if after:
+        stmt = stmt.where(Job.pk < _job_cursor(by_status=by_status).scalar_subquery())
+    return stmt.order_by(Job.pk.desc()).limit(bindparam("limit"))
+
+
+def _job_cursor(*, by_status: bool) -> Select[Any]:
+    """The pk of the `after` job, when it is in the list (the project's jobs, of `status` if filtered)."""
+    stmt = select(Job.pk).where(Job.id == bindparam("after"), Job.project_id == bindparam("project_id"))
+    return stmt.where(Job.status == bindparam("status")) if by_status else stmt
+
+
+JOBS_PAGE = {(s, a): _jobs_page(by_status=s, after=a) for s in (False, True) for a in (False, True)}
+JOB_CURSOR = {s: _job_cursor(by_status=s) for s in (False, True)}
+
+_EVENT_COLUMNS = (
+    JobEvent.id,
+    JobEvent.type,
+    JobEvent.level,
+    JobEvent.message,
+    JobEvent.data,
+    JobEvent.created_at,
+)
+
+
+def _events_page(*, after: bool) -> Select[Any]:
+    stmt = (
+        select(*_EVENT_COLUMNS)
+        .join(Job, Job.id == JobEvent.job_id)
+        .where(Job.id == bindparam("job_id"), Job.project_id == bindparam("project_id"))
+    )
+    if after:
+        cursor = (
+            select(JobEvent.pk)
+            .where(JobEvent.id == bindparam("after"), JobEvent.job_id == bindparam("job_id"))
+            .scalar_subquery()
+        )
+        stmt = stmt.where(JobEvent.pk > cursor)
+    return stmt.order_by(JobEvent.pk.asc()).limit(bindparam("limit"))
+
+
+EVENTS_PAGE = {a: _events_page(after=a) for a in (False, True)}
+
+EVENT_EXISTS = select(JobEvent.pk).where(
+    JobEvent.id == bindparam("after"), JobEvent.job_id == bindparam("job_id")
+)

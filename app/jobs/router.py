@@ -2,13 +2,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import FileResponse
+from sqlalchemy.orm import Session
 
-from app.core.deps import ContextDep, PrincipalDep, SessionDep
+from app.core.deps import ContextDep, PrincipalDep, caller
 from app.core.errors import ERROR_RESPONSES, ErrorResponse
 from app.core.pagination import AfterQuery, LimitQuery, ListResponse, paginate
-from app.jobs import service
+from app.core.responses import model_response
+from app.core.security import Principal
+from app.jobs import service, views
 from app.jobs.schemas import (
     JOB_CREATE_DESCRIPTION,
     CheckpointOut,
@@ -18,7 +21,7 @@ from app.jobs.schemas import (
     JobReport,
     JobStatus,
 )
-from app.tables import Checkpoint, Job, JobEvent
+from app.tables import Checkpoint, Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 checkpoints_router = APIRouter(prefix="/v1/checkpoints", tags=["jobs"], responses=ERROR_RESPONSES)
@@ -44,16 +47,24 @@ IdempotencyKey = Annotated[
         409: {"model": ErrorResponse, "description": "Idempotency-Key reused with a different body"},
     },
 )
-def create_job(
+async def create_job(
     body: JobCreate,
     response: Response,
     context: ContextDep,
-    session: SessionDep,
     principal: PrincipalDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Job:
-    job, created = service.create_job(
-        session, context.storage, context.queue, principal, body, idempotency_key
+    # One short unit of work: the checks read a few rows, the job and its first event are written, and the
+    # job id goes to the broker once the row is committed.
+    job, created = await context.db.write(
+        service.create_job,
+        context.storage,
+        context.queue,
+        principal,
+        body,
+        idempotency_key,
+        max_epoch_passes=context.settings.max_epoch_passes,
+        max_optimizer_steps=context.settings.max_optimizer_steps,
     )
     if not created:
         response.status_code = status.HTTP_200_OK
@@ -61,23 +72,21 @@ def create_job(
 
 
 @router.get("", response_model=ListResponse[JobOut], summary="List jobs, newest first")
-def list_jobs(
-    session: SessionDep,
-    principal: PrincipalDep,
+async def list_jobs(
+    request: Request,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
     limit: LimitQuery = 20,
     after: AfterQuery = None,
-) -> dict[str, object]:
-    where = [Job.project_id == principal.project_id]
-    if status is not None:
-        where.append(Job.status == status)
-    rows, has_more = paginate(session, Job, where, after=after, limit=limit)
-    return {"data": rows, "has_more": has_more}
+) -> Response:
+    context, principal = caller(request)
+    rows, has_more = await views.list_jobs(context.reader, principal, status=status, after=after, limit=limit)
+    return model_response(ListResponse[JobOut](data=rows, has_more=has_more))
 
 
 @router.get("/{job_id}", response_model=JobOut, summary="Get a job (poll this for status and progress)")
-def get_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> Job:
-    return service.get_job(session, principal, job_id)
+async def get_job(job_id: str, request: Request) -> Response:
+    context, principal = caller(request)
+    return model_response(await views.get_job(context.reader, principal, job_id))
 
 
 @router.post(
@@ -86,25 +95,19 @@ def get_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> Job:
     summary="Cancel a job",
     responses={409: {"model": ErrorResponse, "description": "The job already finished"}},
 )
-def cancel_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> Job:
-    return service.cancel_job(session, principal, job_id)
+async def cancel_job(job_id: str, context: ContextDep, principal: PrincipalDep) -> Job:
+    return await context.db.write(service.cancel_job, principal, job_id)
 
 
 @router.get(
     "/{job_id}/events", response_model=ListResponse[JobEventOut], summary="A job's events, oldest first"
 )
-def list_events(
-    job_id: str,
-    session: SessionDep,
-    principal: PrincipalDep,
-    limit: LimitQuery = 20,
-    after: AfterQuery = None,
-) -> dict[str, object]:
-    job = service.get_job(session, principal, job_id)
-    rows, has_more = paginate(
-        session, JobEvent, [JobEvent.job_id == job.id], after=after, limit=limit, ascending=True
-    )
-    return {"data": rows, "has_more": has_more}
+async def list_events(
+    job_id: str, request: Request, limit: LimitQuery = 20, after: AfterQuery = None
+) -> Response:
+    context, principal = caller(request)
+    rows, has_more = await views.list_events(context.reader, principal, job_id, after=after, limit=limit)
+    return model_response(ListResponse[JobEventOut](data=rows, has_more=has_more))
 
 
 @router.get(
@@ -112,18 +115,21 @@ def list_events(
     response_model=ListResponse[CheckpointOut],
     summary="A job's checkpoints, one per epoch",
 )
-def list_checkpoints(
+async def list_checkpoints(
     job_id: str,
-    session: SessionDep,
+    context: ContextDep,
     principal: PrincipalDep,
     limit: LimitQuery = 20,
     after: AfterQuery = None,
 ) -> dict[str, object]:
-    job = service.get_job(session, principal, job_id)
-    rows, has_more = paginate(
-        session, Checkpoint, [Checkpoint.job_id == job.id], after=after, limit=limit, ascending=True
-    )
-    return {"data": [_checkpoint_view(row, job) for row in rows], "has_more": has_more}
+    def page(session: Session) -> dict[str, object]:
+        job = service.get_job(session, principal, job_id)
+        rows, has_more = paginate(
+            session, Checkpoint, [Checkpoint.job_id == job.id], after=after, limit=limit, ascending=True
+        )
+        return {"data": [_checkpoint_view(row, job) for row in rows], "has_more": has_more}
+
+    return await context.db.read(page)
 
 
 def _checkpoint_view(row: Checkpoint, job: Job) -> dict[str, Any]:
@@ -151,24 +157,30 @@ def _checkpoint_view(row: Checkpoint, job: Job) -> dict[str, Any]:
     response_model=JobReport,
     responses={200: {"content": {"image/png": {}}}},
 )
-def get_report(
+async def get_report(
     job_id: str,
-    session: SessionDep,
+    context: ContextDep,
     principal: PrincipalDep,
     format: Annotated[Literal["json", "png"], Query(description="json (default) or png")] = "json",
 ) -> Any:
-    report = service.report_of(service.get_job(session, principal, job_id))
+    job = await context.db.read(service.get_job, principal, job_id)
+    report = service.report_of(job)
     if format == "png":
         from workers.recipes.report import render_png
 
-        return Response(render_png(report), media_type="image/png")
+        return Response(await context.compute(render_png, report), media_type="image/png")
     return report
 
 
-@checkpoints_router.get("/{checkpoint_id}", response_model=CheckpointOut, summary="Get a checkpoint")
-def get_checkpoint(checkpoint_id: str, session: SessionDep, principal: PrincipalDep) -> dict[str, Any]:
+def _checkpoint_and_job(session: Session, principal: Principal, checkpoint_id: str) -> tuple[Checkpoint, Job]:
     row = service.get_checkpoint(session, principal, checkpoint_id)
-    return _checkpoint_view(row, service.get_job(session, principal, row.job_id))
+    return row, service.get_job(session, principal, row.job_id)
+
+
+@checkpoints_router.get("/{checkpoint_id}", response_model=CheckpointOut, summary="Get a checkpoint")
+async def get_checkpoint(checkpoint_id: str, context: ContextDep, principal: PrincipalDep) -> dict[str, Any]:
+    row, job = await context.db.read(_checkpoint_and_job, principal, checkpoint_id)
+    return _checkpoint_view(row, job)
 
 
 @checkpoints_router.get(
@@ -181,10 +193,10 @@ def get_checkpoint(checkpoint_id: str, session: SessionDep, principal: Principal
     response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}}, "description": "A safetensors file"}},
 )
-def get_checkpoint_content(
-    checkpoint_id: str, context: ContextDep, session: SessionDep, principal: PrincipalDep
+async def get_checkpoint_content(
+    checkpoint_id: str, context: ContextDep, principal: PrincipalDep
 ) -> FileResponse:
-    row = service.get_checkpoint(session, principal, checkpoint_id)
+    row = await context.db.read(service.get_checkpoint, principal, checkpoint_id)
     return FileResponse(
         context.storage.path(row.path),
         media_type="application/octet-stream",

@@ -11,6 +11,7 @@ from app.core.db import after_commit
 from app.core.deps import ServiceContext
 from app.core.errors import InvalidRequest, Unprocessable
 from app.core.ids import new_id, utcnow
+from app.core.queue import JobQueue
 from app.core.security import Principal
 from app.datasets import service as datasets
 from app.jobs import repository as jobs
@@ -51,10 +52,8 @@ def _check(model: Model, dataset: Dataset) -> None:
         )
 
 
-def evaluate(
-    session: Session, context: ServiceContext, principal: Principal, model_id: str, dataset_id: str
-) -> tuple[dict[str, Any] | Job, bool]:
-    """The evaluation (True) or the queued job computing it (False)."""
+def check(session: Session, principal: Principal, model_id: str, dataset_id: str) -> tuple[Model, Dataset]:
+    """The model and dataset of an evaluation, once it is clear the model can score the dataset."""
     if model_id in BUILTIN_MODELS:
         raise InvalidRequest(
             f"{model_id} has no classification head; evaluate a fine-tuned model",
@@ -64,9 +63,26 @@ def evaluate(
     model = models.get_registered(session, principal, model_id)
     dataset = datasets.get_dataset(session, principal, dataset_id, param="dataset")
     _check(model, dataset)
-    if dataset.num_examples <= context.settings.evaluate_sync_max_examples:
-        metrics = context.model_server.evaluate(model, datasets.dataset_source(dataset, context.storage))
-        return {"model": model.id, "dataset": dataset.id, **metrics}, True
+    return model, dataset
+
+
+def answer_directly(context: ServiceContext, model: Model, dataset: Dataset) -> bool:
+    """Whether the evaluation finishes within a few seconds here, by the model's measured cost per example
+    (the first time an architecture is served, a pessimistic estimate stands in for the measurement)."""
+    settings = context.settings
+    if dataset.num_examples > settings.evaluate_sync_max_examples:
+        return False
+    return (
+        context.model_server.estimate_seconds(model, dataset.num_examples) <= settings.evaluate_sync_seconds
+    )
+
+
+def queue_evaluation(
+    session: Session, queue: JobQueue, principal: Principal, model: Model, dataset: Dataset
+) -> Job:
+    # Still there (a delete in between would otherwise leave the job without its dataset): locked, so a
+    # delete waits for this job and then sees it.
+    datasets.get_dataset(session, principal, dataset.id, param="dataset", for_update=True)
     job = Job(
         id=new_id("job"),
         project_id=principal.project_id,
@@ -90,5 +106,18 @@ def evaluate(
         f"Job created: evaluation of {model.id} on {dataset.id} ({dataset.num_examples} examples)",
     )
     job_id = job.id
-    after_commit(session, lambda: context.queue.send(job_id))
+    after_commit(session, lambda: queue.send(job_id))
+    return job
+
+
+async def evaluate(
+    context: ServiceContext, principal: Principal, model_id: str, dataset_id: str
+) -> tuple[dict[str, Any] | Job, bool]:
+    """The evaluation (True) or the queued job computing it (False)."""
+    model, dataset = await context.db.read(check, principal, model_id, dataset_id)
+    if answer_directly(context, model, dataset):
+        source = datasets.dataset_source(dataset, context.storage)
+        metrics = await context.compute(context.model_server.evaluate, model, source)
+        return {"model": model.id, "dataset": dataset.id, **metrics}, True
+    job = await context.db.write(queue_evaluation, context.queue, principal, model, dataset)
     return job, False

@@ -1,24 +1,26 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import FileResponse
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 
-from app.core.deps import ContextDep, PrincipalDep, SessionDep
+from app.core.deps import ContextDep, PrincipalDep, ServiceContext
 from app.core.errors import (
     ERROR_RESPONSES,
+    GraftError,
     InvalidRequest,
     NotFound,
     Unprocessable,
     UnsupportedMediaType,
 )
 from app.core.pagination import AfterQuery, LimitQuery, ListResponse
-from app.datasets.upload import receive_multipart
+from app.core.security import Principal
+from app.datasets.upload import MAX_BOUNDARY_CHARS, receive_multipart
 from app.jobs.schemas import JobOut
 from app.models import evaluation, importing, service
 from app.models.schemas import (
@@ -66,16 +68,16 @@ PREDICT_BODY: dict[str, Any] = {
     response_model=ListResponse[ModelOut],
     summary="List models: built-in upstream models, then the project's",
 )
-def list_models(
-    session: SessionDep, principal: PrincipalDep, limit: LimitQuery = 20, after: AfterQuery = None
+async def list_models(
+    context: ContextDep, principal: PrincipalDep, limit: LimitQuery = 20, after: AfterQuery = None
 ) -> dict[str, object]:
-    data, has_more = service.list_models(session, principal, after=after, limit=limit)
+    data, has_more = await context.db.read(service.list_models, principal, after=after, limit=limit)
     return {"data": data, "has_more": has_more}
 
 
 @router.get("/{model_id}", response_model=ModelOut, summary="Get a model")
-def get_model(model_id: str, session: SessionDep, principal: PrincipalDep) -> dict[str, Any]:
-    return service.view(session, principal, model_id)
+async def get_model(model_id: str, context: ContextDep, principal: PrincipalDep) -> dict[str, Any]:
+    return await context.db.read(service.view, principal, model_id)
 
 
 IMPORT_BODY: dict[str, Any] = {
@@ -95,8 +97,10 @@ IMPORT_BODY: dict[str, Any] = {
                         "config": {
                             "type": "string",
                             "description": 'JSON: {"architecture", "classes", "name"?, "feature_columns"? '
-                            '(mlp), "hidden"? (mlp), "max_length"? (minilm-l6)}. May be left out for a file '
-                            "exported by Graft, which carries its config.",
+                            '(mlp), "hidden"? (mlp), "max_length"? (minilm-l6), "layers"? (minilm-l6, 1-6), '
+                            '"width"? (cnn-small)}. May be left out for a file exported by Graft, which carries '
+                            "its config (checked with the same rules and limits: at most GRAFT_MAX_CLASSES "
+                            "classes of GRAFT_MAX_CLASS_CHARS characters).",
                             "example": '{"architecture": "cnn-small", "classes": ["cat", "dog"]}',
                         },
                     },
@@ -119,18 +123,27 @@ IMPORT_BODY: dict[str, Any] = {
     ),
     openapi_extra=IMPORT_BODY,
 )
-async def import_model(
-    request: Request, context: ContextDep, session: SessionDep, principal: PrincipalDep
-) -> dict[str, Any]:
+async def import_model(request: Request, context: ContextDep, principal: PrincipalDep) -> dict[str, Any]:
+    # The weights stream to a temporary file and are checked and rewritten with no unit of work open;
+    # the model's row is written in a short one at the end.
+    settings = context.settings
     upload = await receive_multipart(
-        request, context.storage, max_bytes=context.settings.max_upload_bytes, file_field="weights"
+        request, context.storage, max_bytes=settings.max_upload_bytes, file_field="weights"
     )
-    row = await run_in_threadpool(importing.import_model, session, context.storage, principal, upload)
+    prepared = await context.compute(
+        importing.prepare_import,
+        context.storage,
+        upload,
+        max_classes=settings.max_classes,
+        max_class_chars=settings.max_class_chars,
+        max_column_chars=settings.max_column_chars,
+    )
+    row = await context.db.write(importing.register_import, context.storage, principal, prepared)
     return service.registered_view(row)
 
 
-def _model_file(
-    context: ContextDep, session: SessionDep, principal: PrincipalDep, model_id: str, adapter: bool
+async def _model_file(
+    context: ServiceContext, principal: Principal, model_id: str, adapter: bool
 ) -> FileResponse:
     if model_id in BUILTIN_MODELS:
         raise InvalidRequest(
@@ -138,7 +151,7 @@ def _model_file(
             param="model",
             code="builtin_weights",
         )
-    row = service.get_registered(session, principal, model_id)
+    row = await context.db.read(service.get_registered, principal, model_id)
     path = row.adapter_path if adapter else row.weights_path
     if path is None:
         raise NotFound(f"{row.id} has no adapter (only LoRA jobs make one)", code="adapter_not_found")
@@ -156,10 +169,8 @@ def _model_file(
     response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}}, "description": "A safetensors file"}},
 )
-def get_model_content(
-    model_id: str, context: ContextDep, session: SessionDep, principal: PrincipalDep
-) -> FileResponse:
-    return _model_file(context, session, principal, model_id, adapter=False)
+async def get_model_content(model_id: str, context: ContextDep, principal: PrincipalDep) -> FileResponse:
+    return await _model_file(context, principal, model_id, adapter=False)
 
 
 @router.get(
@@ -169,10 +180,8 @@ def get_model_content(
     response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}}, "description": "A safetensors file"}},
 )
-def get_model_adapter(
-    model_id: str, context: ContextDep, session: SessionDep, principal: PrincipalDep
-) -> FileResponse:
-    return _model_file(context, session, principal, model_id, adapter=True)
+async def get_model_adapter(model_id: str, context: ContextDep, principal: PrincipalDep) -> FileResponse:
+    return await _model_file(context, principal, model_id, adapter=True)
 
 
 @router.post(
@@ -181,20 +190,17 @@ def get_model_adapter(
     summary="Evaluate a model on a labelled dataset",
     description=(
         "Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix, classes matched by name. "
-        "Datasets up to `GRAFT_EVALUATE_SYNC_MAX_EXAMPLES` examples are answered directly (200); larger ones "
-        "get an evaluation job (202, `object: job`) whose `metrics` hold the same once it succeeded."
+        "Answered directly (200) when the evaluation takes at most `GRAFT_EVALUATE_SYNC_SECONDS` (5 s), as the "
+        "model's measured cost per example on this server predicts, and the dataset has at most "
+        "`GRAFT_EVALUATE_SYNC_MAX_EXAMPLES` examples; otherwise an evaluation job is created at once (202, "
+        "`object: job`) whose `metrics` hold the same once it succeeded."
     ),
     responses={202: {"model": JobOut, "description": "Queued as an evaluation job"}},
 )
-def evaluate_model(
-    model_id: str,
-    body: EvaluateRequest,
-    response: Response,
-    context: ContextDep,
-    session: SessionDep,
-    principal: PrincipalDep,
+async def evaluate_model(
+    model_id: str, body: EvaluateRequest, response: Response, context: ContextDep, principal: PrincipalDep
 ) -> Any:
-    result, answered = evaluation.evaluate(session, context, principal, model_id, body.dataset)
+    result, answered = await evaluation.evaluate(context, principal, model_id, body.dataset)
     if not answered:
         response.status_code = status.HTTP_202_ACCEPTED
         return JobOut.model_validate(result)
@@ -216,7 +222,21 @@ async def _json_inputs(request: Request) -> list[Any]:
 
 
 async def _image_inputs(request: Request, max_files: int) -> list[tuple[str, bytes]]:
-    form = await request.form(max_files=max_files + 1, max_fields=8)
+    _, options = parse_options_header(request.headers.get("content-type", ""))
+    boundary = options.get(b"boundary", b"")
+    if not boundary or len(boundary) > MAX_BOUNDARY_CHARS:
+        raise InvalidRequest(
+            f"a multipart boundary of 1 to {MAX_BOUNDARY_CHARS} characters is required in Content-Type",
+            param="Content-Type",
+        )
+    try:
+        form = await request.form(max_files=max_files + 1, max_fields=8)
+    except GraftError:
+        raise
+    except Exception as exc:  # malformed multipart bodies
+        raise InvalidRequest(
+            f"malformed multipart body ({type(exc).__name__}: {exc})"[:300], param="files"
+        ) from None
     try:
         files = [item for item in form.getlist("files") if isinstance(item, UploadFile)]
         if not files:
@@ -238,12 +258,29 @@ async def _image_inputs(request: Request, max_files: int) -> list[tuple[str, byt
     summary="Predict with a model",
     description=(
         'Text models take JSON `{"inputs": ["..."]}`; tabular models JSON `{"inputs": [{column: number}]}`; '
-        "image models multipart `files` (PNG/JPEG of any size and colour mode, converted exactly as in training)."
+        "image models multipart `files` (PNG/JPEG of any size and colour mode, converted exactly as in training). "
+        "Each prediction has the `label` and the probabilities of the `top_k` most probable classes (5 unless "
+        "set), the most probable first.\n\n"
+        "Bounds per request: `GRAFT_MAX_PREDICT_INPUTS` inputs (256); a text of at most `GRAFT_MAX_TEXT_CHARS` "
+        "characters (20,000) and `GRAFT_MAX_PREDICT_CHARS` (1,000,000) in all; images of at most "
+        "`GRAFT_MAX_PREDICT_PIXELS` pixels in all (100 million), counted from their headers before any is "
+        "decoded; JSON bodies of at most `GRAFT_MAX_JSON_BYTES` (8 MiB). A text model reads only the first "
+        "`max_length` tokens of a text (its `input_spec`): longer texts are cut before tokenising, exactly as in "
+        "training."
     ),
     openapi_extra=PREDICT_BODY,
 )
 async def predict(
-    model_id: str, request: Request, context: ContextDep, session: SessionDep, principal: PrincipalDep
+    model_id: str,
+    request: Request,
+    context: ContextDep,
+    principal: PrincipalDep,
+    top_k: Annotated[
+        int,
+        Query(
+            ge=1, le=1000, description="How many classes to give probabilities for, the most probable first."
+        ),
+    ] = 5,
 ) -> dict[str, Any]:
     if model_id in BUILTIN_MODELS:
         raise InvalidRequest(
@@ -252,7 +289,7 @@ async def predict(
             param="model",
             code="model_not_servable",
         )
-    row = service.get_registered(session, principal, model_id)
+    row = await context.db.read(service.get_registered, principal, model_id)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     limit = context.settings.max_predict_inputs
     inputs: list[Any]
@@ -270,5 +307,7 @@ async def predict(
         inputs = await _json_inputs(request)
         if len(inputs) > limit:
             raise Unprocessable(f"at most {limit} inputs per request", param="inputs", code="invalid_request")
-    predictions = await run_in_threadpool(context.model_server.predict, row, inputs)
+    # Bounds first (characters, pixels: cheap), then the model, on the compute threads.
+    context.model_server.check_inputs(row.modality, inputs)
+    predictions = await context.compute(context.model_server.predict, row, inputs, top_k=top_k)
     return {"model": row.id, "predictions": predictions}

@@ -4,17 +4,49 @@ API's CPU (or GPU when it has one) with the same preprocessing the model was tra
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from app.core.errors import Unprocessable
 from app.core.storage import Storage
-from app.datasets.formats import ArchiveLimits, FormatError, decode_image
+from app.datasets.formats import ArchiveLimits, FormatError, decode_image, image_size
 from app.tables import Model
 
 PREDICT_BATCH = 64
+
+# Seconds per example (preprocessing and a forward pass, on the reference machine's CPU) until this API
+# process has measured the architecture itself, and seconds to load a model the first time. Pessimistic on
+# purpose: an evaluation that might not finish within the request becomes a job.
+PRIOR_SECONDS_PER_EXAMPLE = {"minilm-l6": 0.01, "efficientnet-lite0": 0.03, "cnn-small": 0.003, "mlp": 0.0005}
+PRIOR_LOAD_SECONDS = {"minilm-l6": 3.0, "efficientnet-lite0": 2.0, "cnn-small": 0.5, "mlp": 0.2}
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    max_text_chars: int = 20_000
+    max_predict_chars: int = 1_000_000
+    max_predict_pixels: int = 100_000_000
+
+
+@dataclass
+class CostModel:
+    """What serving an architecture costs on this process, measured as it serves (moving averages)."""
+
+    seconds_per_example: dict[str, float] = field(default_factory=dict)
+    load_seconds: dict[str, float] = field(default_factory=dict)
+
+    def per_example(self, architecture: str) -> float:
+        return self.seconds_per_example.get(architecture, PRIOR_SECONDS_PER_EXAMPLE.get(architecture, 0.05))
+
+    def observe(self, architecture: str, examples: int, seconds: float) -> None:
+        if examples <= 0:
+            return
+        measured = seconds / examples
+        known = self.seconds_per_example.get(architecture)
+        self.seconds_per_example[architecture] = measured if known is None else 0.7 * known + 0.3 * measured
 
 
 @dataclass
@@ -26,12 +58,33 @@ class LoadedModel:
 
 
 class ModelServer:
-    def __init__(self, storage: Storage, capacity: int, limits: ArchiveLimits) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        capacity: int,
+        limits: ArchiveLimits,
+        serving_limits: ServingLimits | None = None,
+    ) -> None:
         self.storage = storage
         self.capacity = capacity
         self.limits = limits
+        self.serving_limits = serving_limits or ServingLimits()
+        self.costs = CostModel()
         self._cache: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
+
+    def is_loaded(self, row: Model) -> bool:
+        with self._lock:
+            return (row.id, row.weights_sha256) in self._cache
+
+    def estimate_seconds(self, row: Model, examples: int) -> float:
+        """How long serving `examples` inputs with this model would take here, loading it included."""
+        load = 0.0
+        if not self.is_loaded(row):
+            load = self.costs.load_seconds.get(
+                row.architecture, PRIOR_LOAD_SECONDS.get(row.architecture, 3.0)
+            )
+        return load + examples * self.costs.per_example(row.architecture)
 
     def _load(self, row: Model) -> LoadedModel:
         key = (row.id, row.weights_sha256)
@@ -43,6 +96,7 @@ class ModelServer:
         from workers.backbones.spec import ModelSpec
         from workers.backbones.weights import load_model
 
+        started = time.perf_counter()
         spec = ModelSpec.model_validate(row.spec)
         network = load_model(self.storage.path(row.weights_path), spec).eval()
         loaded = LoadedModel(
@@ -55,19 +109,60 @@ class ModelServer:
             self._cache[key] = loaded
             while len(self._cache) > self.capacity:
                 self._cache.popitem(last=False)
+            self.costs.load_seconds[row.architecture] = time.perf_counter() - started
         return loaded
+
+    def check_inputs(self, modality: str, inputs: Sequence[Any]) -> None:
+        """Bounds on what one request may ask of the model, checked before anything is decoded or
+        tokenised: characters of text (each input and all together), decoded pixels of images."""
+        limits = self.serving_limits
+        if modality == "text":
+            total = 0
+            for i, text in enumerate(inputs):
+                if not isinstance(text, str):
+                    raise Unprocessable(
+                        f"inputs[{i}]: a text model takes strings", param="inputs", code="invalid_input"
+                    )
+                if len(text) > limits.max_text_chars:
+                    raise Unprocessable(
+                        f"inputs[{i}]: {len(text)} characters; at most {limits.max_text_chars} per input (the "
+                        "model reads only its first max_length tokens)",
+                        param="inputs",
+                        code="input_too_long",
+                    )
+                total += len(text)
+            if total > limits.max_predict_chars:
+                raise Unprocessable(
+                    f"{total} characters of text in one request; at most {limits.max_predict_chars}",
+                    param="inputs",
+                    code="input_too_long",
+                )
+        elif modality == "image":
+            pixels = 0
+            for i, (name, data) in enumerate(inputs):
+                try:
+                    width, height = image_size(data, name, self.limits)
+                except FormatError as exc:
+                    raise Unprocessable(
+                        f"files[{i}]: {exc.message}", param="files", code="invalid_input"
+                    ) from None
+                pixels += width * height
+                if pixels > limits.max_predict_pixels:
+                    raise Unprocessable(
+                        f"the images of this request have more than {limits.max_predict_pixels} pixels in all "
+                        f"(reached at files[{i}]); send fewer or smaller images per request",
+                        param="files",
+                        code="input_too_large",
+                    )
 
     def _prepare(self, loaded: LoadedModel, inputs: Sequence[Any]) -> Any:
         """Validate inputs for the model's modality; returns a function from index list to batch."""
         from workers.backbones.preprocess import InputError, images_to_tensor, prepare_image, rows_to_array
 
         modality = loaded.spec.modality
+        self.check_inputs(modality, inputs)
         if modality == "text":
             for i, text in enumerate(inputs):
-                if not isinstance(text, str):
-                    raise Unprocessable(
-                        f"inputs[{i}]: a text model takes strings", param="inputs", code="invalid_input"
-                    )
                 if not text.strip():
                     raise Unprocessable(f"inputs[{i}]: empty text", param="inputs", code="invalid_input")
             return lambda idx: loaded.pipeline([inputs[i] for i in idx])
@@ -97,25 +192,36 @@ class ModelServer:
 
         loaded = self._load(row)
         with loaded.lock:
-            return evaluate_model(loaded.network, loaded.spec, dataset, device="cpu")
+            started = time.perf_counter()
+            metrics = evaluate_model(loaded.network, loaded.spec, dataset, device="cpu")
+            self.costs.observe(
+                row.architecture, int(metrics.get("num_examples", 0)), time.perf_counter() - started
+            )
+            return metrics
 
-    def predict(self, row: Model, inputs: Sequence[Any]) -> list[dict[str, Any]]:
+    def predict(self, row: Model, inputs: Sequence[Any], top_k: int = 5) -> list[dict[str, Any]]:
+        """The label and the `top_k` most probable classes (most probable first) of every input."""
         import torch
 
         loaded = self._load(row)
-        make_batch = self._prepare(loaded, inputs)
         classes = loaded.spec.classes
+        k = min(top_k, len(classes))
         out: list[dict[str, Any]] = []
         with loaded.lock, torch.inference_mode():
+            started = time.perf_counter()
+            make_batch = self._prepare(loaded, inputs)
             for start in range(0, len(inputs), PREDICT_BATCH):
                 idx = list(range(start, min(start + PREDICT_BATCH, len(inputs))))
                 probabilities = loaded.network(make_batch(idx)).float().softmax(dim=1)
-                for row_p in probabilities.tolist():
-                    best = max(range(len(classes)), key=row_p.__getitem__)
+                values, indices = probabilities.topk(k, dim=1)
+                for row_values, row_indices in zip(values.tolist(), indices.tolist(), strict=True):
                     out.append(
                         {
-                            "label": classes[best],
-                            "probabilities": {c: round(p, 6) for c, p in zip(classes, row_p, strict=True)},
+                            "label": classes[row_indices[0]],
+                            "probabilities": {
+                                classes[c]: round(p, 6) for c, p in zip(row_indices, row_values, strict=True)
+                            },
                         }
                     )
+            self.costs.observe(row.architecture, len(inputs), time.perf_counter() - started)
         return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import ColumnElement, select
+from sqlalchemy import ColumnElement, bindparam, select
 from sqlalchemy.orm import Session
 
 from app.tables import ApiKey, Project
@@ -31,3 +31,9 @@ def get_key(session: Session, project_id: str, key_id: str) -> ApiKey | None:
 def add(session: Session, row: Project | ApiKey) -> None:
     session.add(row)
     session.flush()
+
+
+# The auth middleware's one read per key it has not seen lately (app/core/auth.py).
+KEY_BY_LOOKUP = select(ApiKey.id, ApiKey.project_id, ApiKey.role, ApiKey.digest, ApiKey.revoked_at).where(
+    ApiKey.lookup == bindparam("lookup")
+)

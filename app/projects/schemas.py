@@ -9,7 +9,9 @@ from app.core.text import SafeStr
 
 
 class ProjectCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "sentiment-team"}]})
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra={"examples": [{"name": "sentiment-team"}]}
+    )
 
     name: SafeStr = Field(min_length=1, max_length=200)
 
@@ -25,13 +27,15 @@ class ProjectOut(BaseModel):
 
 class ApiKeyCreate(BaseModel):
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"name": "ci", "role": "member"}]}
+        extra="forbid", strict=True, json_schema_extra={"examples": [{"name": "ci", "role": "member"}]}
     )
 
     name: SafeStr | None = Field(default=None, max_length=200)
-    role: Literal["member", "admin"] = Field(
+    role: Literal["member", "admin", "operator"] = Field(
         default="member",
-        description="member: the project's own objects; admin: can also manage projects and keys.",
+        description="member: the project's own objects; admin: also this project's API keys (nothing of other "
+        "projects); operator: the whole instance (every project, creating projects) — only the operator can "
+        "create operator keys.",
     )
 
 
@@ -43,7 +47,10 @@ class ApiKeyOut(BaseModel):
     project_id: str
     name: str | None
     role: str
-    prefix: str = Field(description="The key's first characters, to recognise it.")
+    prefix: str = Field(
+        description="The key's first 10 characters (`graft_` and 4 more), to recognise it; the key itself is "
+        "stored only as a digest and never shown again."
+    )
     created_at: datetime
     revoked_at: datetime | None
 

@@ -8,9 +8,10 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.orm import Session
 
-from app.core.deps import ContextDep, PrincipalDep, ServiceContext, SessionDep
+from app.core.deps import ContextDep, PrincipalDep
 from app.core.errors import ERROR_RESPONSES, Unprocessable
 from app.core.security import Principal
+from app.core.storage import Storage
 from app.core.text import SafeStr
 from app.datasets import service as datasets
 from app.models import service as models
@@ -31,6 +32,7 @@ def _all_metrics() -> list[Metric]:
 class TransferabilityRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {
@@ -97,7 +99,7 @@ class TransferabilityOut(BaseModel):
 
 
 def _candidates(
-    session: Session, context: ServiceContext, principal: Principal, body: TransferabilityRequest
+    session: Session, storage: Storage, principal: Principal, body: TransferabilityRequest
 ) -> tuple[DatasetSource, list[BaseModelSource], str]:
     dataset = datasets.get_dataset(session, principal, body.dataset, param="dataset")
     if not dataset.labeled:
@@ -136,7 +138,7 @@ def _candidates(
                 BaseModelSource(
                     id=resolved.id,
                     spec=resolved.spec,
-                    weights_path=context.storage.path(resolved.row.weights_path),
+                    weights_path=storage.path(resolved.row.weights_path),
                     weights_sha256=resolved.row.weights_sha256,
                 )
             )
@@ -153,7 +155,7 @@ def _candidates(
                 param="rank_by",
                 code="invalid_request",
             )
-    return datasets.dataset_source(dataset, context.storage), candidates, rank_by
+    return datasets.dataset_source(dataset, storage), candidates, rank_by
 
 
 @router.post(
@@ -168,14 +170,13 @@ def _candidates(
         "with the linear_probe feature cache. Answered within the request."
     ),
 )
-def rank(
-    body: TransferabilityRequest, context: ContextDep, session: SessionDep, principal: PrincipalDep
-) -> dict[str, Any]:
+async def rank(body: TransferabilityRequest, context: ContextDep, principal: PrincipalDep) -> dict[str, Any]:
     from workers.recipes.rank import rank_models
 
-    dataset, candidates, rank_by = _candidates(session, context, principal, body)
-    session.commit()  # nothing to write: end the transaction before the forward passes
-    return rank_models(
+    dataset, candidates, rank_by = await context.db.read(_candidates, context.storage, principal, body)
+    # The forward passes run on the compute threads, with no unit of work open.
+    return await context.compute(
+        rank_models,
         candidates,
         dataset,
         list(body.metrics),

@@ -6,9 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response, status
-from starlette.concurrency import run_in_threadpool
 
-from app.core.deps import ContextDep, PrincipalDep, SessionDep
+from app.core.deps import ContextDep, PrincipalDep
 from app.core.errors import ERROR_RESPONSES, ErrorResponse
 from app.datasets.schemas import DatasetOut
 from app.tables import Dataset
@@ -54,18 +53,14 @@ CHUNK_BODY: dict[str, Any] = {
     ),
     responses={413: {"model": ErrorResponse, "description": "Larger than the upload limit"}},
 )
-def create_upload(
-    body: UploadCreate, context: ContextDep, session: SessionDep, principal: PrincipalDep
-) -> dict[str, Any]:
-    row = service.create_upload(session, context.storage, context.settings, principal, body)
+async def create_upload(body: UploadCreate, context: ContextDep, principal: PrincipalDep) -> dict[str, Any]:
+    row = await context.db.write(service.create_upload, context.storage, context.settings, principal, body)
     return service.describe(row, context.settings)
 
 
 @router.get("/{upload_id}", response_model=UploadOut, summary="Where an upload stands (its offset)")
-def get_upload(
-    upload_id: str, context: ContextDep, session: SessionDep, principal: PrincipalDep
-) -> dict[str, Any]:
-    return service.describe(service.get_upload(session, principal, upload_id), context.settings)
+async def get_upload(upload_id: str, context: ContextDep, principal: PrincipalDep) -> dict[str, Any]:
+    return service.describe(await context.db.read(service.get_upload, principal, upload_id), context.settings)
 
 
 @router.patch(
@@ -86,10 +81,9 @@ def get_upload(
     },
 )
 async def append_chunk(
-    upload_id: str, request: Request, context: ContextDep, session: SessionDep, principal: PrincipalDep
+    upload_id: str, request: Request, context: ContextDep, principal: PrincipalDep
 ) -> dict[str, Any]:
-    session.commit()  # no transaction stays open while the chunk streams in
-    row = await service.append_chunk(request, context.session_factory, context.storage, principal, upload_id)
+    row = await service.append_chunk(request, context.db, context.storage, principal, upload_id)
     return service.describe(row, context.settings)
 
 
@@ -105,10 +99,10 @@ async def append_chunk(
     responses={409: {"model": ErrorResponse, "description": "The upload is not complete yet"}},
 )
 async def create_dataset(
-    upload_id: str, body: DatasetFromUpload, context: ContextDep, session: SessionDep, principal: PrincipalDep
+    upload_id: str, body: DatasetFromUpload, context: ContextDep, principal: PrincipalDep
 ) -> Dataset:
-    return await run_in_threadpool(
-        service.create_dataset, session, context.storage, context.settings, principal, upload_id, body
+    return await service.create_dataset(
+        context.db, context.compute, context.storage, context.settings, principal, upload_id, body
     )
 
 
@@ -118,8 +112,6 @@ async def create_dataset(
     response_class=Response,
     summary="Abandon an upload",
 )
-def delete_upload(
-    upload_id: str, context: ContextDep, session: SessionDep, principal: PrincipalDep
-) -> Response:
-    service.delete_upload(session, context.storage, principal, upload_id)
+async def delete_upload(upload_id: str, context: ContextDep, principal: PrincipalDep) -> Response:
+    await context.db.write(service.delete_upload, context.storage, principal, upload_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

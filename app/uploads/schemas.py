@@ -9,7 +9,7 @@ from app.datasets.schemas import Task
 
 
 class UploadCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     filename: str = Field(
         min_length=1, max_length=300, description="The file's name; its extension tells the format."
@@ -39,7 +39,7 @@ class UploadOut(BaseModel):
 
 
 class DatasetFromUpload(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     task: Task
     name: str | None = Field(

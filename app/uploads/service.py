@@ -23,14 +23,15 @@ import hashlib
 import os
 from datetime import timedelta
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
+import anyio
 from sqlalchemy import delete, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 from starlette.requests import ClientDisconnect, Request
 
 from app.core.config import Settings
-from app.core.db import after_commit, session_scope
+from app.core.db import Database, after_commit, after_rollback
 from app.core.errors import (
     Conflict,
     InvalidRequest,
@@ -45,6 +46,7 @@ from app.core.security import Principal
 from app.core.storage import Storage, is_disk_full, sha256_file
 from app.core.text import unsafe_character
 from app.datasets import service as datasets
+from app.datasets import storage_quota
 from app.datasets.upload import HEAD_BYTES, ReceivedUpload
 from app.tables import Dataset, Upload
 from app.uploads.schemas import DatasetFromUpload, UploadCreate
@@ -77,11 +79,14 @@ def create_upload(
     problem = unsafe_character(body.filename)
     if problem:
         raise Unprocessable(f"the file name contains {problem}", param="filename", code="invalid_request")
+    storage_quota.serialise_reservations(session)
+    storage_quota.check_room(session, storage, settings, principal, body.size, param="size")
     upload_id = new_id("upl")
     key = f"uploads/{upload_id}.part"
     path = storage.path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch()
+    after_rollback(session, lambda: storage.delete(key))
     now = utcnow()
     row = Upload(
         id=upload_id,
@@ -132,15 +137,46 @@ def _chunk_checksum(header: str | None) -> bytes | None:
     return digest
 
 
+# Chunks are written (and hashed) in threads, a buffer of this many bytes at a time: the event loop never
+# waits for the disk, and a thread hop costs little next to a megabyte.
+WRITE_BUFFER_BYTES = 1024 * 1024
+
+
+def _lock(handle: BinaryIO, upload_id: str) -> None:
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise Conflict(
+            "another request is writing to this upload", param="Upload-Offset", code="upload_busy"
+        ) from None
+
+
+def _write(handle: BinaryIO, digest: Any, data: bytes) -> None:
+    handle.write(data)
+    digest.update(data)
+
+
+def _seal(handle: BinaryIO) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _set_offset(session: Session, principal: Principal, upload_id: str, offset: int) -> Upload:
+    session.execute(
+        update(Upload)
+        .where(Upload.id == upload_id, Upload.project_id == principal.project_id)
+        .values(offset=offset, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return get_upload(session, principal, upload_id)
+
+
 async def append_chunk(
-    request: Request,
-    factory: sessionmaker[Session],
-    storage: Storage,
-    principal: Principal,
-    upload_id: str,
+    request: Request, db: Database, storage: Storage, principal: Principal, upload_id: str
 ) -> Upload:
-    """Append the request body at the upload's offset. No database transaction is held while the bytes
-    stream in; the new offset is committed at the end (also when the client goes away mid-chunk)."""
+    """Append the request body at the upload's offset. No unit of work is open while the bytes stream in,
+    and no disk write happens on the event loop; the new offset is committed at the end (also when the
+    client goes away mid-chunk)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != CHUNK_CONTENT_TYPE:
         raise UnsupportedMediaType(f"send the chunk as {CHUNK_CONTENT_TYPE}", param="Content-Type")
@@ -151,23 +187,14 @@ async def append_chunk(
         )
     start = int(offset_header)
     expected = _chunk_checksum(request.headers.get("upload-checksum"))
-    with session_scope(factory) as session:
-        row = get_upload(session, principal, upload_id)
-        session.expunge(row)
+    row = await db.read(get_upload, principal, upload_id)
     try:
-        handle = storage.path(row.path).open("r+b")
+        handle = await anyio.to_thread.run_sync(storage.path(row.path).open, "r+b")
     except FileNotFoundError:
         raise not_found("upload", upload_id) from None
-    with handle:  # the lock is held until the new offset is committed
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise Conflict(
-                "another request is writing to this upload", param="Upload-Offset", code="upload_busy"
-            ) from None
-        with session_scope(factory) as session:  # the offset, now that no one else can move it
-            row = get_upload(session, principal, upload_id)
-            session.expunge(row)
+    try:  # the lock is held until the new offset is committed, and goes with the handle
+        await anyio.to_thread.run_sync(_lock, handle, upload_id)
+        row = await db.read(get_upload, principal, upload_id)  # the offset, now that no one else can move it
         if start != row.offset:
             raise Conflict(
                 f"this upload is at offset {row.offset}, not {start}: send the chunk from {row.offset}",
@@ -175,75 +202,86 @@ async def append_chunk(
                 code="offset_mismatch",
                 headers={"Upload-Offset": str(row.offset)},
             )
-        handle.truncate(start)  # bytes a crashed writer left beyond the committed offset
-        handle.seek(start)
+
+        def rewind() -> None:  # also drops bytes a crashed writer left beyond the committed offset
+            handle.truncate(start)
+            handle.seek(start)
+
+        await anyio.to_thread.run_sync(rewind)
         digest = hashlib.sha256()
         written = 0
+        pending: list[bytes] = []
+        pending_bytes = 0
         disconnected = False
         try:
             async for chunk in request.stream():
-                if start + written + len(chunk) > row.size:
+                if start + written + pending_bytes + len(chunk) > row.size:
                     raise PayloadTooLarge(
                         f"this chunk goes beyond the upload's declared size of {row.size} bytes", param="size"
                     )
-                handle.write(chunk)
-                digest.update(chunk)
-                written += len(chunk)
+                pending.append(chunk)
+                pending_bytes += len(chunk)
+                if pending_bytes >= WRITE_BUFFER_BYTES:
+                    await anyio.to_thread.run_sync(_write, handle, digest, b"".join(pending))
+                    written += pending_bytes
+                    pending, pending_bytes = [], 0
         except ClientDisconnect:
             disconnected = True  # keep what arrived: the client resumes from the new offset
         except BaseException as exc:
-            handle.truncate(start)
+            await anyio.to_thread.run_sync(handle.truncate, start)
             if is_disk_full(exc):
                 raise StorageFull(
                     "the service's storage is full; this chunk was not stored. Retry it once space is freed",
                     param="file",
                 ) from None
             raise
-        if expected is not None and not disconnected and digest.digest() != expected:
-            handle.truncate(start)
-            raise Unprocessable(
-                "the chunk's SHA-256 does not match Upload-Checksum; it was not stored",
-                param="Upload-Checksum",
-                code="checksum_mismatch",
-            )
-        if disconnected and expected is not None:
-            handle.truncate(start)  # a checked chunk is all or nothing
-            written = 0
-        handle.flush()
-        os.fsync(handle.fileno())
-        with session_scope(factory) as session:
-            session.execute(
-                update(Upload)
-                .where(Upload.id == row.id)
-                .values(offset=start + written, updated_at=utcnow())
-                .execution_options(synchronize_session=False)
-            )
-            fresh = get_upload(session, principal, upload_id)
-            session.expunge(fresh)
-    return fresh
+        try:
+            if pending:
+                await anyio.to_thread.run_sync(_write, handle, digest, b"".join(pending))
+                written += pending_bytes
+            if expected is not None and not disconnected and digest.digest() != expected:
+                await anyio.to_thread.run_sync(handle.truncate, start)
+                raise Unprocessable(
+                    "the chunk's SHA-256 does not match Upload-Checksum; it was not stored",
+                    param="Upload-Checksum",
+                    code="checksum_mismatch",
+                )
+            if disconnected and expected is not None:
+                await anyio.to_thread.run_sync(handle.truncate, start)  # a checked chunk is all or nothing
+                written = 0
+            await anyio.to_thread.run_sync(_seal, handle)
+        except OSError as exc:
+            await anyio.to_thread.run_sync(handle.truncate, start)
+            if is_disk_full(exc):
+                raise StorageFull(
+                    "the service's storage is full; this chunk was not stored. Retry it once space is freed",
+                    param="file",
+                ) from None
+            raise
+        return await db.write(_set_offset, principal, upload_id, start + written)
+    finally:
+        await anyio.to_thread.run_sync(handle.close)
 
 
-def create_dataset(
-    session: Session,
-    storage: Storage,
-    settings: Settings,
-    principal: Principal,
-    upload_id: str,
-    body: DatasetFromUpload,
-) -> Dataset:
+def _upload_to_consume(session: Session, principal: Principal, upload_id: str) -> Upload:
     row = get_upload(session, principal, upload_id)
-    session.expunge(row)
-    session.commit()  # no transaction stays open while the file is hashed and validated
     if row.offset != row.size:
         raise Conflict(
             f"the upload is incomplete: {row.offset} of {row.size} bytes; send the rest from offset {row.offset}",
             code="upload_incomplete",
         )
+    return row
+
+
+def prepare_dataset(
+    storage: Storage, settings: Settings, row: Upload, body: DatasetFromUpload
+) -> datasets.PreparedDataset:
+    """Hash and validate a complete upload (no unit of work is open meanwhile)."""
     part = storage.path(row.path)
     try:
         digest = sha256_file(part)
     except FileNotFoundError:
-        raise Conflict(f"upload {upload_id} already became a dataset", code="upload_consumed") from None
+        raise Conflict(f"upload {row.id} already became a dataset", code="upload_consumed") from None
     if row.sha256 is not None and digest != row.sha256:
         raise Unprocessable(
             f"the file's SHA-256 is {digest}, not the {row.sha256} declared: the upload is damaged; delete it "
@@ -261,14 +299,39 @@ def create_dataset(
     received = ReceivedUpload(
         fields=fields, path=linked, filename=row.filename, size=row.size, sha256=digest, head=head
     )
-    dataset = datasets.create_dataset(session, storage, settings, principal, received)
+    return datasets.prepare_dataset(storage, settings, received)
+
+
+def consume_upload(
+    session: Session,
+    storage: Storage,
+    principal: Principal,
+    row: Upload,
+    prepared: datasets.PreparedDataset,
+) -> Dataset:
+    """The dataset's row, and the upload gone, in one unit of work."""
+    dataset = datasets.register_dataset(session, storage, principal, prepared)
     consumed = session.execute(
         delete(Upload).where(Upload.id == row.id).execution_options(synchronize_session=False)
     )
     if consumed.rowcount != 1:  # type: ignore[attr-defined]
-        raise Conflict(f"upload {upload_id} already became a dataset", code="upload_consumed")
+        raise Conflict(f"upload {row.id} already became a dataset", code="upload_consumed")
     after_commit(session, lambda: storage.delete(row.path))
     return dataset
+
+
+async def create_dataset(
+    db: Database,
+    compute: Any,
+    storage: Storage,
+    settings: Settings,
+    principal: Principal,
+    upload_id: str,
+    body: DatasetFromUpload,
+) -> Dataset:
+    row = await db.read(_upload_to_consume, principal, upload_id)
+    prepared = await compute(prepare_dataset, storage, settings, row, body)
+    return await db.write(consume_upload, storage, principal, row, prepared)
 
 
 def remove_abandoned(session: Session, storage: Storage, settings: Settings) -> list[str]:

@@ -219,12 +219,11 @@ class SelfSupervisedRecipe:
     def run(self) -> FinetuneResult:
         saved = self.journal.load() if self.journal is not None else None
         history: list[dict[str, float]] = []
+        set_up(self, resuming=saved is not None)
         if saved is None:
-            self.setup()
             step = 0
             self.reporter.progress(epoch=0, epochs=self.hp.epochs, step=0, total_steps=self.total_steps)
         else:
-            set_up(self, resuming=True)
             step, history = self._restore(saved)
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         for epoch in range(len(history) + 1, self.hp.epochs + 1):
