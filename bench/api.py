@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.api_anchors import POOL_MAX, POOL_MIN, job_view
-from bench.common import ROOT, command_line, machine, markdown_table, median
+from bench.common import ROOT, command_line, machine, markdown_table, median, write_section
 
 NAME = "api"
 OUT = ROOT / "var" / "bench"
@@ -1672,6 +1672,9 @@ def main() -> int:
     }
     json_path.write_text(json.dumps(payload, indent=1, default=str))
     json_path.with_suffix(".md").write_text(text)
+    if not harness_failures and args.backend == "both":  # a full run is what docs/benchmarks.md records
+        write_section("api", text)
+        print("(written to docs/benchmarks.md, section api)")
     print(
         f"(results in {rel(json_path)} and {rel(json_path.with_suffix('.md'))}; server logs in {rel(logs)}/)"
     )
