@@ -39,6 +39,14 @@ def migrate(settings: Settings) -> None:
     command.upgrade(config, "head")
 
 
+def new_key_command() -> str:
+    """How to make a new operator key, as the person at this terminal types it (`make run` users have no
+    virtual environment activated: the interpreter is named)."""
+    python = sys.executable
+    relative = os.path.relpath(python)
+    return f"{relative if not relative.startswith('..') else python} -m app.cli prestart --new-operator-key"
+
+
 def bootstrap(settings: Settings) -> Bootstrap:
     """Migrate, and make sure the default project and the operator's key exist."""
     from app.core.db import make_engine, make_session_factory, session_scope
@@ -63,7 +71,7 @@ def bootstrap(settings: Settings) -> Bootstrap:
                         if result.key is None
                         else f"in {settings.admin_key_file}"
                     )
-                    + " was revoked. Make a new one with `python -m app.cli prestart --new-operator-key` (it replaces "
+                    + f" was revoked. Make a new one with `{new_key_command()}` (it replaces "
                     f"{settings.admin_key_file}).",
                     flush=True,
                 )
@@ -237,7 +245,7 @@ def run(settings: Settings) -> int:
         base = f"http://{settings.host}:{settings.port}"
         if _wait_until_up(f"{base}/healthz", api):
             if revoked:
-                shown = "(revoked: make a new one with `python -m app.cli prestart --new-operator-key`)"
+                shown = f"(revoked: make a new one with `{new_key_command()}`)"
             else:
                 shown = key if key is not None else "(the value of GRAFT_BOOTSTRAP_API_KEY)"
             print(
@@ -295,6 +303,18 @@ def run(settings: Settings) -> int:
     return 0
 
 
+def _raise_open_files_limit(wanted: int = 65536) -> None:
+    """Every client connection is an open file: the usual soft limit (1024) would refuse the thousandth.
+    Raised to the hard limit (the processes started from here inherit it)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app.cli", description="Graft service commands")
     parser.add_argument("command", choices=["run", "prestart", "api", "worker"])
@@ -306,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     settings = get_settings()
+    _raise_open_files_limit()
     if args.command == "prestart":
         if args.new_operator_key:
             print(f"Operator API key (also in {settings.admin_key_file}): {new_operator_key(settings)}")

@@ -77,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     max_predict_chars=settings.max_predict_chars,
                     max_predict_pixels=settings.max_predict_pixels,
                 ),
+                max_bytes=settings.model_cache_bytes,
             ),
             authenticator=Authenticator(
                 reader=reader,
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 rate_limit_per_minute=settings.rate_limit_per_minute,
             ),
             compute_limiter=anyio.CapacityLimiter(settings.compute_concurrency),
+            predict_limiter=anyio.CapacityLimiter(settings.predict_concurrency),
         )
         reaper = Reaper(settings, database.write_factory, queue, storage)
         reaper.start()
@@ -123,8 +125,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ],
     )
     install_error_handlers(app)
-    # Outermost first: the guard (paths, body caps), CORS (preflights need no key), then authentication,
-    # which answers 401 before any body is read.
+    # Added innermost first. A request meets CORS (preflights need no key), then authentication (401 before
+    # anything reads or even measures the body), then the guard (paths, queries, body caps), then the routes.
+    app.add_middleware(
+        RequestGuard,  # type: ignore[arg-type]
+        max_body_bytes=settings.max_request_bytes,
+        max_json_bytes=settings.max_json_bytes,
+        streaming_routes={("POST", "/v1/datasets"), ("POST", "/v1/models"), ("PATCH", "/v1/uploads/{id}")},
+    )
     app.add_middleware(AuthMiddleware)  # type: ignore[arg-type]
     origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
     if origins:  # off unless configured: browsers on other origins get no access
@@ -141,12 +149,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ],
             expose_headers=["Retry-After", "Upload-Offset"],
         )
-    app.add_middleware(
-        RequestGuard,  # type: ignore[arg-type]
-        max_body_bytes=settings.max_request_bytes,
-        max_json_bytes=settings.max_json_bytes,
-        streaming_routes={("POST", "/v1/datasets"), ("POST", "/v1/models"), ("PATCH", "/v1/uploads/{id}")},
-    )
     # Job-status polling first: routes are matched in this order.
     for module in (jobs, datasets, uploads, models, transferability, projects, health):
         app.include_router(module.router)

@@ -97,6 +97,12 @@ class Dataset(Base):
     path: Mapped[str] = mapped_column(String(500))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
+    @property
+    def pixels(self) -> int | None:
+        """Image datasets: the pixels of all images together, kept at upload for cost estimates."""
+        value = (self.schema_info or {}).get("pixels")
+        return int(value) if value is not None else None
+
 
 class Upload(Base):
     """A resumable upload: the file grows chunk by chunk at `offset` until it reaches `size`; then it

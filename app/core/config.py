@@ -61,9 +61,18 @@ class Settings(BaseSettings):
     evaluate_sync_max_examples: int = Field(default=2000, ge=0)
     evaluate_sync_seconds: float = Field(default=5.0, ge=0)
     model_cache_size: int = Field(default=4, ge=1)
+    # Models kept loaded for prediction weigh at most this much together (the one in use always stays).
+    model_cache_bytes: int = Field(default=1024**3, ge=0)
+    # A model import's network: at most this many parameters (minilm-l6, the largest built-in, has 23 M).
+    max_import_parameters: int = Field(default=64_000_000, ge=1)
     # Model inference, evaluation, report drawing and dataset validation in the API process run at most
     # this many at a time, beside (never in place of) the threads that answer everything else.
     compute_concurrency: int = Field(default=2, ge=1)
+    # Predictions have threads of their own, as many at a time: never held up behind an evaluation.
+    predict_concurrency: int = Field(default=2, ge=1)
+    # A transferability ranking is answered only when its estimated cost (examples and pixels times the
+    # models' measured cost) is at most this; a larger one gets a 422 saying how many examples would fit.
+    rank_sync_seconds: float = Field(default=60.0, gt=0)
     # Database connections of one API process (the pool of short units of work; the async reader of
     # status polls and key lookups has its own, db_reader_pool_size).
     db_pool_size: int = Field(default=10, ge=1)

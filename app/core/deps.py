@@ -8,18 +8,21 @@ inference, evaluation, dataset validation, report drawing), which has threads of
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import anyio
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
+from pydantic import BaseModel
 
 from app.core.auth import PRINCIPAL_SCOPE_KEY, Authenticator
 from app.core.config import Settings
 from app.core.db import Database
-from app.core.errors import Forbidden, Unauthorized
+from app.core.errors import ClientGone, Forbidden, Unauthorized
 from app.core.queue import JobQueue
 from app.core.reads import Reader
 from app.core.security import Principal
@@ -41,12 +44,55 @@ class ServiceContext:
     model_server: ModelServer
     authenticator: Authenticator
     compute_limiter: anyio.CapacityLimiter
+    predict_limiter: anyio.CapacityLimiter
 
     async def compute(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """CPU-heavy work, at most `compute_concurrency` at a time, off the threads that answer the rest."""
+        """CPU-heavy work (evaluation, ranking, validation, imports, report drawing), at most
+        `compute_concurrency` at a time, off the threads that answer the rest."""
         return await anyio.to_thread.run_sync(
             functools.partial(fn, *args, **kwargs), limiter=self.compute_limiter
         )
+
+    async def predict(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Predictions: a lane of their own, so that long evaluations or rankings never hold them up."""
+        return await anyio.to_thread.run_sync(
+            functools.partial(fn, *args, **kwargs), limiter=self.predict_limiter
+        )
+
+    async def compute_while_connected(
+        self, request: Request, fn: Callable[..., T], *args: Any, **kwargs: Any
+    ) -> T:
+        """`compute` for work that reports its batches through an `on_batch` keyword: it stops at the next
+        batch once the client has gone away, instead of holding a compute thread for nobody."""
+        gone = threading.Event()
+
+        def on_batch() -> None:
+            if gone.is_set():
+                raise ClientGone()
+
+        async def watch() -> None:
+            while not await request.is_disconnected():
+                await anyio.sleep(0.5)
+            gone.set()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            return await self.compute(fn, *args, on_batch=on_batch, **kwargs)
+        finally:
+            watcher.cancel()
+
+    async def read_json(
+        self, response_type: type[BaseModel], fn: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Response:
+        """A read unit whose answer is validated as `response_type` and serialised in the same thread: a
+        large answer (a page of datasets or models with a thousand classes each) costs the event loop
+        nothing but sending it."""
+
+        def run() -> bytes:
+            value = self.db.read_sync(fn, *args, **kwargs)
+            return response_type.model_validate(value).model_dump_json().encode()
+
+        return Response(await anyio.to_thread.run_sync(run), media_type="application/json")
 
     async def blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Short blocking work that is not the database's (a file's header, a broker call)."""

@@ -96,6 +96,17 @@ class ServiceUnavailable(GraftError):
     code = "service_unavailable"
 
 
+class ClientGone(GraftError):
+    """The client of a long computation went away, and the computation stopped (nobody reads the answer;
+    the status is nginx's for a client that closed its request)."""
+
+    status_code = 499
+    code = "client_gone"
+
+    def __init__(self) -> None:
+        super().__init__("the client disconnected; the computation stopped")
+
+
 class ErrorBody(BaseModel):
     code: str
     message: str
@@ -110,8 +121,24 @@ def not_found(kind: str, object_id: str, param: str | None = None) -> NotFound:
     return NotFound(f"No {kind} with id '{object_id}'", param=param, code=f"{kind}_not_found")
 
 
+# An error names what is wrong; it never echoes a client's megabytes back (a validation message can quote
+# the offending value).
+MAX_MESSAGE_CHARS = 1000
+MAX_PARAM_CHARS = 200
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def error_payload(code: str, message: str, param: str | None) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "param": param}}
+    return {
+        "error": {
+            "code": code,
+            "message": _clip(message, MAX_MESSAGE_CHARS),
+            "param": None if param is None else _clip(param, MAX_PARAM_CHARS),
+        }
+    }
 
 
 # Responses documented on every route that can fail.
@@ -149,12 +176,15 @@ _STATUS_CODES = {
 UNION_TAGS: set[str] = set()
 
 
-def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
+def param_from_loc(loc: tuple[Any, ...]) -> str | None:
+    """A pydantic error location as the client's field path (`hyperparameters.epochs`, `inputs.0`): without
+    FastAPI's `body.` and the names pydantic gives the members of a union (`list[str]`, a tag)."""
     parts = [str(p) for p in loc]
     if parts and parts[0] in {"body", "query", "path", "header", "cookie", "form"}:
         parts = parts[1:]
         if parts and parts[0] in UNION_TAGS:
             parts = parts[1:]
+    parts = [p for p in parts if not ("[" in p or "(" in p)]
     return ".".join(parts) or None
 
 
@@ -174,7 +204,7 @@ def install_error_handlers(app: FastAPI) -> None:
             # The request schema is chosen by a field (`type`): name that field.
             ctx: Any = first.get("ctx") or {}
             loc = (*loc, str(ctx.get("discriminator", "")).strip("'"))
-        param = _param_from_loc(loc)
+        param = param_from_loc(loc)
         message = str(first.get("msg", "Invalid request"))
         if param:
             message = f"{param}: {message}"

@@ -14,6 +14,8 @@ from starlette.exceptions import HTTPException
 from app.core.errors import error_payload
 from app.core.text import unsafe_character
 
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -32,9 +34,9 @@ class RequestGuard:
     """Paths and queries no store can hold are refused; bodies are capped as they arrive.
 
     A body is never buffered here: `receive` is wrapped to count bytes, so a route reads at most the cap
-    (and an unauthenticated request, refused by the auth middleware, reads nothing). JSON bodies have a
-    smaller cap than other bodies (images to predict on). The streaming upload routes enforce their own,
-    larger limit as they write to disk."""
+    (and an unauthenticated request, refused by the auth middleware before this guard, reads nothing).
+    Multipart bodies (images to predict on) have the larger cap, every other body the JSON cap. The
+    streaming upload routes enforce their own, larger limit as they write to disk."""
 
     def __init__(
         self,
@@ -68,7 +70,8 @@ class RequestGuard:
             return
         query = unquote(scope.get("query_string", b"").decode("latin-1"), errors="surrogateescape")
         for part, value in (("path", scope.get("path", "")), ("query", query)):
-            problem = unsafe_character(value)
+            # Bytes that are not UTF-8 arrive here as surrogate escapes: say what they were.
+            problem = "a byte that is not UTF-8" if _NOT_UTF8.search(value) else unsafe_character(value)
             if problem:
                 await self._reject(
                     send, 400, "invalid_request", f"the request {part} contains {problem}", None
@@ -77,10 +80,13 @@ class RequestGuard:
         if self._streams(scope["method"], scope["path"].rstrip("/")):
             await self.app(scope, receive, send)
             return
-        limit = self.max_body_bytes
+        # Only multipart bodies (images to predict on) may be as large as max_body_bytes; every other body
+        # (JSON, any +json type, or one without a Content-Type, which FastAPI reads as JSON too) has the
+        # JSON cap.
+        limit = min(self.max_json_bytes, self.max_body_bytes)
         for name, value in scope.get("headers", []):
-            if name == b"content-type" and value.split(b";")[0].strip().lower() == b"application/json":
-                limit = min(self.max_json_bytes, self.max_body_bytes)
+            if name == b"content-type" and value.split(b";")[0].strip().lower() == b"multipart/form-data":
+                limit = self.max_body_bytes
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 await self._reject(

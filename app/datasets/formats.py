@@ -722,7 +722,9 @@ def inspect_images(path: Path, limits: ArchiveLimits) -> DatasetInfo:
         labeled=labeled,
         classes=classes,
         class_counts=class_counts,
-        schema_info={"layout": scanned.layout, "root": scanned.root},
+        # The pixels of all images (from their headers): what reading the archive will decode, which the
+        # API's cost estimates use.
+        schema_info={"layout": scanned.layout, "root": scanned.root, "pixels": total_pixels},
     )
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request, status
+from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 
@@ -82,19 +82,19 @@ async def upload_dataset(request: Request, context: ContextDep, principal: Princ
 @router.get("", response_model=ListResponse[DatasetOut], summary="List datasets")
 async def list_datasets(
     context: ContextDep, principal: PrincipalDep, limit: LimitQuery = 20, after: AfterQuery = None
-) -> dict[str, object]:
+) -> Response:
     def page(session: Session) -> dict[str, object]:
         rows, has_more = paginate(
             session, Dataset, [Dataset.project_id == principal.project_id], after=after, limit=limit
         )
         return {"data": rows, "has_more": has_more}
 
-    return await context.db.read(page)
+    return await context.read_json(ListResponse[DatasetOut], page)
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, summary="Get a dataset")
-async def get_dataset(dataset_id: str, context: ContextDep, principal: PrincipalDep) -> Dataset:
-    return await context.db.read(service.get_dataset, principal, dataset_id)
+async def get_dataset(dataset_id: str, context: ContextDep, principal: PrincipalDep) -> Response:
+    return await context.read_json(DatasetOut, service.get_dataset, principal, dataset_id)
 
 
 @router.get(

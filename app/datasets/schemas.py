@@ -3,7 +3,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+)
 
 Task = Literal["text_classification", "image_classification", "tabular_classification"]
 
@@ -51,6 +56,16 @@ class DatasetOut(BaseModel):
     sha256: str
     filename: str | None
     created_at: datetime
+    pixels: int | None = Field(
+        default=None,
+        description="Image datasets: the pixels of all images together (read from their headers).",
+    )
+
+    @field_validator("columns")
+    @classmethod
+    def _without_costs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # The pixel count kept beside how the file was read is for cost estimates, not a column: shown apart.
+        return {k: v for k, v in value.items() if k != "pixels"}
 
 
 class Deleted(BaseModel):

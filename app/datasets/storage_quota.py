@@ -21,9 +21,12 @@ class StorageQuotaExceeded(GraftError):
     code = "storage_quota_exceeded"
 
 
-def reserved_bytes(session: Session) -> int:
-    """What unfinished uploads (every project's) declared and have not sent yet."""
-    return int(session.scalar(select(func.coalesce(func.sum(Upload.size - Upload.offset), 0))) or 0)
+def reserved_bytes(session: Session, project_id: str | None = None) -> int:
+    """What unfinished uploads (every project's, or one's) declared and have not sent yet."""
+    stmt = select(func.coalesce(func.sum(Upload.size - Upload.offset), 0))
+    if project_id is not None:
+        stmt = stmt.where(Upload.project_id == project_id)
+    return int(session.scalar(stmt) or 0)
 
 
 def project_usage(session: Session, project_id: str) -> int:
@@ -56,13 +59,25 @@ def check_room(
     # The reserve keeps room for the database, training state and checkpoints; on a small volume it is a
     # twentieth of it rather than all of it.
     reserve = min(settings.min_free_bytes, usage.total // 20)
-    room = usage.free - reserved_bytes(session) - reserve
+    mine = reserved_bytes(session, principal.project_id)
+    others = reserved_bytes(session) - mine
+    available = usage.free - reserve - others  # what this project could use, beside the others' uploads
+    room = available - mine
     if size > room:
         raise StorageFull(
             f"the service's storage has room for {max(room, 0)} more bytes (free space, less what unfinished "
             f"uploads declared and a reserve of {reserve} bytes) and this upload declares {size}; nothing "
             "was stored",
             param=param,
+        )
+    # One project's unfinished uploads may hold at most half of that room: declaring uploads it never sends
+    # cannot lock the other projects out of the disk until they expire.
+    if mine + size > available // 2:
+        raise StorageFull(
+            f"this project's unfinished uploads already declare {mine} bytes; with {size} more they would hold "
+            f"more than half of the {max(available, 0)} bytes of room left. Finish or delete some of them",
+            param=param,
+            code="storage_reservation_exceeded",
         )
     share = settings.project_storage_bytes
     if share:

@@ -16,10 +16,10 @@ from starlette.requests import ClientDisconnect, Request
 from app.core.errors import GraftError, InvalidRequest, PayloadTooLarge, StorageFull, UnsupportedMediaType
 from app.core.storage import Storage, is_disk_full
 
-MAX_FIELD_BYTES = 64 * 1024
+MAX_FIELD_BYTES = 64 * 1024  # a text field of a form; a route may allow more (a model import's config)
 MAX_FIELDS = 32
 # Room for the multipart framing and the text fields around the file.
-ENVELOPE_BYTES = 64 * 1024 + MAX_FIELDS * MAX_FIELD_BYTES
+FRAMING_BYTES = 64 * 1024
 HEAD_BYTES = 512
 # RFC 2046 allows 70 characters; clients that send more still work up to what the parser takes.
 MAX_BOUNDARY_CHARS = 256
@@ -47,10 +47,11 @@ WRITE_BUFFER_BYTES = 1024 * 1024
 class _Receiver:
     """python-multipart's callbacks collect the file's bytes; `flush` writes them off the event loop."""
 
-    def __init__(self, storage: Storage, file_field: str, max_bytes: int) -> None:
+    def __init__(self, storage: Storage, file_field: str, max_bytes: int, max_field_bytes: int) -> None:
         self.storage = storage
         self.file_field = file_field
         self.max_bytes = max_bytes
+        self.max_field_bytes = max_field_bytes
         self.result = ReceivedUpload()
         self._hash = hashlib.sha256()
         self._handle: BinaryIO | None = None
@@ -113,8 +114,11 @@ class _Receiver:
             self._pending_bytes += len(chunk)
         else:
             self._field_data += chunk
-            if len(self._field_data) > MAX_FIELD_BYTES:
-                raise InvalidRequest(f"form field '{self._field_name}' is too long", param=self._field_name)
+            if len(self._field_data) > self.max_field_bytes:
+                raise InvalidRequest(
+                    f"form field '{self._field_name}' is longer than {self.max_field_bytes} bytes",
+                    param=self._field_name,
+                )
 
     def on_part_end(self) -> None:
         if self._is_file:
@@ -157,7 +161,12 @@ class _Receiver:
 
 
 async def receive_multipart(
-    request: Request, storage: Storage, *, max_bytes: int, file_field: str = "file"
+    request: Request,
+    storage: Storage,
+    *,
+    max_bytes: int,
+    file_field: str = "file",
+    max_field_bytes: int = MAX_FIELD_BYTES,
 ) -> ReceivedUpload:
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
@@ -171,12 +180,12 @@ async def receive_multipart(
             f"the multipart boundary is {len(boundary)} characters long; at most {MAX_BOUNDARY_CHARS}",
             param="Content-Type",
         )
-    body_limit = max_bytes + ENVELOPE_BYTES
+    body_limit = max_bytes + FRAMING_BYTES + MAX_FIELDS * max_field_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > body_limit:
         raise PayloadTooLarge(f"the upload is larger than the limit of {max_bytes} bytes", param=file_field)
 
-    receiver = _Receiver(storage, file_field, max_bytes)
+    receiver = _Receiver(storage, file_field, max_bytes, max_field_bytes)
     received = 0
     try:
         parser = MultipartParser(

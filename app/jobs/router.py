@@ -121,7 +121,7 @@ async def list_checkpoints(
     principal: PrincipalDep,
     limit: LimitQuery = 20,
     after: AfterQuery = None,
-) -> dict[str, object]:
+) -> Response:
     def page(session: Session) -> dict[str, object]:
         job = service.get_job(session, principal, job_id)
         rows, has_more = paginate(
@@ -129,7 +129,7 @@ async def list_checkpoints(
         )
         return {"data": [_checkpoint_view(row, job) for row in rows], "has_more": has_more}
 
-    return await context.db.read(page)
+    return await context.read_json(ListResponse[CheckpointOut], page)
 
 
 def _checkpoint_view(row: Checkpoint, job: Job) -> dict[str, Any]:

@@ -104,6 +104,13 @@ class HyperparametersIn(_BudgetIn):
         + ".",
     )
 
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _distinct_targets(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("module names must be distinct")
+        return value
+
 
 class _JobRequest(BaseModel):
     """What every job request has: a seed and the client's metadata."""

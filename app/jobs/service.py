@@ -264,8 +264,13 @@ def _check_options(
                 code="invalid_request",
             )
     if body.seeds is not None and not body.baseline:
+        needs = (
+            "set baseline to true"
+            if upstream.has_weights
+            else f"which needs learned weights, and {upstream.base_model} has random ones: leave seeds out"
+        )
         raise Unprocessable(
-            "seeds repeat the baseline comparison; set baseline to true",
+            f"seeds repeat the baseline comparison (transfer against training from scratch), {needs}",
             param="seeds",
             code="invalid_request",
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy.orm import Session
+from starlette.requests import Request
 
 from app.core.db import after_commit
 from app.core.deps import ServiceContext
@@ -68,13 +69,14 @@ def check(session: Session, principal: Principal, model_id: str, dataset_id: str
 
 def answer_directly(context: ServiceContext, model: Model, dataset: Dataset) -> bool:
     """Whether the evaluation finishes within a few seconds here, by the model's measured cost per example
-    (the first time an architecture is served, a pessimistic estimate stands in for the measurement)."""
+    and the pixels the dataset's images hold (the first time an architecture is served, a pessimistic
+    estimate stands in for the measurement)."""
     settings = context.settings
     if dataset.num_examples > settings.evaluate_sync_max_examples:
         return False
-    return (
-        context.model_server.estimate_seconds(model, dataset.num_examples) <= settings.evaluate_sync_seconds
-    )
+    pixels = int(dataset.schema_info.get("pixels", 0))
+    estimate = context.model_server.estimate_seconds(model, dataset.num_examples, pixels)
+    return estimate <= settings.evaluate_sync_seconds
 
 
 def queue_evaluation(
@@ -111,13 +113,15 @@ def queue_evaluation(
 
 
 async def evaluate(
-    context: ServiceContext, principal: Principal, model_id: str, dataset_id: str
+    context: ServiceContext, request: Request, principal: Principal, model_id: str, dataset_id: str
 ) -> tuple[dict[str, Any] | Job, bool]:
-    """The evaluation (True) or the queued job computing it (False)."""
+    """The evaluation (True) or the queued job computing it (False). A direct one stops if its client goes."""
     model, dataset = await context.db.read(check, principal, model_id, dataset_id)
     if answer_directly(context, model, dataset):
         source = datasets.dataset_source(dataset, context.storage)
-        metrics = await context.compute(context.model_server.evaluate, model, source)
+        server = context.model_server
+        async with server.turn(model):
+            metrics = await context.compute_while_connected(request, server.evaluate, model, source)
         return {"model": model.id, "dataset": dataset.id, **metrics}, True
     job = await context.db.write(queue_evaluation, context.queue, principal, model, dataset)
     return job, False

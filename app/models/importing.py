@@ -54,7 +54,7 @@ MLP_MAX_HIDDEN_LAYERS = 8
 MAX_LENGTH_TOKENS = (8, 512)
 # The largest network any import may build (the limits above stay below it; this bounds what they add up
 # to, whatever they become).
-MAX_PARAMETERS = 200_000_000
+MAX_PARAMETERS = 64_000_000  # minilm-l6, the largest built-in, has 23 M
 # A graft_spec is parsed into Python objects: bound the text first. The largest a Graft export writes is
 # 10,000 feature columns and 1,000 classes of 200 characters, JSON-escaped (up to 12 characters each).
 MAX_SPEC_CHARS = 32 * 1024 * 1024

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import FileResponse
 from pydantic import ValidationError
 from python_multipart.multipart import parse_options_header
+from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
 from app.core.deps import ContextDep, PrincipalDep, ServiceContext
@@ -17,6 +18,7 @@ from app.core.errors import (
     NotFound,
     Unprocessable,
     UnsupportedMediaType,
+    param_from_loc,
 )
 from app.core.pagination import AfterQuery, LimitQuery, ListResponse
 from app.core.security import Principal
@@ -33,6 +35,9 @@ from app.models.schemas import (
 from workers.backbones.catalog import BUILTIN_MODELS
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
+
+# A config part holds up to 1000 class names and 10,000 feature columns of 200 characters each.
+IMPORT_CONFIG_BYTES = 4 * 1024 * 1024
 
 PREDICT_BODY: dict[str, Any] = {
     "requestBody": {
@@ -70,14 +75,17 @@ PREDICT_BODY: dict[str, Any] = {
 )
 async def list_models(
     context: ContextDep, principal: PrincipalDep, limit: LimitQuery = 20, after: AfterQuery = None
-) -> dict[str, object]:
-    data, has_more = await context.db.read(service.list_models, principal, after=after, limit=limit)
-    return {"data": data, "has_more": has_more}
+) -> Response:
+    def page(session: Session) -> dict[str, object]:
+        data, has_more = service.list_models(session, principal, after=after, limit=limit)
+        return {"data": data, "has_more": has_more}
+
+    return await context.read_json(ListResponse[ModelOut], page)
 
 
 @router.get("/{model_id}", response_model=ModelOut, summary="Get a model")
-async def get_model(model_id: str, context: ContextDep, principal: PrincipalDep) -> dict[str, Any]:
-    return await context.db.read(service.view, principal, model_id)
+async def get_model(model_id: str, context: ContextDep, principal: PrincipalDep) -> Response:
+    return await context.read_json(ModelOut, service.view, principal, model_id)
 
 
 IMPORT_BODY: dict[str, Any] = {
@@ -128,7 +136,11 @@ async def import_model(request: Request, context: ContextDep, principal: Princip
     # the model's row is written in a short one at the end.
     settings = context.settings
     upload = await receive_multipart(
-        request, context.storage, max_bytes=settings.max_upload_bytes, file_field="weights"
+        request,
+        context.storage,
+        max_bytes=settings.max_upload_bytes,
+        file_field="weights",
+        max_field_bytes=IMPORT_CONFIG_BYTES,
     )
     prepared = await context.compute(
         importing.prepare_import,
@@ -137,6 +149,7 @@ async def import_model(request: Request, context: ContextDep, principal: Princip
         max_classes=settings.max_classes,
         max_class_chars=settings.max_class_chars,
         max_column_chars=settings.max_column_chars,
+        max_parameters=settings.max_import_parameters,
     )
     row = await context.db.write(importing.register_import, context.storage, principal, prepared)
     return service.registered_view(row)
@@ -198,9 +211,14 @@ async def get_model_adapter(model_id: str, context: ContextDep, principal: Princ
     responses={202: {"model": JobOut, "description": "Queued as an evaluation job"}},
 )
 async def evaluate_model(
-    model_id: str, body: EvaluateRequest, response: Response, context: ContextDep, principal: PrincipalDep
+    model_id: str,
+    body: EvaluateRequest,
+    request: Request,
+    response: Response,
+    context: ContextDep,
+    principal: PrincipalDep,
 ) -> Any:
-    result, answered = await evaluation.evaluate(context, principal, model_id, body.dataset)
+    result, answered = await evaluation.evaluate(context, request, principal, model_id, body.dataset)
     if not answered:
         response.status_code = status.HTTP_202_ACCEPTED
         return JobOut.model_validate(result)
@@ -216,7 +234,7 @@ async def _json_inputs(request: Request) -> list[Any]:
         body = TextOrTabularPredictRequest.model_validate(payload)
     except ValidationError as exc:
         first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or "inputs"
+        param = param_from_loc(tuple(first["loc"])) or "inputs"
         raise Unprocessable(f"{param}: {first['msg']}", param=param, code="invalid_request") from None
     return list(body.inputs)
 
@@ -307,7 +325,10 @@ async def predict(
         inputs = await _json_inputs(request)
         if len(inputs) > limit:
             raise Unprocessable(f"at most {limit} inputs per request", param="inputs", code="invalid_request")
-    # Bounds first (characters, pixels: cheap), then the model, on the compute threads.
-    context.model_server.check_inputs(row.modality, inputs)
-    predictions = await context.compute(context.model_server.predict, row, inputs, top_k=top_k)
+    # Bounds first (characters, pixels from the images' headers: cheap, on a thread for the headers), then the
+    # model's turn (waited for in the event loop, holding no thread), then the prediction threads.
+    server = context.model_server
+    await context.blocking(server.check_inputs, row.modality, inputs)
+    async with server.turn(row):
+        predictions = await context.predict(server.predict, row, inputs, top_k=top_k)
     return {"model": row.id, "predictions": predictions}

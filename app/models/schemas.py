@@ -163,7 +163,9 @@ class EvaluateRequest(BaseModel):
         json_schema_extra={"examples": [{"dataset": "ds_mb2kqv7gq3zd5w4bn6e2c3x1"}]},
     )
 
-    dataset: SafeStr = Field(max_length=64, description="A labelled dataset whose classes the model knows.")
+    dataset: SafeStr = Field(
+        min_length=1, max_length=64, description="A labelled dataset whose classes the model knows."
+    )
 
 
 class Evaluation(BaseModel):

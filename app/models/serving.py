@@ -3,10 +3,11 @@ API's CPU (or GPU when it has one) with the same preprocessing the model was tra
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,11 +18,13 @@ from app.tables import Model
 
 PREDICT_BATCH = 64
 
-# Seconds per example (preprocessing and a forward pass, on the reference machine's CPU) until this API
-# process has measured the architecture itself, and seconds to load a model the first time. Pessimistic on
-# purpose: an evaluation that might not finish within the request becomes a job.
+# Seconds per example (a forward pass, batched, on the reference machine's CPU) until this API process has
+# measured the architecture itself, and seconds to load a model the first time. Pessimistic on purpose: an
+# evaluation that might not finish within the request becomes a job. Images cost per pixel on top (PNG
+# decoding and resizing, ~30 ns a pixel here: a 6300x6300 image takes a second whatever it is resized to).
 PRIOR_SECONDS_PER_EXAMPLE = {"minilm-l6": 0.01, "efficientnet-lite0": 0.03, "cnn-small": 0.003, "mlp": 0.0005}
 PRIOR_LOAD_SECONDS = {"minilm-l6": 3.0, "efficientnet-lite0": 2.0, "cnn-small": 0.5, "mlp": 0.2}
+SECONDS_PER_PIXEL = 3e-8
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,8 @@ class ServingLimits:
 
 @dataclass
 class CostModel:
-    """What serving an architecture costs on this process, measured as it serves (moving averages)."""
+    """What serving an architecture costs on this process, measured as it serves (moving averages of the
+    cost per example, pixels decoded apart: a few huge images and many tiny ones cost what they cost)."""
 
     seconds_per_example: dict[str, float] = field(default_factory=dict)
     load_seconds: dict[str, float] = field(default_factory=dict)
@@ -41,10 +45,13 @@ class CostModel:
     def per_example(self, architecture: str) -> float:
         return self.seconds_per_example.get(architecture, PRIOR_SECONDS_PER_EXAMPLE.get(architecture, 0.05))
 
-    def observe(self, architecture: str, examples: int, seconds: float) -> None:
+    def estimate(self, architecture: str, examples: int, pixels: int = 0) -> float:
+        return examples * self.per_example(architecture) + pixels * SECONDS_PER_PIXEL
+
+    def observe(self, architecture: str, examples: int, seconds: float, pixels: int = 0) -> None:
         if examples <= 0:
             return
-        measured = seconds / examples
+        measured = max(seconds - pixels * SECONDS_PER_PIXEL, 0.0) / examples
         known = self.seconds_per_example.get(architecture)
         self.seconds_per_example[architecture] = measured if known is None else 0.7 * known + 0.3 * measured
 
@@ -55,6 +62,7 @@ class LoadedModel:
     spec: Any  # workers.backbones.spec.ModelSpec
     pipeline: Any  # text pipeline, or None
     lock: threading.Lock
+    bytes: int = 0  # of its tensors
 
 
 class ModelServer:
@@ -64,27 +72,41 @@ class ModelServer:
         capacity: int,
         limits: ArchiveLimits,
         serving_limits: ServingLimits | None = None,
+        max_bytes: int = 1024**3,
     ) -> None:
         self.storage = storage
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self.limits = limits
         self.serving_limits = serving_limits or ServingLimits()
         self.costs = CostModel()
         self._cache: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
+        self._turns: dict[tuple[str, str], asyncio.Lock] = {}
+
+    def turn(self, row: Model) -> asyncio.Lock:
+        """Requests of one model take turns here, in the event loop, before they take a thread: a request
+        waiting for a busy model holds no thread that another model's request could use."""
+        key = (row.id, row.weights_sha256)
+        lock = self._turns.get(key)
+        if lock is None:
+            if len(self._turns) > 1000:  # forget models nobody is waiting for
+                self._turns = {k: v for k, v in self._turns.items() if v.locked()}
+            lock = self._turns[key] = asyncio.Lock()
+        return lock
 
     def is_loaded(self, row: Model) -> bool:
         with self._lock:
             return (row.id, row.weights_sha256) in self._cache
 
-    def estimate_seconds(self, row: Model, examples: int) -> float:
-        """How long serving `examples` inputs with this model would take here, loading it included."""
-        load = 0.0
-        if not self.is_loaded(row):
-            load = self.costs.load_seconds.get(
-                row.architecture, PRIOR_LOAD_SECONDS.get(row.architecture, 3.0)
-            )
-        return load + examples * self.costs.per_example(row.architecture)
+    def load_seconds(self, architecture: str) -> float:
+        return self.costs.load_seconds.get(architecture, PRIOR_LOAD_SECONDS.get(architecture, 3.0))
+
+    def estimate_seconds(self, row: Model, examples: int, pixels: int = 0) -> float:
+        """How long serving `examples` inputs (of `pixels` in all) with this model would take here, loading
+        it included."""
+        load = 0.0 if self.is_loaded(row) else self.load_seconds(row.architecture)
+        return load + self.costs.estimate(row.architecture, examples, pixels)
 
     def _load(self, row: Model) -> LoadedModel:
         key = (row.id, row.weights_sha256)
@@ -104,17 +126,22 @@ class ModelServer:
             spec=spec,
             pipeline=TextPipeline(spec) if spec.modality == "text" else None,
             lock=threading.Lock(),
+            bytes=sum(t.numel() * t.element_size() for t in network.state_dict().values()),
         )
         with self._lock:
             self._cache[key] = loaded
-            while len(self._cache) > self.capacity:
+            # The least recently used go first, by count and by weight; the one just loaded always stays.
+            while len(self._cache) > 1 and (
+                len(self._cache) > self.capacity
+                or sum(m.bytes for m in self._cache.values()) > self.max_bytes
+            ):
                 self._cache.popitem(last=False)
             self.costs.load_seconds[row.architecture] = time.perf_counter() - started
         return loaded
 
-    def check_inputs(self, modality: str, inputs: Sequence[Any]) -> None:
+    def check_inputs(self, modality: str, inputs: Sequence[Any]) -> int:
         """Bounds on what one request may ask of the model, checked before anything is decoded or
-        tokenised: characters of text (each input and all together), decoded pixels of images."""
+        tokenised: characters of text (each input and all together), decoded pixels of images (returned)."""
         limits = self.serving_limits
         if modality == "text":
             total = 0
@@ -154,13 +181,14 @@ class ModelServer:
                         param="files",
                         code="input_too_large",
                     )
+            return pixels
+        return 0
 
     def _prepare(self, loaded: LoadedModel, inputs: Sequence[Any]) -> Any:
         """Validate inputs for the model's modality; returns a function from index list to batch."""
         from workers.backbones.preprocess import InputError, images_to_tensor, prepare_image, rows_to_array
 
         modality = loaded.spec.modality
-        self.check_inputs(modality, inputs)
         if modality == "text":
             for i, text in enumerate(inputs):
                 if not text.strip():
@@ -186,16 +214,22 @@ class ModelServer:
             arrays.append(prepare_image(image, loaded.spec.input_spec))
         return lambda idx: images_to_tensor([arrays[i] for i in idx], loaded.spec.input_spec)
 
-    def evaluate(self, row: Model, dataset: Any) -> dict[str, Any]:
-        """Scores of the model on a labelled dataset (a workers.recipes.base.DatasetSource)."""
+    def evaluate(
+        self, row: Model, dataset: Any, on_batch: Callable[[], None] | None = None
+    ) -> dict[str, Any]:
+        """Scores of the model on a labelled dataset (a workers.recipes.base.DatasetSource); `on_batch` is
+        called after every batch (and may raise to stop)."""
         from workers.recipes.evaluate import evaluate_model
 
         loaded = self._load(row)
         with loaded.lock:
             started = time.perf_counter()
-            metrics = evaluate_model(loaded.network, loaded.spec, dataset, device="cpu")
+            metrics = evaluate_model(loaded.network, loaded.spec, dataset, device="cpu", on_batch=on_batch)
             self.costs.observe(
-                row.architecture, int(metrics.get("num_examples", 0)), time.perf_counter() - started
+                row.architecture,
+                int(metrics.get("num_examples", 0)),
+                time.perf_counter() - started,
+                int(dataset.schema_info.get("pixels", 0)),
             )
             return metrics
 
@@ -207,6 +241,7 @@ class ModelServer:
         classes = loaded.spec.classes
         k = min(top_k, len(classes))
         out: list[dict[str, Any]] = []
+        pixels = self.check_inputs(loaded.spec.modality, inputs)
         with loaded.lock, torch.inference_mode():
             started = time.perf_counter()
             make_batch = self._prepare(loaded, inputs)
@@ -223,5 +258,5 @@ class ModelServer:
                             },
                         }
                     )
-            self.costs.observe(row.architecture, len(inputs), time.perf_counter() - started)
+            self.costs.observe(row.architecture, len(inputs), time.perf_counter() - started, pixels)
         return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.orm import Session
 
@@ -100,7 +100,8 @@ class TransferabilityOut(BaseModel):
 
 def _candidates(
     session: Session, storage: Storage, principal: Principal, body: TransferabilityRequest
-) -> tuple[DatasetSource, list[BaseModelSource], str]:
+) -> tuple[DatasetSource, list[BaseModelSource], str, int]:
+    """The dataset, the candidate models, the ranking metric and the number of examples the dataset has."""
     dataset = datasets.get_dataset(session, principal, body.dataset, param="dataset")
     if not dataset.labeled:
         raise Unprocessable(
@@ -155,7 +156,7 @@ def _candidates(
                 param="rank_by",
                 code="invalid_request",
             )
-    return datasets.dataset_source(dataset, storage), candidates, rank_by
+    return datasets.dataset_source(dataset, storage), candidates, rank_by, dataset.num_examples
 
 
 @router.post(
@@ -167,15 +168,40 @@ def _candidates(
         "the scores: LogME (You et al. 2021) and H-score (Bao et al. 2019) from the frozen backbone's features; "
         "LEEP (Nguyen et al. 2020) and NCE (Tran et al. 2019) from the model's own source classification head, "
         "so only for models that have one (fine-tuned or pretrained on a labelled source). Features are shared "
-        "with the linear_probe feature cache. Answered within the request."
+        "with the linear_probe feature cache. Answered within the request when the models' measured cost here "
+        "says it takes at most `GRAFT_RANK_SYNC_SECONDS` (60 s); a larger ranking gets a 422 saying how many "
+        "examples would fit."
     ),
 )
-async def rank(body: TransferabilityRequest, context: ContextDep, principal: PrincipalDep) -> dict[str, Any]:
+async def rank(
+    body: TransferabilityRequest, request: Request, context: ContextDep, principal: PrincipalDep
+) -> dict[str, Any]:
     from workers.recipes.rank import rank_models
 
-    dataset, candidates, rank_by = await context.db.read(_candidates, context.storage, principal, body)
-    # The forward passes run on the compute threads, with no unit of work open.
-    return await context.compute(
+    dataset, candidates, rank_by, count = await context.db.read(_candidates, context.storage, principal, body)
+    # Answered within the request only when it is quick enough, by the models' measured cost here and the
+    # pixels the dataset's images hold (a few huge images cost as much as many small ones).
+    examples = min(count, body.max_examples)
+    pixels = int(dataset.schema_info.get("pixels", 0)) * examples // max(count, 1)
+    server = context.model_server
+    estimate = sum(
+        server.load_seconds(c.spec.architecture)
+        + server.costs.estimate(c.spec.architecture, examples, pixels)
+        for c in candidates
+    )
+    limit = context.settings.rank_sync_seconds
+    if estimate > limit:
+        fits = max(10, int(examples * limit / estimate))
+        raise Unprocessable(
+            f"ranking {len(candidates)} model(s) on {examples} examples would take about {estimate:.0f} s here, "
+            f"more than the {limit:.0f} s a request may take (GRAFT_RANK_SYNC_SECONDS); rank fewer models, or "
+            f"set max_examples to about {fits}",
+            param="max_examples",
+            code="too_costly",
+        )
+    # The forward passes run on the compute threads, with no unit of work open, and stop if the client goes.
+    return await context.compute_while_connected(
+        request,
         rank_models,
         candidates,
         dataset,

@@ -181,9 +181,14 @@ async def append_chunk(
     if content_type != CHUNK_CONTENT_TYPE:
         raise UnsupportedMediaType(f"send the chunk as {CHUNK_CONTENT_TYPE}", param="Content-Type")
     offset_header = request.headers.get("upload-offset")
-    if offset_header is None or not offset_header.isdigit():
+    if offset_header is None:
         raise InvalidRequest(
             "the Upload-Offset header (where this chunk starts) is required", param="Upload-Offset"
+        )
+    if not offset_header.isdigit() or not offset_header.isascii():
+        raise InvalidRequest(
+            f"Upload-Offset must be a whole number of bytes, not {offset_header[:40]!r}",
+            param="Upload-Offset",
         )
     start = int(offset_header)
     expected = _chunk_checksum(request.headers.get("upload-checksum"))
@@ -214,33 +219,25 @@ async def append_chunk(
         pending_bytes = 0
         disconnected = False
         try:
-            async for chunk in request.stream():
-                if start + written + pending_bytes + len(chunk) > row.size:
-                    raise PayloadTooLarge(
-                        f"this chunk goes beyond the upload's declared size of {row.size} bytes", param="size"
-                    )
-                pending.append(chunk)
-                pending_bytes += len(chunk)
-                if pending_bytes >= WRITE_BUFFER_BYTES:
-                    await anyio.to_thread.run_sync(_write, handle, digest, b"".join(pending))
-                    written += pending_bytes
-                    pending, pending_bytes = [], 0
-        except ClientDisconnect:
-            disconnected = True  # keep what arrived: the client resumes from the new offset
-        except BaseException as exc:
-            await anyio.to_thread.run_sync(handle.truncate, start)
-            if is_disk_full(exc):
-                raise StorageFull(
-                    "the service's storage is full; this chunk was not stored. Retry it once space is freed",
-                    param="file",
-                ) from None
-            raise
-        try:
+            try:
+                async for chunk in request.stream():
+                    if start + written + pending_bytes + len(chunk) > row.size:
+                        raise PayloadTooLarge(
+                            f"this chunk goes beyond the upload's declared size of {row.size} bytes",
+                            param="size",
+                        )
+                    pending.append(chunk)
+                    pending_bytes += len(chunk)
+                    if pending_bytes >= WRITE_BUFFER_BYTES:
+                        await anyio.to_thread.run_sync(_write, handle, digest, b"".join(pending))
+                        written += pending_bytes
+                        pending, pending_bytes = [], 0
+            except ClientDisconnect:
+                disconnected = True  # keep what arrived: the client resumes from the new offset
             if pending:
                 await anyio.to_thread.run_sync(_write, handle, digest, b"".join(pending))
                 written += pending_bytes
             if expected is not None and not disconnected and digest.digest() != expected:
-                await anyio.to_thread.run_sync(handle.truncate, start)
                 raise Unprocessable(
                     "the chunk's SHA-256 does not match Upload-Checksum; it was not stored",
                     param="Upload-Checksum",
@@ -250,7 +247,7 @@ async def append_chunk(
                 await anyio.to_thread.run_sync(handle.truncate, start)  # a checked chunk is all or nothing
                 written = 0
             await anyio.to_thread.run_sync(_seal, handle)
-        except OSError as exc:
+        except BaseException as exc:  # nothing of a refused or failed chunk stays
             await anyio.to_thread.run_sync(handle.truncate, start)
             if is_disk_full(exc):
                 raise StorageFull(

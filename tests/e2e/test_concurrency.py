@@ -48,13 +48,13 @@ print(json.dumps(latencies))
 
 
 @contextmanager
-def api_server(settings: Settings) -> Iterator[str]:
+def api_server(settings: Settings, **env: str) -> Iterator[str]:
     """One uvicorn worker (no Celery worker: jobs stay queued), its base URL."""
     prestart(settings)
     log = settings.home / "api.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            api_command(settings), env=settings_env(settings), stdout=out, stderr=subprocess.STDOUT
+            api_command(settings), env={**settings_env(settings), **env}, stdout=out, stderr=subprocess.STDOUT
         )
     base = f"http://127.0.0.1:{settings.port}"
     try:
@@ -239,3 +239,95 @@ def test_uploads_predictions_and_reads_at_once_on_sqlite(tmp_path_factory: pytes
         with httpx.Client(base_url=base, headers=auth, timeout=60) as http:
             for upload_id in uploads:  # every chunk landed whole
                 assert http.get(f"/v1/uploads/{upload_id}").json()["offset"] == len(chunk)
+
+
+def test_a_long_computation_holds_up_no_prediction_and_stops_when_its_client_leaves(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """One compute thread (GRAFT_COMPUTE_CONCURRENCY=1): a ranking that takes seconds does not hold up a
+    prediction (they have a lane of their own), and a ranking whose client went away stops, so the next one
+    does not wait for it. Before, predictions queued behind rankings on the same two threads, and an
+    abandoned ranking ran to its end (113 s in the outside attack)."""
+    from tests.helpers import sentiment_rows, text_csv
+
+    def long_rows(seed: int) -> list[tuple[str, str]]:  # texts of the full 128 tokens: seconds to rank
+        return [(" ".join([text] * 25), label) for text, label in sentiment_rows(600, seed=seed)]
+
+    home = tmp_path_factory.mktemp("lanes-home")
+    embedded = Backend("embedded", None, None)
+    settings = make_settings(embedded, home, port=free_port(), worker_queue=f"lanes-{secrets.token_hex(4)}")
+    with api_server(settings, GRAFT_COMPUTE_CONCURRENCY="1") as base:
+        _, key = _project(base)
+        auth = {"Authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=base, headers=auth, timeout=300) as http:
+            texts = [
+                http.post(
+                    "/v1/datasets",
+                    files={"file": (f"t{seed}.csv", text_csv(long_rows(seed)))},
+                    data={"task": "text_classification"},
+                ).json()["id"]
+                for seed in range(3)
+            ]
+            spec = {
+                "architecture": "mlp",
+                "classes": ["x", "y"],
+                "feature_columns": ["a", "b"],
+                "hidden": [8],
+            }
+            weights = home / "mlp.safetensors"
+            _mlp_weights(weights)
+            model = http.post(
+                "/v1/models",
+                files={"weights": ("m.safetensors", weights.read_bytes())},
+                data={"config": json.dumps(spec)},
+            )
+            assert model.status_code == 201, model.text
+        model_id = model.json()["id"]
+        features = home / "storage" / "cache" / "features"
+
+        async def run() -> None:
+            async with httpx.AsyncClient(base_url=base, headers=auth, timeout=300) as http:
+
+                def rank(dataset: str) -> Any:
+                    return http.post(
+                        "/v1/transferability", json={"dataset": dataset, "models": ["minilm-l6"]}
+                    )
+
+                # A prediction while a ranking holds the only compute thread.
+                ranking = asyncio.create_task(rank(texts[0]))
+                await asyncio.sleep(1.0)
+                predicted = await http.post(
+                    f"/v1/models/{model_id}/predict", json={"inputs": [{"a": 1.0, "b": 2.0}]}
+                )
+                assert predicted.status_code == 200, predicted.text
+                assert not ranking.done(), "the ranking ended before the prediction: nothing was shown"
+                assert (await ranking).status_code == 200
+                cached = len(list(features.glob("*.safetensors")))
+                # A ranking whose client leaves after a second, then another one.
+                with pytest.raises(httpx.TimeoutException):
+                    await http.post(
+                        "/v1/transferability",
+                        json={"dataset": texts[1], "models": ["minilm-l6"]},
+                        timeout=1.0,
+                    )
+                assert (await rank(texts[2])).status_code == 200
+                # The abandoned one stopped before its features were complete: only the last one was cached.
+                assert len(list(features.glob("*.safetensors"))) == cached + 1
+
+        asyncio.run(asyncio.wait_for(run(), timeout=300))
+
+
+def _mlp_weights(path: Path) -> Path:
+    from workers.backbones.networks import build_model
+    from workers.backbones.spec import ModelSpec
+    from workers.backbones.weights import save_weights
+
+    spec = ModelSpec.for_builtin("mlp").with_classes(["x", "y"])
+    spec = spec.model_copy(
+        update={
+            "options": {"in_features": 2, "hidden": [8]},
+            "input_spec": {**spec.input_spec, "feature_columns": ["a", "b"]},
+        }
+    )
+    save_weights(path, build_model(spec, pretrained=False).state_dict(), spec)
+    return path

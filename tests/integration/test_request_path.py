@@ -234,20 +234,29 @@ def roomy(settings: Settings) -> Iterator[tuple[Api, Settings]]:
 
 def test_declared_uploads_must_fit_in_the_free_space_together(roomy: tuple[Api, Settings]) -> None:
     api, settings = roomy
-    free = shutil.disk_usage(settings.storage_dir).free
-    too_big = api.post("/v1/uploads", json={"filename": "huge.csv", "size": free + 1})
+    other = new_project(Api(api.http, ADMIN_KEY))
+    usage = shutil.disk_usage(settings.storage_dir)
+    available = usage.free - min(settings.min_free_bytes, usage.total // 20)
+    margin = 64 * 1024 * 1024  # what other tests may write meanwhile
+    too_big = api.post("/v1/uploads", json={"filename": "huge.csv", "size": usage.free + 1})
     assert too_big.status_code == 507, too_big.text
     assert too_big.json()["error"]["param"] == "size"
-    reserve = min(settings.min_free_bytes, shutil.disk_usage(settings.storage_dir).total // 20)
-    half = (free - reserve) // 2 + 1
-    first = api.post("/v1/uploads", json={"filename": "a.csv", "size": half})
+    # One project holds at most half of the room with uploads it has not sent.
+    first = api.post("/v1/uploads", json={"filename": "a.csv", "size": available // 2 - margin})
     assert first.status_code == 201, first.text
-    second = api.post("/v1/uploads", json={"filename": "b.csv", "size": half})
-    assert second.status_code == 507, "two declared uploads together exceed the free space"
+    more = api.post("/v1/uploads", json={"filename": "b.csv", "size": 2 * margin})
+    assert more.status_code == 507 and more.json()["error"]["code"] == "storage_reservation_exceeded"
+    # Another project still has room: half of what is left beside the first one's.
+    theirs = other.post("/v1/uploads", json={"filename": "c.csv", "size": available // 4 - margin})
+    assert theirs.status_code == 201, theirs.text
+    beyond = other.post("/v1/uploads", json={"filename": "d.csv", "size": available // 4 + margin})
+    assert beyond.status_code == 507, beyond.text
+    # Room comes back when an upload is abandoned.
     assert api.delete(f"/v1/uploads/{first.json()['id']}").status_code == 204
-    again = api.post("/v1/uploads", json={"filename": "b.csv", "size": half})
+    again = other.post("/v1/uploads", json={"filename": "d.csv", "size": available // 4})
     assert again.status_code == 201, again.text
-    api.delete(f"/v1/uploads/{again.json()['id']}")
+    for upload in (theirs, again):
+        other.delete(f"/v1/uploads/{upload.json()['id']}")
 
 
 def test_a_projects_storage_share_is_enforced(settings: Settings) -> None:
@@ -401,3 +410,117 @@ def test_dataset_files_are_served_as_attachments_byte_for_byte(api: Api) -> None
     assert response.content == data
     assert response.headers["content-disposition"].startswith("attachment")
     assert response.headers["x-content-type-options"] == "nosniff"
+
+
+# ---------------------------------------------------------------- found by the second outside attack
+
+
+def test_every_body_but_multipart_has_the_json_cap(settings: Settings) -> None:
+    with TestClient(create_app(settings.model_copy(update={"max_json_bytes": 100_000}))) as client:
+        api = new_project(Api(client, ADMIN_KEY))
+        body = b'{"type": "finetune", "x": "' + b"y" * 200_000 + b'"}'
+        for content_type in ("application/json", "application/x+json", "text/plain", None):
+            headers = {"Content-Type": content_type} if content_type else {}
+            chunks = iter([body[i : i + 10_000] for i in range(0, len(body), 10_000)])
+            streamed = api.post("/v1/jobs", content=chunks, headers=headers)  # no Content-Length
+            assert streamed.status_code == 413, (content_type, streamed.text[:200])
+
+
+def test_errors_never_echo_a_huge_input(api: Api) -> None:
+    response = api.post("/v1/jobs", json={"type": "t" * 1_000_000})
+    assert response.status_code == 422
+    assert len(response.content) < 3000
+    assert response.json()["error"]["param"] == "type"
+
+
+def test_messages_say_what_is_wrong(api: Api) -> None:
+    not_utf8 = api.get("/v1/datasets?after=%FF")
+    assert not_utf8.status_code == 400 and "not UTF-8" in not_utf8.json()["error"]["message"]
+    upload = api.post("/v1/uploads", json={"filename": "r.csv", "size": 10}).json()
+    bad_offset = api.http.patch(
+        f"/v1/uploads/{upload['id']}",
+        content=b"1",
+        headers={
+            "Authorization": f"Bearer {api.key}",
+            "Content-Type": "application/offset+octet-stream",
+            "Upload-Offset": "abc",
+        },
+    )
+    assert bad_offset.status_code == 400 and "whole number" in bad_offset.json()["error"]["message"]
+    empty = api.post("/v1/models/mdl_x/evaluate", json={"dataset": ""})
+    assert empty.status_code == 422 and empty.json()["error"]["param"] == "dataset"
+
+
+def test_an_import_config_may_hold_as_many_classes_as_the_limits_allow(api: Api) -> None:
+    classes = [f"{i:04d}" + "y" * 196 for i in range(1000)]  # 1000 classes of 200 characters: ~200 KB
+    spec = ModelSpec.for_builtin("mlp").with_classes(classes)
+    spec = spec.model_copy(
+        update={
+            "options": {"in_features": 2, "hidden": [8]},
+            "input_spec": {**spec.input_spec, "feature_columns": ["a", "b"]},
+        }
+    )
+    import_model(
+        api, spec, {"architecture": "mlp", "classes": classes, "feature_columns": ["a", "b"], "hidden": [8]}
+    )
+
+
+def test_the_model_cache_is_bounded_by_weight(tmp_path: Path) -> None:
+    from app.core.storage import Storage
+    from app.datasets.formats import ArchiveLimits
+    from app.models.serving import ModelServer
+    from app.tables import Model
+    from workers.backbones.weights import save_weights
+
+    storage = Storage(tmp_path)
+    (tmp_path / "models").mkdir()
+    rows = []
+    for i in range(3):
+        spec = ModelSpec.for_builtin("cnn-small").with_classes(["a", "b"])
+        key = f"models/m{i}.safetensors"
+        save_weights(storage.path(key), build_model(spec, pretrained=False).state_dict(), spec)
+        rows.append(
+            Model(
+                id=f"mdl_{i}",
+                architecture="cnn-small",
+                spec=spec.model_dump(),
+                weights_path=key,
+                weights_sha256=str(i),
+            )
+        )
+    one = sum(t.numel() * t.element_size() for t in build_model(spec, pretrained=False).state_dict().values())
+    server = ModelServer(storage, capacity=10, limits=ArchiveLimits(), max_bytes=int(one * 2.5))
+    image = png_bytes(Image.new("RGB", (8, 8)))
+    for row in rows:
+        server.predict(row, [("a.png", image)])
+    assert [server.is_loaded(row) for row in rows] == [False, True, True]  # the oldest went, by weight
+
+
+def test_cost_estimates_count_the_pixels_of_a_datasets_images(settings: Settings) -> None:
+    from tests.helpers import image_zip
+
+    changed = settings.model_copy(update={"evaluate_sync_seconds": 2.0, "rank_sync_seconds": 2.0})
+    with TestClient(create_app(changed)) as client:
+        api = new_project(Api(client, ADMIN_KEY))
+        model_id = import_model(
+            api,
+            ModelSpec.for_builtin("cnn-small").with_classes(["a", "b"]),
+            {"architecture": "cnn-small", "classes": ["a", "b"]},
+        )
+
+        def dataset(size: int) -> str:
+            images = [
+                (label, Image.new("L", (size, size), 40 + 150 * i)) for i, label in enumerate("ab" * 20)
+            ]
+            return str(api.upload_ok(image_zip(images), f"d{size}.zip", "image_classification")["id"])
+
+        small, huge = dataset(32), dataset(1500)  # 40 images each; 90 M pixels in the second
+        assert api.get(f"/v1/datasets/{huge}").json()["pixels"] == 40 * 1500 * 1500
+        assert api.post(f"/v1/models/{model_id}/evaluate", json={"dataset": small}).status_code == 200
+        queued = api.post(f"/v1/models/{model_id}/evaluate", json={"dataset": huge})
+        assert queued.status_code == 202, "40 images of 1500x1500 take longer to decode than a request may"
+        refused = api.post(
+            "/v1/transferability", json={"dataset": huge, "models": ["cnn-small", "efficientnet-lite0"]}
+        )
+        assert refused.status_code == 422 and refused.json()["error"]["code"] == "too_costly"
+        assert "max_examples" in refused.json()["error"]["message"]

@@ -597,8 +597,9 @@ def test_the_meta_device_build_has_the_real_networks_tensors(
 def test_a_huge_spec_within_the_limits_is_checked_against_the_header_without_being_built(
     tmp_path: Path, storage: Storage
 ) -> None:
-    """An mlp at every limit (10,000 columns, 8 layers of 4,096, 1,000 classes): some 160 M parameters.
-    The header is compared with its meta-device build, so the mismatch is found without allocating."""
+    """An mlp at every limit (10,000 columns, 8 layers of 4,096, 1,000 classes): some 160 M parameters, over
+    the parameter limit, which the meta-device build counts without allocating; under a limit raised for
+    it, the header is compared with that build, and the mismatch is found without allocating either."""
     columns = [f"f{i}" for i in range(10_000)]
     spec = graft_spec(
         "mlp",
@@ -609,8 +610,11 @@ def test_a_huge_spec_within_the_limits_is_checked_against_the_header_without_bei
     _, num_parameters = importing.expected_tensors(
         importing.parse_embedded_spec(json.dumps(spec), importing.ImportLimits())
     )
-    assert 150_000_000 < num_parameters < importing.MAX_PARAMETERS
-    error = refused(storage, embedded(tmp_path, json.dumps(spec), {"backbone.input_mean": torch.zeros(3)}))
+    assert importing.MAX_PARAMETERS < 150_000_000 < num_parameters
+    tensors = {"backbone.input_mean": torch.zeros(3)}
+    over = refused(storage, embedded(tmp_path, json.dumps(spec), tensors))
+    assert f"parameters; at most {importing.MAX_PARAMETERS}" in over.message
+    error = refused(storage, embedded(tmp_path, json.dumps(spec), tensors), max_parameters=200_000_000)
     assert error.code == "tensor_mismatch"
     assert (
         "tensor 'backbone.input_mean' has shape [3]; mlp with 1000 classes expects [10000]" in error.message

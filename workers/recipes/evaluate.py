@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,8 +18,13 @@ EVAL_BATCH_SIZE = 64
 
 @torch.no_grad()
 def evaluate_model(
-    model: TransferModel, spec: ModelSpec, dataset: DatasetSource, device: str = "auto"
+    model: TransferModel,
+    spec: ModelSpec,
+    dataset: DatasetSource,
+    device: str = "auto",
+    on_batch: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
+    """`on_batch` is called after every batch (it may raise to stop: a client that went away)."""
     target_device = pick_device(device)
     model = model.to(target_device).eval()
     inputs, labels = load_inputs(dataset, spec)
@@ -31,4 +37,6 @@ def evaluate_model(
         batch = to_device(inputs.batch(indices), target_device)
         with torch.autocast(device_type=target_device.type, dtype=amp, enabled=amp is not None):
             predictions.append(model(batch).float().argmax(dim=1).cpu())
+        if on_batch is not None:
+            on_batch()
     return classification_metrics(targets, torch.cat(predictions), spec.classes)

@@ -9,6 +9,7 @@ feature cache, with the same keys, so a probe after a ranking (or a ranking afte
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ def score_model(
     max_examples: int,
     seed: int = 0,
     device: str = "auto",
+    on_batch: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     started = time.perf_counter()
     target_device = pick_device(device)
@@ -62,11 +64,11 @@ def score_model(
     identity = base.identity()
     hit = False
     if cache_dir is None or identity["origin"] is None or not dataset.sha256:
-        features = extract_features(model, examples, target_device, amp)
+        features = extract_features(model, examples, target_device, amp, on_batch)
     else:
         key = feature_key(identity, spec.input_spec, dataset.sha256, dataset.schema_info, amp, subset=chosen)
         features, hit = FeatureCache(cache_dir).get_or_compute(
-            key, lambda: extract_features(model, examples, target_device, amp).cpu()
+            key, lambda: extract_features(model, examples, target_device, amp, on_batch).cpu()
         )
     features = features.to(target_device).float()
     has_head = model.head is not None
@@ -101,10 +103,20 @@ def rank_models(
     cache_dir: Path | None,
     max_examples: int,
     seed: int = 0,
+    on_batch: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
+    """`on_batch` is called after every batch of every forward pass (it may raise to stop)."""
     started = time.perf_counter()
     results = [
-        score_model(base, dataset, metrics, cache_dir=cache_dir, max_examples=max_examples, seed=seed)
+        score_model(
+            base,
+            dataset,
+            metrics,
+            cache_dir=cache_dir,
+            max_examples=max_examples,
+            seed=seed,
+            on_batch=on_batch,
+        )
         for base in candidates
     ]
     for metric in metrics:
