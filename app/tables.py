@@ -96,12 +96,8 @@ class Dataset(Base):
     filename: Mapped[str | None] = mapped_column(String(300))
     path: Mapped[str] = mapped_column(String(500))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-
-    @property
-    def pixels(self) -> int | None:
-        """Image datasets: the pixels of all images together, kept at upload for cost estimates."""
-        value = (self.schema_info or {}).get("pixels")
-        return int(value) if value is not None else None
+    # Image datasets: the pixels of all images together (from their headers), for cost estimates.
+    pixels: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Upload(Base):

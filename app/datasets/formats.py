@@ -86,6 +86,7 @@ class DatasetInfo:
     classes: list[str]
     class_counts: dict[str, int]
     schema_info: dict[str, Any] = field(default_factory=dict)
+    pixels: int | None = None  # images: the pixels of all of them, from their headers
 
 
 # ------------------------------------------------------------------------------------ detection
@@ -722,9 +723,9 @@ def inspect_images(path: Path, limits: ArchiveLimits) -> DatasetInfo:
         labeled=labeled,
         classes=classes,
         class_counts=class_counts,
-        # The pixels of all images (from their headers): what reading the archive will decode, which the
-        # API's cost estimates use.
-        schema_info={"layout": scanned.layout, "root": scanned.root, "pixels": total_pixels},
+        schema_info={"layout": scanned.layout, "root": scanned.root},
+        # What reading the archive will decode, which the API's cost estimates use.
+        pixels=total_pixels,
     )
 
 

@@ -7,7 +7,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    field_validator,
 )
 
 Task = Literal["text_classification", "image_classification", "tabular_classification"]
@@ -60,12 +59,6 @@ class DatasetOut(BaseModel):
         default=None,
         description="Image datasets: the pixels of all images together (read from their headers).",
     )
-
-    @field_validator("columns")
-    @classmethod
-    def _without_costs(cls, value: dict[str, Any]) -> dict[str, Any]:
-        # The pixel count kept beside how the file was read is for cost estimates, not a column: shown apart.
-        return {k: v for k, v in value.items() if k != "pixels"}
 
 
 class Deleted(BaseModel):

@@ -127,6 +127,7 @@ def prepare_dataset(storage: Storage, settings: Settings, upload: ReceivedUpload
         classes=info.classes,
         class_counts=info.class_counts,
         schema_info=info.schema_info,
+        pixels=info.pixels,
         bytes=upload.size,
         sha256=upload.sha256,
         filename=PurePosixPath(upload.filename).name[-300:] if upload.filename else None,

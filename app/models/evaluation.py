@@ -74,7 +74,7 @@ def answer_directly(context: ServiceContext, model: Model, dataset: Dataset) -> 
     settings = context.settings
     if dataset.num_examples > settings.evaluate_sync_max_examples:
         return False
-    pixels = int(dataset.schema_info.get("pixels", 0))
+    pixels = dataset.pixels or 0
     estimate = context.model_server.estimate_seconds(model, dataset.num_examples, pixels)
     return estimate <= settings.evaluate_sync_seconds
 
@@ -121,7 +121,9 @@ async def evaluate(
         source = datasets.dataset_source(dataset, context.storage)
         server = context.model_server
         async with server.turn(model):
-            metrics = await context.compute_while_connected(request, server.evaluate, model, source)
+            metrics = await context.compute_while_connected(
+                request, server.evaluate, model, source, pixels=dataset.pixels or 0
+            )
         return {"model": model.id, "dataset": dataset.id, **metrics}, True
     job = await context.db.write(queue_evaluation, context.queue, principal, model, dataset)
     return job, False

@@ -215,10 +215,10 @@ class ModelServer:
         return lambda idx: images_to_tensor([arrays[i] for i in idx], loaded.spec.input_spec)
 
     def evaluate(
-        self, row: Model, dataset: Any, on_batch: Callable[[], None] | None = None
+        self, row: Model, dataset: Any, on_batch: Callable[[], None] | None = None, pixels: int = 0
     ) -> dict[str, Any]:
-        """Scores of the model on a labelled dataset (a workers.recipes.base.DatasetSource); `on_batch` is
-        called after every batch (and may raise to stop)."""
+        """Scores of the model on a labelled dataset (a workers.recipes.base.DatasetSource, whose images hold
+        `pixels` in all); `on_batch` is called after every batch (and may raise to stop)."""
         from workers.recipes.evaluate import evaluate_model
 
         loaded = self._load(row)
@@ -229,7 +229,7 @@ class ModelServer:
                 row.architecture,
                 int(metrics.get("num_examples", 0)),
                 time.perf_counter() - started,
-                int(dataset.schema_info.get("pixels", 0)),
+                pixels,
             )
             return metrics
 

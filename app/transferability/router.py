@@ -100,8 +100,8 @@ class TransferabilityOut(BaseModel):
 
 def _candidates(
     session: Session, storage: Storage, principal: Principal, body: TransferabilityRequest
-) -> tuple[DatasetSource, list[BaseModelSource], str, int]:
-    """The dataset, the candidate models, the ranking metric and the number of examples the dataset has."""
+) -> tuple[DatasetSource, list[BaseModelSource], str, int, int]:
+    """The dataset, the candidate models, the ranking metric, and the examples and pixels the dataset has."""
     dataset = datasets.get_dataset(session, principal, body.dataset, param="dataset")
     if not dataset.labeled:
         raise Unprocessable(
@@ -156,7 +156,8 @@ def _candidates(
                 param="rank_by",
                 code="invalid_request",
             )
-    return datasets.dataset_source(dataset, storage), candidates, rank_by, dataset.num_examples
+    source = datasets.dataset_source(dataset, storage)
+    return source, candidates, rank_by, dataset.num_examples, dataset.pixels or 0
 
 
 @router.post(
@@ -178,11 +179,13 @@ async def rank(
 ) -> dict[str, Any]:
     from workers.recipes.rank import rank_models
 
-    dataset, candidates, rank_by, count = await context.db.read(_candidates, context.storage, principal, body)
+    dataset, candidates, rank_by, count, total_pixels = await context.db.read(
+        _candidates, context.storage, principal, body
+    )
     # Answered within the request only when it is quick enough, by the models' measured cost here and the
     # pixels the dataset's images hold (a few huge images cost as much as many small ones).
     examples = min(count, body.max_examples)
-    pixels = int(dataset.schema_info.get("pixels", 0)) * examples // max(count, 1)
+    pixels = total_pixels * examples // max(count, 1)
     server = context.model_server
     estimate = sum(
         server.load_seconds(c.spec.architecture)
