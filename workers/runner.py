@@ -608,11 +608,15 @@ def _run_training(context: WorkerContext, job: Job, reporter: DatabaseReporter) 
             validation=_dataset_source(context, session, job.validation_dataset)
             if job.validation_dataset
             else None,
+            evaluation=_dataset_source(context, session, job.evaluation_dataset)
+            if job.evaluation_dataset
+            else None,
             hyperparameters=Hyperparameters.model_validate(job.hyperparameters),
             head=job.head,  # type: ignore[arg-type]
             feature_cache_dir=context.storage.path("cache"),
         )
-    study = run_study(config, reporter, seeds=job.seeds, baseline=job.baseline)
+    folds = int(job.hyperparameters.get("cross_validation_folds") or 0)
+    study = run_study(config, reporter, seeds=job.seeds, baseline=job.baseline, folds=folds)
     _register_result(context, job, reporter, study)
 
 

@@ -64,6 +64,38 @@ class _BudgetIn(BaseModel):
         description="Keep every batch norm's running statistics (its scale and shift still train). Default: "
         "true when fine-tuning learned weights, false when pretraining or starting from random weights.",
     )
+    batch_norm_statistics: Literal["auto", "target", "source"] | None = Field(
+        default=None,
+        description="Learned weights with batch norms: where their statistics come from. `target`: "
+        "re-estimated on the training data before training (AdaBN), `source`: the upstream's, `auto` (the "
+        "default): for `full`, re-estimated when the training data's activations differ from the stored "
+        "statistics (a shift score, the mean symmetric KL divergence per channel, above 0.05; the job's events "
+        "give it); linear_probe, partial and lora keep the upstream's, so their frozen part computes what it did.",
+    )
+    augmentation: Literal["auto", "none", "light", "strong"] | None = Field(
+        default=None,
+        description="Images, methods that train the backbone: label-safe augmentation of training batches "
+        "only (resized crops, shifts, small rotations, colour jitter on colour images; never flips). `light`: "
+        "crops of 80-100%, 8% shifts, 10 degrees; `strong`: 60-100%, 12%, 15 degrees and shear. `auto` (the "
+        "default): `light` up to 10,000 training images, `none` beyond.",
+    )
+    cross_validation_folds: int | None = Field(
+        default=None,
+        ge=0,
+        le=10,
+        description="finetune with baseline: estimate the gain by k-fold cross-validation over all the "
+        "training labels (both arms train on k-1 folds and predict the held-out one; the job's model then "
+        "trains on every label). 0: compare on the validation data. Default: 5 folds (fewer when a class "
+        "has fewer than 5 examples) when the validation data would hold fewer than 20 examples per class "
+        "and neither validation_split, a validation_dataset nor an evaluation_dataset is given; else 0.",
+    )
+    model_selection: Literal["auto", "best", "last"] | None = Field(
+        default=None,
+        description="Which epoch is the result. `best`: the best on the validation data; `last`: the end of "
+        "the schedule (warm-up, cosine decay to zero). `auto` (the default): `best` when the validation data "
+        "hold at least 20 examples per class or early_stopping is set, else `last`: on fewer, one example "
+        "moves the score by points and choosing on it is noise.",
+    )
 
 
 class HyperparametersIn(_BudgetIn):
@@ -195,7 +227,18 @@ class TrainingJobCreate(_JobRequest):
         description="A built-in model id or a project's mdl_ id. May be left out with from_checkpoint.",
     )
     training_dataset: SafeStr = Field(min_length=1, max_length=64)
-    validation_dataset: SafeStr | None = Field(default=None, max_length=64)
+    validation_dataset: SafeStr | None = Field(
+        default=None,
+        max_length=64,
+        description="Labelled data to validate on each epoch (and to choose the epoch by; see model_selection) "
+        "instead of a split of the training data.",
+    )
+    evaluation_dataset: SafeStr | None = Field(
+        default=None,
+        max_length=64,
+        description="finetune: labelled data never trained on nor chosen by. The result model is measured on "
+        "it (metrics eval_accuracy, eval_macro_f1), and with baseline the report compares the arms on it.",
+    )
     method: Literal["full", "linear_probe", "partial", "lora", "self_supervised"] = Field(
         default="full",
         description="full: every weight trains. linear_probe: the backbone is frozen and a new head trains on its "
@@ -335,7 +378,7 @@ class DistillHyperparametersIn(_BudgetIn):
 class StudentIn(BaseModel):
     model_config = ConfigDict(**STRICT_REQUEST)
 
-    architecture: Literal["minilm-l6", "efficientnet-lite0", "cnn-small", "mlp"] = Field(
+    architecture: Literal["minilm-l6", "efficientnet-lite0", "resnet-small", "cnn-small", "mlp"] = Field(
         description="A built-in architecture of the teacher's modality."
     )
     layers: int | None = Field(
@@ -345,7 +388,10 @@ class StudentIn(BaseModel):
         description="minilm-l6: keep this many transformer layers (the bottom ones of the pretrained encoder).",
     )
     width: int | None = Field(
-        default=None, ge=4, le=256, description="cnn-small: channels of the first block (32; then 2x and 4x)."
+        default=None,
+        ge=4,
+        le=256,
+        description="cnn-small, resnet-small: channels of the first block (32; then 2x and 4x).",
     )
     hidden: list[int] | None = Field(
         default=None, min_length=1, max_length=4, description="mlp: hidden layer sizes ([128, 128])."
@@ -486,7 +532,7 @@ class JobOut(BaseModel):
     validation_dataset: str | None
     target_dataset: str | None = Field(default=None, description="adapt: the unlabelled target dataset.")
     evaluation_dataset: str | None = Field(
-        default=None, description="adapt, distill: the labelled dataset the report measures on."
+        default=None, description="finetune, adapt, distill: the labelled dataset the report measures on."
     )
     methods: list[str] | None = Field(default=None, description="adapt: the adaptation methods.")
     student: dict[str, Any] | None = Field(default=None, description="distill: the student architecture.")
@@ -585,6 +631,16 @@ class Convergence(BaseModel):
     )
 
 
+class HeldOutComparison(BaseModel):
+    examples: int
+    transferred_accuracy: float
+    scratch_accuracy: float
+    gain: float = Field(description="Mean over examples of the per-example difference (averaged over seeds).")
+    standard_error: float | None
+    interval_95: list[float] | None = Field(description="[low, high] of the gain; null with one example.")
+    conclusive: bool = Field(description="The interval excludes zero; false: too few examples to tell.")
+
+
 class TransferReport(BaseModel):
     """finetune jobs with baseline: transferred against from scratch."""
 
@@ -605,7 +661,18 @@ class TransferReport(BaseModel):
         "validation accuracy."
     )
     negative_transfer: bool = Field(
-        description="The transferred model is worse than scratch by more than the spread."
+        description="The transferred model is worse than scratch: the whole 95% interval of the held-out gain "
+        "below zero (measured on validation data only: worse by more than the spread)."
+    )
+    measured_on: dict[str, Any] | None = Field(
+        default=None,
+        description="What the comparison was measured on: kind `evaluation_dataset` (dataset, examples), "
+        "`cross_validation` (folds, examples: every training label, each predicted by models that never "
+        "trained on it) or `validation` (examples). Null for reports written before it was recorded.",
+    )
+    held_out: HeldOutComparison | None = Field(
+        default=None,
+        description="The paired comparison on held-out examples (evaluation dataset or cross-validation).",
     )
     convergence: Convergence
     per_class: dict[str, dict[str, float | None]] = Field(

@@ -26,7 +26,7 @@ from app.models import service as models
 from app.tables import Checkpoint, Dataset, Job
 from workers.backbones.catalog import BUILTIN_MODELS, LORA_TARGET_MODULES, TASK_MODALITY
 from workers.backbones.spec import SPEC_METADATA_KEY, ModelSpec
-from workers.recipes.defaults import HEAD_WARMUP_EPOCHS, default_hyperparameters, epochs_for
+from workers.recipes.defaults import HEAD_WARMUP_EPOCHS, default_hyperparameters, epochs_for, report_folds
 
 # The most training one job may ask for, counted in passes over its training examples: every run the job
 # makes (its arms, for each seed) times the epochs, plus the head warm-up epochs of the runs that fit a new
@@ -156,7 +156,7 @@ def resolve_hyperparameters(
     """Defaults for the architecture and method, what the client sent on top. Unless the client chose the
     epochs, a small dataset gets enough of them for a reasonable number of steps. Fine-tuning learned
     weights keeps their batch-norm statistics; pretraining and training from scratch learn them."""
-    resolved = default_hyperparameters(architecture, method)
+    resolved = default_hyperparameters(architecture, method, learned=fine_tunes_learned_weights)
     resolved.update({key: value for key, value in given.items() if value is not None})
     if "epochs" not in given and train_examples is not None:
         resolved["epochs"] = epochs_for(resolved["epochs"], resolved["batch_size"], train_examples)
@@ -257,9 +257,15 @@ def _check_options(
                 param="baseline",
                 code="invalid_request",
             )
-        if body.validation_dataset is None and not hyperparameters["validation_split"]:
+        if (
+            body.validation_dataset is None
+            and body.evaluation_dataset is None
+            and not hyperparameters["validation_split"]
+            and hyperparameters.get("cross_validation_folds", 0) < 2
+        ):
             raise Unprocessable(
-                "the report compares validation metrics: give a validation_dataset or a validation_split above 0",
+                "the report compares the arms on held-out data: give an evaluation_dataset, a "
+                "validation_dataset, a validation_split above 0 or cross_validation_folds of 2 or more",
                 param="baseline",
                 code="invalid_request",
             )
@@ -391,10 +397,20 @@ class TrainingBudget:
     train_examples: int
     batch_size: int
     steps_per_epoch: int
+    # A cross-validated comparison (transfer.py, _cross_validated_study): for each seed both arms train k
+    # times on k-1 folds (k-1 passes over the data per epoch in all), then the job's model once on all.
+    folds: int = 0
 
     @property
     def epoch_passes(self) -> int:
-        return self.seeds * (len(self.arms) * self.epochs + self.warmup_arms * self.warmup_epochs)
+        per_seed = len(self.arms) * self.epochs + self.warmup_arms * self.warmup_epochs
+        if not self.folds:
+            return self.seeds * per_seed
+        return (
+            self.seeds * per_seed * (self.folds - 1)
+            + self.epochs
+            + self.warmup_epochs * min(1, self.warmup_arms)
+        )
 
     @property
     def optimizer_steps(self) -> int:
@@ -407,6 +423,11 @@ class TrainingBudget:
         if self.warmup_arms:
             warmup = _count(self.warmup_epochs, "head warm-up epoch")
             text += f" + {warmup}{TIMES}{seeds}{TIMES}{_count(self.warmup_arms, 'arm')}"
+        if self.folds:
+            text = (
+                f"({text}){TIMES}{self.folds - 1} (the data of {self.folds - 1} of {self.folds} folds, "
+                f"{self.folds} times) + the model on all labels"
+            )
         return text
 
 
@@ -428,6 +449,7 @@ def training_budget(
     adaptation_methods: Sequence[str] = (),
     labelled: bool = True,
     warm_start: bool = False,
+    folds: int = 0,
 ) -> TrainingBudget:
     """The training a job of this kind makes with these resolved hyperparameters. `warm_start`: the model
     starts from learned weights under a new head.
@@ -471,6 +493,7 @@ def training_budget(
         train_examples=train_examples,
         batch_size=batch_size,
         steps_per_epoch=steps_per_epoch,
+        folds=folds,
     )
 
 
@@ -539,6 +562,33 @@ def check_budget(
     )
 
 
+def _report_folds(
+    body: TrainingJobCreate, train: Dataset, given: dict[str, Any], hyperparameters: dict[str, Any]
+) -> int:
+    """The folds of the cross-validation that measures the baseline comparison (0: none)."""
+    asked = given.get("cross_validation_folds")
+    applies = body.type == "finetune" and body.baseline
+    held_out = body.validation_dataset is not None or body.evaluation_dataset is not None
+    if asked is not None:
+        if asked and (not applies or held_out):
+            raise Unprocessable(
+                "cross_validation_folds measures a baseline comparison over the training labels: it applies to "
+                "finetune jobs with baseline true and no validation_dataset or evaluation_dataset",
+                param="hyperparameters.cross_validation_folds",
+                code="invalid_request",
+            )
+        if asked == 1:
+            raise Unprocessable(
+                "cross_validation_folds is 0 (none) or 2 or more: one fold would train on nothing",
+                param="hyperparameters.cross_validation_folds",
+                code="invalid_request",
+            )
+        return int(asked)
+    if not applies or held_out or "validation_split" in given:
+        return 0  # no comparison, or held-out data the client chose
+    return report_folds(dict(train.class_counts or {}), float(hyperparameters["validation_split"]))
+
+
 def _transfer(upstream: Upstream, train: Dataset, head: str | None) -> dict[str, Any]:
     same_labels = bool(upstream.classes) and sorted(upstream.classes) == sorted(train.classes)
     keep = head == "keep" or (head is None and same_labels)
@@ -557,6 +607,14 @@ def _training_job(
     _check_method(body, upstream, given)
     if body.validation_dataset is not None:
         _check_companion(session, principal, body.validation_dataset, train, upstream, "validation_dataset")
+    if body.evaluation_dataset is not None:
+        if body.type != "finetune" or self_supervised:
+            raise Unprocessable(
+                "evaluation_dataset applies to finetune jobs",
+                param="evaluation_dataset",
+                code="invalid_request",
+            )
+        _check_companion(session, principal, body.evaluation_dataset, train, upstream, "evaluation_dataset")
     hyperparameters = _budget(
         upstream.architecture,
         given,
@@ -565,6 +623,9 @@ def _training_job(
         learned=body.type == "finetune" and upstream.has_weights,
         method=body.method,
     )
+    folds = _report_folds(body, train, given, hyperparameters)
+    if folds or "cross_validation_folds" in given:
+        hyperparameters["cross_validation_folds"] = folds  # recorded where it applies
     transfer: dict[str, Any] | None = _check_options(body, upstream, train, hyperparameters)
     if self_supervised:
         transfer = None  # no head: nothing to keep or replace
@@ -577,6 +638,7 @@ def _training_job(
         seeds=len(body.seeds) if body.seeds else 1,
         baseline=body.baseline,
         warm_start=upstream.has_weights and transfer is not None and transfer["head"] == "new",
+        folds=folds,
     )
     check_budget(
         budget,
@@ -595,6 +657,7 @@ def _training_job(
         "base_model": upstream.base_model,
         "training_dataset": train.id,
         "validation_dataset": body.validation_dataset,
+        "evaluation_dataset": body.evaluation_dataset,
         "method": body.method,
         "hyperparameters": hyperparameters,
         "head": body.head,
@@ -675,7 +738,7 @@ def _adapt_job(
     )
 
 
-STUDENT_OPTIONS = {"layers": "minilm-l6", "width": "cnn-small", "hidden": "mlp"}
+STUDENT_OPTIONS = {"layers": ("minilm-l6",), "width": ("cnn-small", "resnet-small"), "hidden": ("mlp",)}
 
 
 def _distill_job(
@@ -696,10 +759,10 @@ def _distill_job(
             param="student.architecture",
             code="modality_mismatch",
         )
-    for option, architecture in STUDENT_OPTIONS.items():
-        if getattr(student, option) is not None and student.architecture != architecture:
+    for option, architectures in STUDENT_OPTIONS.items():
+        if getattr(student, option) is not None and student.architecture not in architectures:
             raise Unprocessable(
-                f"{option} applies to a {architecture} student, not {student.architecture}",
+                f"{option} applies to a {' or '.join(architectures)} student, not {student.architecture}",
                 param=f"student.{option}",
                 code="invalid_request",
             )

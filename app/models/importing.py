@@ -67,6 +67,11 @@ SPEC_FIELDS = ("architecture", "modality", "classes", "input_spec", "options")
 DESCRIPTIVE_INPUT_FIELDS = {"tokenizer", "resize", "features", "hidden"}
 # input_spec fields a model carries beyond the catalog's: the columns an mlp was trained on.
 EXTRA_INPUT_FIELDS: dict[str, set[str]] = {"mlp": {"feature_columns"}}
+# input_spec fields set by the training data rather than the catalog: a resnet-small's input size and
+# colour (checked together, after the loop).
+SIZED_BY_DATA: dict[str, set[str]] = {"resnet-small": {"channels", "height", "width", "mean", "std"}}
+IMAGE_SIDE = (16, 128)
+STEM_STRIDES = (1, 2, 4)
 
 
 @dataclass(frozen=True)
@@ -275,10 +280,14 @@ def _check_input_spec(
             )
         elif key in DESCRIPTIVE_INPUT_FIELDS:
             pass  # a description: the catalog's stays
+        elif key in SIZED_BY_DATA.get(builtin.id, set()):
+            result[key] = given
         elif isinstance(given, bool) or given != catalog[key]:
             raise source.refuse(
                 field, f"must be {catalog[key]!r}, {builtin.id}'s own preprocessing ({_show(given)} given)"
             )
+    if builtin.id in SIZED_BY_DATA:
+        _check_image_geometry(result, source)
     if "feature_columns" in allowed:
         columns = result.get("feature_columns")
         if not columns:
@@ -286,6 +295,30 @@ def _check_input_spec(
                 "input_spec.feature_columns", "an mlp needs its feature_columns (its input columns, in order)"
             )
     return result
+
+
+def _check_image_geometry(input_spec: dict[str, Any], source: SpecSource) -> None:
+    """A network sized by its data: 1 or 3 channels, a square side of 16 to 128 px, the [-1, 1] scaling."""
+    channels = input_spec["channels"]
+    if isinstance(channels, bool) or channels not in (1, 3):
+        raise source.refuse("input_spec.channels", f"must be 1 or 3 ({_show(channels)} given)")
+    for key in ("height", "width"):
+        _int_in(input_spec[key], IMAGE_SIDE, f"input_spec.{key}", source)
+    if input_spec["height"] != input_spec["width"]:
+        raise source.refuse("input_spec.width", "must equal input_spec.height (square inputs)")
+    for key in ("mean", "std"):
+        if input_spec[key] != [0.5] * channels:
+            raise source.refuse(
+                f"input_spec.{key}", f"must be {[0.5] * channels!r} ({_show(input_spec[key])} given)"
+            )
+
+
+def _stem_stride(value: object, source: SpecSource) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, bool) or value not in STEM_STRIDES:
+        raise source.refuse("options.stem_stride", f"must be 1, 2 or 4 ({_show(value)} given)")
+    return {"stem_stride": int(value)}  # type: ignore[call-overload]
 
 
 def _layers(value: object, source: SpecSource) -> dict[str, Any]:
@@ -326,6 +359,7 @@ OPTIONS: dict[str, dict[str, Callable[[object, SpecSource], dict[str, Any]]]] = 
     "minilm-l6": {"layers": _layers},
     "efficientnet-lite0": {},
     "cnn-small": {"width": _width},
+    "resnet-small": {"width": _width, "stem_stride": _stem_stride},
     "mlp": {"in_features": _in_features, "hidden": _hidden},
 }
 

@@ -129,7 +129,7 @@ class ImportConfig(BaseModel):
         },
     )
 
-    architecture: Literal["minilm-l6", "efficientnet-lite0", "cnn-small", "mlp"]
+    architecture: Literal["minilm-l6", "efficientnet-lite0", "resnet-small", "cnn-small", "mlp"]
     classes: list[SafeStr] = Field(
         default_factory=list,
         description="Head classes in row order: distinct, 2 to GRAFT_MAX_CLASSES (1000), each at most "
@@ -149,7 +149,7 @@ class ImportConfig(BaseModel):
         description="minilm-l6: transformer layers, 1 to 6 (6; fewer for a distilled student's weights).",
     )
     width: StrictInt | None = Field(
-        default=None, description="cnn-small: channels of the first block, 4 to 256 (32)."
+        default=None, description="cnn-small, resnet-small: channels of the first block, 4 to 256 (32)."
     )
     max_length: StrictInt | None = Field(
         default=None, description="minilm-l6: tokens per text, 8 to 512 (128)."

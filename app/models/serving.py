@@ -22,8 +22,20 @@ PREDICT_BATCH = 64
 # measured the architecture itself, and seconds to load a model the first time. Pessimistic on purpose: an
 # evaluation that might not finish within the request becomes a job. Images cost per pixel on top (PNG
 # decoding and resizing, ~30 ns a pixel here: a 6300x6300 image takes a second whatever it is resized to).
-PRIOR_SECONDS_PER_EXAMPLE = {"minilm-l6": 0.01, "efficientnet-lite0": 0.03, "cnn-small": 0.003, "mlp": 0.0005}
-PRIOR_LOAD_SECONDS = {"minilm-l6": 3.0, "efficientnet-lite0": 2.0, "cnn-small": 0.5, "mlp": 0.2}
+PRIOR_SECONDS_PER_EXAMPLE = {
+    "minilm-l6": 0.01,
+    "efficientnet-lite0": 0.03,
+    "resnet-small": 0.003,
+    "cnn-small": 0.003,
+    "mlp": 0.0005,
+}
+PRIOR_LOAD_SECONDS = {
+    "minilm-l6": 3.0,
+    "efficientnet-lite0": 2.0,
+    "resnet-small": 0.5,
+    "cnn-small": 0.5,
+    "mlp": 0.2,
+}
 SECONDS_PER_PIXEL = 3e-8
 
 

@@ -17,6 +17,7 @@ from safetensors.torch import load
 
 from tests.e2e.conftest import Stack
 from tests.helpers import Api, digit_images, digits_zip, iris_csv, png_bytes, sentiment_rows, text_csv
+from workers.recipes.defaults import METHOD_DEFAULTS
 
 pytestmark = pytest.mark.e2e
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -121,11 +122,13 @@ def test_pretrain_finetune_report_evaluate_export(stack: Stack, tmp_path: Path) 
     ]
     assert report["gain"]["val_accuracy"]["values"] == pytest.approx(gains)
     assert set(report["per_class"]) == {"six", "seven", "eight", "nine"}
+    # The baseline trains at the from-scratch rate; the job fine-tunes learned weights at a quarter of it.
     assert report["budget"]["scratch"] == {
         "architecture": "cnn-small",
         "method": "full",
-        "learning_rate": job["hyperparameters"]["learning_rate"],
+        "learning_rate": METHOD_DEFAULTS[("cnn-small", "full")]["learning_rate"],
     }
+    assert job["hyperparameters"]["learning_rate"] < report["budget"]["scratch"]["learning_rate"]
     picture = api.get(f"{job['report_url']}?format=png")
     assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(picture.content)).size[0] > 1000

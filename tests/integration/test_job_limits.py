@@ -158,7 +158,12 @@ def test_the_largest_baseline_study_is_refused_with_its_budget(
             "training_dataset": text_dataset["id"],
             "baseline": True,
             "seeds": [1, 2, 3, 4, 5],
-            "hyperparameters": {"epochs": 1000, "head_warmup_epochs": 1000, "batch_size": 1},
+            "hyperparameters": {
+                "epochs": 1000,
+                "head_warmup_epochs": 1000,
+                "batch_size": 1,
+                "cross_validation_folds": 0,  # compared on one validation split (folds multiply the runs)
+            },
         }
     )
     error = refused(response, "hyperparameters.epochs")
@@ -173,12 +178,18 @@ def test_the_largest_baseline_study_is_refused_with_its_budget(
 def test_epochs_times_seeds_times_arms_is_bounded(api: Api, text_dataset: dict[str, Any]) -> None:
     request = {"base_model": "minilm-l6", "training_dataset": text_dataset["id"], "method": "linear_probe"}
     study = {**request, "baseline": True, "seeds": [1, 2, 3, 4, 5]}
-    error = refused(api.create_job({**study, "hyperparameters": {"epochs": 1000}}), "hyperparameters.epochs")
+    one_split = {"cross_validation_folds": 0}  # folds multiply the runs (tested below)
+    error = refused(
+        api.create_job({**study, "hyperparameters": {"epochs": 1000, **one_split}}), "hyperparameters.epochs"
+    )
     assert times("1000 epochs x 5 seeds x 2 arms = 10000 epoch passes; at most 2000") in error["message"]
     assert "transferred, scratch baseline" in error["message"]
     # The same epochs in a single run, or the study with fewer of them, fit.
     assert api.create_job({**request, "hyperparameters": {"epochs": 1000}}).status_code == 201
-    assert api.create_job({**study, "hyperparameters": {"epochs": 200}}).status_code == 201
+    assert api.create_job({**study, "hyperparameters": {"epochs": 200, **one_split}}).status_code == 201
+    # Cross-validated (the default for a small dataset), the same study makes k-1 times the passes.
+    folded = refused(api.create_job({**study, "hyperparameters": {"epochs": 200}}), "seeds")
+    assert "folds" in folded["message"] and "+ the model on all labels" in folded["message"]
 
 
 def test_head_warm_up_epochs_count_when_they_drive_the_budget(api: Api, text_dataset: dict[str, Any]) -> None:

@@ -215,7 +215,7 @@ def test_list_jobs_with_status_filter(api: Api, text_dataset: dict[str, Any]) ->
 def test_models_list_builtins_and_pages(api: Api) -> None:
     models = api.get("/v1/models").json()
     ids = [m["id"] for m in models["data"]]
-    assert ids == ["minilm-l6", "efficientnet-lite0", "cnn-small", "mlp"]
+    assert ids == ["minilm-l6", "efficientnet-lite0", "resnet-small", "cnn-small", "mlp"]
     by_id = {m["id"]: m for m in models["data"]}
     assert by_id["minilm-l6"]["pretrained"] is True and by_id["minilm-l6"]["modality"] == "text"
     assert by_id["efficientnet-lite0"]["input_spec"]["height"] == 224
@@ -246,3 +246,48 @@ def test_small_datasets_get_enough_epochs_by_default(api: Api) -> None:
     assert larger["epochs"] == 30  # 5 steps per epoch: 30 epochs are 150 steps already
     full = api.create_job({**body, "method": "full"}).json()["hyperparameters"]
     assert full["epochs"] == 16 and full["head_warmup_epochs"] == 10  # 4 x the table's 4, and the warm-up
+
+
+def test_small_data_rules_are_hyperparameters_with_named_refusals(api: Api) -> None:
+    """resnet-small from scratch takes the rules' defaults; a value outside a rule's choices is a 422
+    naming the field; the defaults table in /docs names the new architecture."""
+    images = api.upload_ok(digits_zip(12), "d.zip", "image_classification")
+    body = {"type": "pretrain", "base_model": "resnet-small", "training_dataset": images["id"]}
+    created = api.create_job(body)
+    assert created.status_code == 201, created.text
+    hp = created.json()["hyperparameters"]
+    assert (hp["augmentation"], hp["model_selection"], hp["batch_norm_statistics"]) == (
+        "auto",
+        "auto",
+        "auto",
+    )
+    assert hp["learning_rate"] == 2e-3  # from scratch: the table's rate
+    for key, value in (("augmentation", "flip"), ("model_selection", "median"), ("batch_norm_statistics", 1)):
+        refused = api.create_job({**body, "hyperparameters": {key: value}})
+        assert refused.status_code == 422, (key, refused.text)
+        assert refused.json()["error"]["param"] == f"hyperparameters.{key}"
+    assert "resnet-small" in api.get("/openapi.json").text
+
+
+def test_evaluation_dataset_and_cross_validation_are_checked(api: Api, text_dataset: dict[str, Any]) -> None:
+    images = api.upload_ok(digits_zip(12), "d.zip", "image_classification")
+    held = api.upload_ok(text_csv(sentiment_rows(30, seed=4)), "held.csv", "text_classification")
+    body = {"base_model": "minilm-l6", "training_dataset": text_dataset["id"], "method": "linear_probe"}
+    ok = api.create_job({**body, "baseline": True, "evaluation_dataset": held["id"]})
+    assert ok.status_code == 201, ok.text
+    assert ok.json()["evaluation_dataset"] == held["id"]
+    assert "cross_validation_folds" not in ok.json()["hyperparameters"]  # measured on the evaluation data
+    wrong_task = api.create_job({**body, "evaluation_dataset": images["id"]})
+    assert wrong_task.status_code == 422 and wrong_task.json()["error"]["param"] == "evaluation_dataset"
+    pretrain = api.create_job({**body, "type": "pretrain", "evaluation_dataset": held["id"]})
+    assert pretrain.status_code == 422 and "finetune" in pretrain.json()["error"]["message"]
+    # A small training set with a baseline and no held-out data: cross-validated by default.
+    folded = api.create_job({**body, "baseline": True}).json()
+    assert folded["hyperparameters"]["cross_validation_folds"] >= 2
+    one_fold = api.create_job({**body, "baseline": True, "hyperparameters": {"cross_validation_folds": 1}})
+    assert one_fold.status_code == 422
+    assert one_fold.json()["error"]["param"] == "hyperparameters.cross_validation_folds"
+    nothing = api.create_job(
+        {**body, "baseline": True, "hyperparameters": {"validation_split": 0.0, "cross_validation_folds": 0}}
+    )
+    assert nothing.status_code == 422 and "evaluation_dataset" in nothing.json()["error"]["message"]

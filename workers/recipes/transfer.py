@@ -84,15 +84,12 @@ class RunReporter:
 
 
 def scratch_config(config: FinetuneConfig) -> FinetuneConfig:
-    """The same architecture with random weights, trained in full for the same epochs on the same data.
-    Its learning rate is the job's when the job trains in full, else the architecture's full default."""
+    """The same architecture with random weights, trained in full for the same epochs on the same data,
+    with the same augmentation and model selection, at the architecture's from-scratch learning rate (a
+    fine-tuning rate, lower, would handicap it)."""
     architecture = config.base.spec.architecture
     hp = config.hyperparameters
-    learning_rate = (
-        hp.learning_rate
-        if config.method == "full"
-        else METHOD_DEFAULTS[(architecture, "full")]["learning_rate"]
-    )
+    learning_rate = METHOD_DEFAULTS[(architecture, "full")]["learning_rate"]
     scratch_hp = Hyperparameters(
         **{
             **hp.model_dump(
@@ -104,6 +101,8 @@ def scratch_config(config: FinetuneConfig) -> FinetuneConfig:
                     "warmup_ratio",
                     "max_grad_norm",
                     "early_stopping",
+                    "augmentation",
+                    "model_selection",
                 }
             ),
             "learning_rate": learning_rate,
@@ -133,10 +132,22 @@ class StudyResult:
 
 
 def run_study(
-    config: FinetuneConfig, reporter: Reporter, *, seeds: list[int] | None = None, baseline: bool = False
+    config: FinetuneConfig,
+    reporter: Reporter,
+    *,
+    seeds: list[int] | None = None,
+    baseline: bool = False,
+    folds: int = 0,
 ) -> StudyResult:
+    """The job's runs. With `folds` (k > 1, and a baseline), the comparison is a k-fold cross-validation
+    over all the training data: for each seed and fold, both arms train on k-1 folds and predict the
+    held-out one, so every labelled example is predicted by models that never saw it; the job's own model
+    then trains on all of them. With an evaluation dataset, both arms are measured on it instead."""
     seeds = seeds or [config.seed]
     arms = 2 if baseline else 1
+    cross_validate = baseline and folds > 1 and config.evaluation is None and config.validation is None
+    if cross_validate:
+        return _cross_validated_study(config, reporter, seeds, folds)
     total = len(seeds) * arms
     transferred: list[FinetuneResult] = []
     scratch: list[FinetuneResult] = []
@@ -159,21 +170,99 @@ def run_study(
             )
     report = None
     if baseline:
-        scratch_hp = scratch_config(config).hyperparameters
-        budget = {
-            "epochs": config.hyperparameters.epochs,
-            "batch_size": config.hyperparameters.batch_size,
-            "transferred": {
-                "base_model": config.base.id,
-                "method": config.method,
-                "learning_rate": config.hyperparameters.learning_rate,
-            },
-            "scratch": {
-                "architecture": config.base.spec.architecture,
-                "method": "full",
-                "learning_rate": scratch_hp.learning_rate,
-            },
-        }
-        report = build_report(seeds, transferred, scratch, budget)
-        reporter.event(report["summary"], data={"negative_transfer": report["negative_transfer"]})
+        held_out = None
+        if config.evaluation is not None:
+            first = transferred[0].held_out
+            assert first is not None
+            held_out = (
+                {"kind": "evaluation_dataset", "dataset": first["dataset"], "examples": first["examples"]},
+                [r.held_out["correct"] for r in transferred if r.held_out is not None],
+                [r.held_out["correct"] for r in scratch if r.held_out is not None],
+            )
+        report = _report(config, reporter, seeds, transferred, scratch, held_out)
     return StudyResult(result=transferred[0], report=report)
+
+
+def _report(
+    config: FinetuneConfig,
+    reporter: Reporter,
+    seeds: list[int],
+    transferred: list[FinetuneResult],
+    scratch: list[FinetuneResult],
+    held_out: tuple[dict[str, Any], list[list[int]], list[list[int]]] | None,
+) -> dict[str, Any]:
+    scratch_hp = scratch_config(config).hyperparameters
+    budget = {
+        "epochs": config.hyperparameters.epochs,
+        "batch_size": config.hyperparameters.batch_size,
+        "transferred": {
+            "base_model": config.base.id,
+            "method": config.method,
+            "learning_rate": config.hyperparameters.learning_rate,
+        },
+        "scratch": {
+            "architecture": config.base.spec.architecture,
+            "method": "full",
+            "learning_rate": scratch_hp.learning_rate,
+        },
+    }
+    report = build_report(seeds, transferred, scratch, budget, held_out=held_out)
+    reporter.event(report["summary"], data={"negative_transfer": report["negative_transfer"]})
+    return report
+
+
+def _cross_validated_study(
+    config: FinetuneConfig, reporter: Reporter, seeds: list[int], folds: int
+) -> StudyResult:
+    from workers.recipes.data import label_indices, read_labels, stratified_folds
+
+    labels = label_indices(read_labels(config.train), config.classes or config.train.classes)
+    n = len(labels)
+    partitions = [stratified_folds(labels, folds, seed) for seed in seeds]
+    total = 1 + 2 * len(seeds) * folds
+    # The job's own model: every label, no validation split (the estimate comes from the folds).
+    everything = config.model_copy(
+        update={"hyperparameters": config.hyperparameters.model_copy(update={"validation_split": 0.0})}
+    )
+    result = FinetuneRecipe(
+        everything, RunReporter(reporter, "transferred, all labels", 0, total, primary=True)
+    ).run()
+    transferred_runs: list[FinetuneResult] = []
+    scratch_runs: list[FinetuneResult] = []
+    transferred_correct: list[list[int]] = []
+    scratch_correct: list[list[int]] = []
+    index = 1
+    for seed, partition in zip(seeds, partitions, strict=True):
+        rows = {"transferred": [0] * n, "scratch": [0] * n}
+        for k, held in enumerate(partition):
+            held_set = set(held)
+            split = ([i for i in range(n) if i not in held_set], sorted(held))
+            # The held-out fold chooses nothing: the last epoch, as the job's own model on all labels.
+            hp = config.hyperparameters.model_copy(update={"model_selection": "last", "early_stopping": None})
+            fold = config.model_copy(
+                update={"seed": seed, "split": split, "save_checkpoints": False, "hyperparameters": hp}
+            )
+            for arm, arm_config, runs in (
+                ("transferred", fold, transferred_runs),
+                ("scratch", scratch_config(fold).model_copy(update={"split": split}), scratch_runs),
+            ):
+                run = FinetuneRecipe(
+                    arm_config,
+                    RunReporter(reporter, f"{arm}, seed {seed}, fold {k + 1}", index, total, primary=False),
+                ).run()
+                index += 1
+                runs.append(run)
+                for position, right in zip(run.validation_positions, run.validation_correct, strict=True):
+                    rows[arm][position] = right
+        transferred_correct.append(rows["transferred"])
+        scratch_correct.append(rows["scratch"])
+    measured_on = {"kind": "cross_validation", "folds": folds, "examples": n}
+    report = _report(
+        config,
+        reporter,
+        [seed for seed in seeds for _ in range(folds)],
+        transferred_runs,
+        scratch_runs,
+        (measured_on, transferred_correct, scratch_correct),
+    )
+    return StudyResult(result=result, report=report)
