@@ -236,14 +236,14 @@ def test_models_list_builtins_and_pages(api: Api) -> None:
 
 
 def test_small_datasets_get_enough_epochs_by_default(api: Api) -> None:
-    """20 rows, 18 for training: one step per epoch at batch 32, so the default rises to 100 epochs
-    (at most 4x the table's 30); an explicit choice is kept."""
+    """20 rows, 18 for training: one step per epoch at batch 32, so the default rises towards 400 steps,
+    at most 4x the table's 30 epochs; an explicit choice is kept."""
     dataset = api.upload_ok(text_csv(sentiment_rows(20)), "r.csv", "text_classification")
     body = {"base_model": "minilm-l6", "training_dataset": dataset["id"], "method": "linear_probe"}
-    assert api.create_job(body).json()["hyperparameters"]["epochs"] == 100
+    assert api.create_job(body).json()["hyperparameters"]["epochs"] == 120
     assert api.create_job({**body, "hyperparameters": {"epochs": 7}}).json()["hyperparameters"]["epochs"] == 7
     larger = api.create_job({**body, "hyperparameters": {"batch_size": 4}}).json()["hyperparameters"]
-    assert larger["epochs"] == 30  # 5 steps per epoch: 30 epochs are 150 steps already
+    assert larger["epochs"] == 80  # 5 steps per epoch: 80 epochs are 400 steps
     full = api.create_job({**body, "method": "full"}).json()["hyperparameters"]
     assert full["epochs"] == 16 and full["head_warmup_epochs"] == 10  # 4 x the table's 4, and the warm-up
 

@@ -76,10 +76,25 @@ def norm_shift(
         mean = total[0] / count
         var = (total[1] / count - mean * mean).clamp_min(0.0) + norm.eps
         stored_mean, stored_var = norm.running_mean.float(), norm.running_var.float() + norm.eps
-        difference = (mean - stored_mean) ** 2
-        kl = 0.25 * ((var + difference) / stored_var + (stored_var + difference) / var - 2.0)
-        scores.append(kl.mean())
+        scores.append(_symmetric_kl(stored_mean, stored_var, mean, var).mean())
     return float(torch.stack(scores).mean()) if scores else 0.0
+
+
+def _symmetric_kl(mean_a: Tensor, var_a: Tensor, mean_b: Tensor, var_b: Tensor) -> Tensor:
+    """Half the symmetric KL divergence between N(mean_a, var_a) and N(mean_b, var_b), per channel."""
+    difference = (mean_a - mean_b) ** 2
+    return 0.25 * ((var_b + difference) / var_a + (var_a + difference) / var_b - 2.0)
+
+
+def gaussian_shift(stored_mean: Tensor, stored_std: Tensor, mean: Tensor, std: Tensor) -> float:
+    """The shift score of columns standardised with stored statistics: the median over columns of the
+    symmetric KL divergence, a constant column's spread taken as 1 (as the standardisation takes it).
+    The median, not the mean: a nearly constant column (a digit's corner pixel) differs between two
+    samples of one distribution by chance, and a real shift moves most columns."""
+    floor = torch.ones_like(std)
+    stored = torch.where(stored_std > 1e-6, stored_std, floor).float() ** 2
+    current = torch.where(std > 1e-6, std, floor).float() ** 2
+    return float(_symmetric_kl(stored_mean.float(), stored, mean.float(), current).median())
 
 
 @torch.no_grad()
