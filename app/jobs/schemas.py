@@ -77,7 +77,7 @@ class _BudgetIn(BaseModel):
         description="Images, methods that train the backbone: label-safe augmentation of training batches "
         "only (resized crops, shifts, small rotations, colour jitter on colour images; never flips). `light`: "
         "crops of 80-100%, 8% shifts, 10 degrees; `strong`: 60-100%, 12%, 15 degrees and shear. `auto` (the "
-        "default): `light` up to 10,000 training images, `none` beyond.",
+        "default): `light` up to 10,000 training images trained for at least 100 steps, else `none`.",
     )
     cross_validation_folds: int | None = Field(
         default=None,

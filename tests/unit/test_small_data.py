@@ -200,13 +200,16 @@ def test_adabn_statistics_are_the_training_data(folder: Path, upstream: BaseMode
 
 def test_augmentation_in_training_only(folder: Path) -> None:
     data = source(write(folder / "aug.zip", image_zip(digits(40, 16))), "image_classification")
-    hp = resolve_hyperparameters("resnet-small", "full", {"epochs": 2, "validation_split": 0.25})
+    # 100 epochs of one batch: 100 steps, enough for augmentation by default.
+    hp = resolve_hyperparameters(
+        "resnet-small", "full", {"epochs": 100, "batch_size": 32, "validation_split": 0.25}
+    )
     config = FinetuneConfig(
         job_id="j", method="full", base=builtin("resnet-small"), train=data, seed=0, hyperparameters=hp
     )
     recipe = FinetuneRecipe(config, DataReporter())
     recipe.setup()
-    assert recipe.augmenter is not None  # light, by default, for a small image set
+    assert recipe.augmenter is not None  # light, by default, for a small image set and a run of 100 steps
     calls: list[int] = []
     original = recipe.augmenter.forward
 
@@ -218,9 +221,15 @@ def test_augmentation_in_training_only(folder: Path) -> None:
 
     recipe.augmenter.forward = counted  # type: ignore[method-assign]
     recipe.train()
-    assert sum(calls) == 2 * len(recipe.train_inputs)  # every training image, each epoch; nothing else
+    assert sum(calls) == 100 * len(recipe.train_inputs)  # every training image, each epoch; nothing else
     first = recipe.evaluate()
-    assert recipe.evaluate() == first and sum(calls) == 2 * len(recipe.train_inputs)
+    assert recipe.evaluate() == first and sum(calls) == 100 * len(recipe.train_inputs)
+    short = config.model_copy(
+        update={"hyperparameters": config.hyperparameters.model_copy(update={"epochs": 2})}
+    )
+    recipe = FinetuneRecipe(short, DataReporter())
+    recipe.setup()
+    assert recipe.augmenter is None  # 2 steps: no time to learn through the variation
 
     none = config.model_copy(
         update={"hyperparameters": config.hyperparameters.model_copy(update={"augmentation": "none"})}

@@ -7,8 +7,11 @@ shared preprocessing alone (workers/backbones/preprocess.py).
 - `light`: a resized crop of 80-100% of the image (aspect 0.9-1.1), shifts of up to 8%, rotations up
   to 10 degrees, scale 0.9-1.1; colour images also a mild brightness, contrast and saturation jitter.
 - `strong`: crops of 60-100%, shifts 12%, rotations 15 degrees, shear 10 degrees, stronger jitter.
-- `auto` (the default): `light` for a small training set (at most SMALL_DATASET examples), `none` beyond,
-  where the data themselves vary enough.
+- `auto` (the default): `light` for a small training set (at most SMALL_DATASET examples) trained for at
+  least MIN_AUGMENTED_STEPS steps, `none` otherwise: large data vary enough themselves, and a short run
+  has no time to learn through the variation. Measured (bench/quality.py data, resnet-small from scratch,
+  its default 240 steps): 50 handwritten digits 0.82 without, 0.93 with `light`; 80 colour glyphs 0.26
+  and 0.74. Cut to 32 steps (cnn-small, 54 digits, 8 epochs), `light` left 5 of 12 probes right, `none` 12.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch import Tensor, nn
 
 Augmentation = Literal["auto", "none", "light", "strong"]
 SMALL_DATASET = 10_000
+MIN_AUGMENTED_STEPS = 100
 
 POLICIES: dict[str, dict[str, Any]] = {
     "light": {
@@ -42,9 +46,9 @@ POLICIES: dict[str, dict[str, Any]] = {
 }
 
 
-def resolve_policy(requested: str, train_examples: int) -> str:
+def resolve_policy(requested: str, train_examples: int, steps: int) -> str:
     if requested == "auto":
-        return "light" if train_examples <= SMALL_DATASET else "none"
+        return "light" if train_examples <= SMALL_DATASET and steps >= MIN_AUGMENTED_STEPS else "none"
     return requested
 
 
@@ -89,11 +93,16 @@ class ImageAugmenter(nn.Module):
 
 
 def augmenter_for(
-    requested: str, modality: str, method: str, train_examples: int, input_spec: Mapping[str, Any]
+    requested: str,
+    modality: str,
+    method: str,
+    train_examples: int,
+    steps: int,
+    input_spec: Mapping[str, Any],
 ) -> tuple[str, ImageAugmenter | None]:
     """(the policy in force, its augmenter or None). Images only; a linear probe trains on cached features
     of the images as they are, so it has none."""
     if modality != "image" or method == "linear_probe":
         return "none", None
-    policy = resolve_policy(requested, train_examples)
+    policy = resolve_policy(requested, train_examples, steps)
     return policy, (ImageAugmenter(policy, input_spec) if policy != "none" else None)

@@ -154,7 +154,8 @@ def defaults_table() -> str:
         + ", ".join(f"{arch} {factor:g}x" for arch, factor in LEARNED_FULL_LR_FACTOR.items())
         + " that rate. "
         "`model_selection` auto: the best epoch on validation data of at least 20 examples per class (or with "
-        "early_stopping), else the last; `augmentation` auto: light for up to 10,000 training images; "
+        "early_stopping), else the last; `augmentation` auto: light for up to 10,000 training images "
+        "trained 100 steps or more; "
         "`batch_norm_statistics` auto: re-estimated on the training data for a full fine-tune when they differ "
         "from the stored ones (AdaBN)"
     )

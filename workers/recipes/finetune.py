@@ -209,6 +209,7 @@ class FinetuneRecipe:
             self.spec.modality,
             config.method,
             len(self.train_inputs),
+            self.hp.epochs * math.ceil(len(self.train_inputs) / self.hp.batch_size),
             self.spec.input_spec,
         )
         if self.augmenter is not None:
