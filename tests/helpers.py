@@ -234,3 +234,67 @@ def new_project(admin: Api, name: str = "test") -> Api:
     key = admin.post(f"/v1/projects/{project.json()['id']}/api_keys", json={"name": "test"})
     assert key.status_code == 201, key.text
     return Api(admin.http, key.json()["key"], project.json()["id"])
+
+
+# A second domain of short texts: product reviews in a shop's comment box, with their own vocabulary of
+# praise and complaint (phrases, not the film domain's adjectives), informal spelling and mixed verdicts.
+_PRODUCTS = [
+    "the kettle", "this blender", "the charger", "these headphones", "the backpack", "this lamp",
+    "the phone case", "the vacuum", "this mattress", "the coffee grinder", "the jacket", "these boots",
+    "the router", "this keyboard", "the frying pan", "the office chair",
+]  # fmt: skip
+_PRODUCT_GOOD = [
+    "works perfectly", "arrived a day early", "feels really sturdy", "is great value for money",
+    "does exactly what it says", "still going strong after months", "was easy to set up", "is worth every penny",
+    "exceeded my expectations", "fits perfectly", "is well made", "charges super fast",
+]  # fmt: skip
+_PRODUCT_BAD = [
+    "broke after a week", "arrived damaged", "feels flimsy", "is overpriced", "stopped working",
+    "is a waste of money", "was missing parts", "fell apart", "does not fit at all", "is badly made",
+    "died after two days", "smells of cheap plastic",
+]  # fmt: skip
+_PRODUCT_TEMPLATES = [
+    "{P} {a}",
+    "{P} {a} {e}",
+    "ordered {p} last month and it {a}",
+    "{P} {a}, and the box {a2}",
+    "would not buy again, {p} {a}" ,
+    "five stars, {p} {a}",
+    "one star. {P} {a}",
+    "my partner says {p} {o}, but for me it {a}",
+    "{P} {a}. delivery was slow though",
+    "returned it: {p} {a}",
+]  # fmt: skip
+_EMOJI = ["", "", " :)", " :(", " !!", " lol", " tbh", " 10/10", " meh"]
+
+
+def product_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """n product-review sentences, alternating positive and negative; the verdict words are the second
+    domain's own ("broke after a week", "worth every penny"), and templates that state a fixed verdict
+    ("five stars", "one star", "would not buy again", "returned it") agree with the label."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "positive" if i % 2 == 0 else "negative"
+        same, opposite = (
+            (_PRODUCT_GOOD, _PRODUCT_BAD) if label == "positive" else (_PRODUCT_BAD, _PRODUCT_GOOD)
+        )
+        fixed_negative = {"would not buy again, {p} {a}", "one star. {P} {a}", "returned it: {p} {a}"}
+        templates = [
+            t
+            for t in _PRODUCT_TEMPLATES
+            if (t in fixed_negative) == (label == "negative") or t not in fixed_negative
+        ]
+        if label == "negative":
+            templates = [t for t in templates if t != "five stars, {p} {a}"]
+        product = rng.choice(_PRODUCTS)
+        text = rng.choice(templates).format(
+            P=product[0].upper() + product[1:],
+            p=product,
+            a=rng.choice(same),
+            a2=rng.choice(same),
+            o=rng.choice(opposite),
+            e=rng.choice(_EMOJI),
+        )
+        rows.append((text + rng.choice(_EMOJI), label))
+    return rows

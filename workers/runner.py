@@ -630,7 +630,7 @@ def _run_adaptation(context: WorkerContext, job: Job, reporter: DatabaseReporter
         config = AdaptConfig(
             job_id=job.id,
             seed=job.seed,
-            method="full",
+            method=job.method or "full",  # type: ignore[arg-type]
             base=_base_source(context, session, job),
             train=_dataset_source(context, session, job.training_dataset),
             target=_dataset_source(context, session, job.target_dataset),
@@ -641,6 +641,8 @@ def _run_adaptation(context: WorkerContext, job: Job, reporter: DatabaseReporter
             adaptation_weight=hp["adaptation_weight"],
             pseudo_label_threshold=hp["pseudo_label_threshold"],
             mcc_temperature=hp["mcc_temperature"],
+            adapter=hp.get("adapter_hidden"),
+            feature_cache_dir=context.storage.path("cache"),
         )
     study = run_adaptation(config, reporter, methods=job.methods, seeds=job.seeds)
     method = study.primary.method
@@ -668,7 +670,7 @@ def _run_distillation(context: WorkerContext, job: Job, reporter: DatabaseReport
         config = DistillConfig(
             job_id=job.id,
             seed=job.seed,
-            method="full",
+            method=job.method or "full",  # type: ignore[arg-type]
             base=BaseModelSource(id=f"{architecture} student", spec=spec, pretrained=builtin.pretrained),
             teacher=_base_source(context, session, job),
             train=_dataset_source(context, session, job.training_dataset),
@@ -678,6 +680,8 @@ def _run_distillation(context: WorkerContext, job: Job, reporter: DatabaseReport
             hyperparameters=Hyperparameters.model_validate(hp),
             temperature=hp["temperature"],
             alpha=hp["alpha"],
+            adapter=hp.get("adapter_hidden"),
+            feature_cache_dir=context.storage.path("cache"),
         )
     study = run_distillation(config, reporter)
     _register_result(

@@ -293,7 +293,7 @@ AdaptationMethod = Literal["dann", "coral", "mmd", "mcc", "pseudo_label"]
 
 
 def _default_methods() -> list[AdaptationMethod]:
-    return ["dann"]
+    return ["mmd"]
 
 
 class AdaptJobCreate(_JobRequest):
@@ -349,6 +349,15 @@ class AdaptJobCreate(_JobRequest):
         max_length=5,
         description="Repeat every method per seed (adversarial "
         "training is unstable: the report shows the spread).",
+    )
+    backbone: Literal["frozen", "partial", "full"] | None = Field(
+        default=None,
+        description="What trains. frozen: the backbone's features come once from the feature cache and a "
+        "residual feature adapter (each domain's features standardised with its own statistics) and the head "
+        "train over them: seconds on a CPU where a full pass of a transformer takes minutes. partial: the top "
+        "blocks train too. full: the whole network. Default: frozen for the built-ins with package weights "
+        "(minilm-l6, efficientnet-lite0) and models made from them, full for the small networks "
+        "(resnet-small, cnn-small, mlp).",
     )
     hyperparameters: AdaptHyperparametersIn = Field(default_factory=AdaptHyperparametersIn)
 
@@ -440,6 +449,13 @@ class DistillJobCreate(_JobRequest):
         max_length=64,
         description="Labelled data to compare teacher and students on. Default: a held-out share of labelled "
         "transfer data.",
+    )
+    backbone: Literal["frozen", "partial", "full"] | None = Field(
+        default=None,
+        description="What of the student trains. frozen: its pretrained backbone's features come from the "
+        "feature cache and a residual feature adapter and the head learn the teacher's outputs over them "
+        "(students with package weights: minilm-l6, efficientnet-lite0). partial: its top blocks too. full "
+        "(default): the whole student.",
     )
     hyperparameters: DistillHyperparametersIn = Field(default_factory=DistillHyperparametersIn)
 

@@ -26,7 +26,15 @@ from app.models import service as models
 from app.tables import Checkpoint, Dataset, Job
 from workers.backbones.catalog import BUILTIN_MODELS, LORA_TARGET_MODULES, TASK_MODALITY
 from workers.backbones.spec import SPEC_METADATA_KEY, ModelSpec
-from workers.recipes.defaults import HEAD_WARMUP_EPOCHS, default_hyperparameters, epochs_for, report_folds
+from workers.recipes.defaults import (
+    ADAPTER_HIDDEN,
+    BACKBONE_METHOD,
+    HEAD_WARMUP_EPOCHS,
+    default_backbone,
+    default_hyperparameters,
+    epochs_for,
+    report_folds,
+)
 
 # The most training one job may ask for, counted in passes over its training examples: every run the job
 # makes (its arms, for each seed) times the epochs, plus the head warm-up epochs of the runs that fit a new
@@ -698,16 +706,20 @@ def _adapt_job(
     if body.evaluation_dataset is not None:
         _check_companion(session, principal, body.evaluation_dataset, source, upstream, "evaluation_dataset")
     given = body.hyperparameters.model_dump(exclude_none=True)
+    backbone, method = _backbone(body.backbone, upstream.architecture, upstream.has_weights)
     hyperparameters = {
         **ADAPTATION_DEFAULTS,
-        **_budget(upstream.architecture, given, source, held_out=False, learned=upstream.has_weights),
+        **_budget(
+            upstream.architecture, given, source, held_out=False, learned=upstream.has_weights, method=method
+        ),
+        **_adapter_width(backbone),
     }
     transfer = _transfer(upstream, source, None)
     budget = training_budget(
         "adapt",
-        "full",
+        method,
         hyperparameters,
-        _train_examples(upstream.architecture, given, source, held_out=False),
+        _train_examples(upstream.architecture, given, source, held_out=False, method=method),
         seeds=len(body.seeds) if body.seeds else 1,
         adaptation_methods=body.methods,
         warm_start=upstream.has_weights and transfer["head"] == "new",
@@ -716,8 +728,8 @@ def _adapt_job(
         budget,
         limits,
         given,
-        default_epochs=_default_epochs(upstream.architecture, given, source, held_out=False),
-        default_batch_size=default_hyperparameters(upstream.architecture, "full")["batch_size"],
+        default_epochs=_default_epochs(upstream.architecture, given, source, held_out=False, method=method),
+        default_batch_size=default_hyperparameters(upstream.architecture, method)["batch_size"],
         methods_param=True,
     )
     fields = {
@@ -726,7 +738,7 @@ def _adapt_job(
         "training_dataset": source.id,
         "target_dataset": target.id,
         "evaluation_dataset": body.evaluation_dataset,
-        "method": "full",
+        "method": method,
         "methods": list(body.methods),
         "hyperparameters": hyperparameters,
         "seeds": body.seeds,
@@ -734,8 +746,26 @@ def _adapt_job(
     }
     return fields, (
         f"Job created: adapt {upstream.base_model} from {source.id} to {target.id} with "
-        f"{', '.join(body.methods)} beside source_only"
+        f"{', '.join(body.methods)} beside source_only ({backbone} backbone)"
     )
+
+
+def _backbone(choice: str | None, architecture: str, learned: bool) -> tuple[str, str]:
+    """The backbone an adapt or distill job trains ("frozen", "partial" or "full") and the training method
+    it means. A frozen backbone needs learned weights: random features would stay random."""
+    backbone = choice or (default_backbone(architecture) if learned else "full")
+    if backbone == "frozen" and not learned:
+        raise Unprocessable(
+            f"backbone 'frozen' needs learned weights, and this {architecture} starts from random ones: train "
+            "it ('full'), or start from a pretrained model",
+            param="backbone",
+            code="invalid_request",
+        )
+    return backbone, BACKBONE_METHOD[backbone]
+
+
+def _adapter_width(backbone: str) -> dict[str, Any]:
+    return {"adapter_hidden": ADAPTER_HIDDEN} if backbone == "frozen" else {}
 
 
 STUDENT_OPTIONS = {"layers": ("minilm-l6",), "width": ("cnn-small", "resnet-small"), "hidden": ("mlp",)}
@@ -793,6 +823,7 @@ def _distill_job(
             classes=teacher.classes,
         )
     given = body.hyperparameters.model_dump(exclude_none=True)
+    backbone, method = _backbone(body.backbone or "full", student.architecture, builtin.pretrained)
     hyperparameters = {
         **DISTILLATION_DEFAULTS,
         **_budget(
@@ -801,7 +832,9 @@ def _distill_job(
             train,
             held_out=body.evaluation_dataset is not None or not train.labeled,
             learned=builtin.pretrained,
+            method=method,
         ),
+        **_adapter_width(backbone),
     }
     if "epochs" not in given:
         hyperparameters["epochs"] = min(hyperparameters["epochs"] * DISTILLATION_EPOCHS_FACTOR, 1000)
@@ -815,32 +848,33 @@ def _distill_job(
     held_out = body.evaluation_dataset is not None or not train.labeled
     budget = training_budget(
         "distill",
-        "full",
+        method,
         hyperparameters,
-        _train_examples(student.architecture, given, train, held_out=held_out),
+        _train_examples(student.architecture, given, train, held_out=held_out, method=method),
         labelled=train.labeled,
         warm_start=builtin.pretrained,  # the student always gets a new head (the teacher's classes)
     )
-    default_epochs = _default_epochs(student.architecture, given, train, held_out=held_out)
+    default_epochs = _default_epochs(student.architecture, given, train, held_out=held_out, method=method)
     check_budget(
         budget,
         limits,
         given,
         default_epochs=min(default_epochs * DISTILLATION_EPOCHS_FACTOR, 1000),
-        default_batch_size=default_hyperparameters(student.architecture, "full")["batch_size"],
+        default_batch_size=default_hyperparameters(student.architecture, method)["batch_size"],
     )
     fields = {
         "type": "distill",
         "base_model": teacher.base_model,
         "training_dataset": train.id,
         "evaluation_dataset": body.evaluation_dataset,
-        "method": "full",
+        "method": method,
         "student": student.model_dump(exclude_none=True),
         "hyperparameters": hyperparameters,
     }
     return (
         fields,
-        f"Job created: distil {teacher.base_model} into a {student.architecture} student on {train.id}",
+        f"Job created: distil {teacher.base_model} into a {student.architecture} student on {train.id} "
+        f"({backbone} backbone)",
     )
 
 

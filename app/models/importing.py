@@ -50,6 +50,7 @@ MAX_FEATURE_COLUMNS = 10_000
 MINILM_LAYERS = (1, BUILTIN_MODELS["minilm-l6"].num_blocks)
 CNN_WIDTH = (4, 256)
 MLP_HIDDEN_SIZE = (1, 4096)
+ADAPTER_WIDTH = (1, 4096)
 MLP_MAX_HIDDEN_LAYERS = 8
 MAX_LENGTH_TOKENS = (8, 512)
 # The largest network any import may build (the limits above stay below it; this bounds what they add up
@@ -354,13 +355,21 @@ def _hidden(value: object, source: SpecSource) -> dict[str, Any]:
     return {"hidden": [int(size) for size in value]}
 
 
+def _adapter(value: object, source: SpecSource) -> dict[str, Any]:
+    """The hidden width of a feature adapter over the backbone (a model of a frozen-backbone adapt or
+    distill job)."""
+    if value is None:
+        return {}
+    return {"adapter": _int_in(value, ADAPTER_WIDTH, "options.adapter", source)}
+
+
 # Each architecture's options and their checks (None: not given).
 OPTIONS: dict[str, dict[str, Callable[[object, SpecSource], dict[str, Any]]]] = {
-    "minilm-l6": {"layers": _layers},
-    "efficientnet-lite0": {},
-    "cnn-small": {"width": _width},
-    "resnet-small": {"width": _width, "stem_stride": _stem_stride},
-    "mlp": {"in_features": _in_features, "hidden": _hidden},
+    "minilm-l6": {"layers": _layers, "adapter": _adapter},
+    "efficientnet-lite0": {"adapter": _adapter},
+    "cnn-small": {"width": _width, "adapter": _adapter},
+    "resnet-small": {"width": _width, "stem_stride": _stem_stride, "adapter": _adapter},
+    "mlp": {"in_features": _in_features, "hidden": _hidden, "adapter": _adapter},
 }
 
 
@@ -370,7 +379,9 @@ def _check_options(architecture: str, value: object, source: SpecSource) -> dict
     known = OPTIONS[architecture]
     for key in value:
         if key not in known:
-            names = f"its options: {', '.join(known)}" if known else "it has none"
+            # The adapter is every architecture's (a model of a frozen-backbone job), not one to choose.
+            own = [name for name in known if name != "adapter"]
+            names = f"its options: {', '.join(own)}" if own else "it has none"
             raise source.refuse(_field("options", key), f"does not apply to {architecture} ({names})")
     options: dict[str, Any] = {}
     for key, check in known.items():

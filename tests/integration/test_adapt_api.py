@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from app.core.config import Settings
-from tests.helpers import Api, iris_csv, sentiment_rows, shifted_table_csv, text_csv
+from bench.common import review_rows
+from tests.helpers import Api, iris_csv, product_rows, sentiment_rows, shifted_table_csv, text_csv, text_jsonl
 from tests.integration.conftest import run_in_process
 
 TABULAR = "tabular_classification"
@@ -123,6 +124,8 @@ def test_bad_adapt_jobs_are_refused_naming_the_field(api: Api, shift: dict[str, 
             "invalid_request",
         ),
         ({"method": "lora"}, 422, "method", "invalid_request"),
+        ({"backbone": "frozen"}, 422, "backbone", "invalid_request"),  # random mlp weights: nothing to freeze
+        ({"backbone": "sideways"}, 422, "backbone", "invalid_request"),
     ]
     for body, status, param, code in cases:
         response = adapt(api, shift, **body)
@@ -140,3 +143,40 @@ def test_bad_adapt_jobs_are_refused_naming_the_field(api: Api, shift: dict[str, 
     assert finetune.status_code == 422
     assert finetune.json()["error"]["param"] == "hyperparameters.adaptation_weight"
     assert api.get("/v1/jobs").json()["data"] == []
+
+
+def test_a_text_adapt_job_freezes_the_pretrained_backbone_by_default(api: Api, settings: Settings) -> None:
+    task = "text_classification"
+    films = api.upload_ok(text_csv(review_rows(160, seed=5)), "films.csv", task)
+    unlabelled = [(text, None) for text, _ in product_rows(160, seed=6)]
+    products = api.upload_ok(text_jsonl(unlabelled), "products.jsonl", task)
+    evaluation = api.upload_ok(text_csv(product_rows(200, seed=7)), "products-eval.csv", task)
+    request = {
+        "type": "adapt",
+        "base_model": "minilm-l6",
+        "source_dataset": films["id"],
+        "target_dataset": products["id"],
+        "evaluation_dataset": evaluation["id"],
+        "methods": ["mmd"],
+    }
+    full = api.create_job({**request, "backbone": "full"})
+    assert full.status_code == 201, full.text
+    assert full.json()["method"] == "full" and "adapter_hidden" not in full.json()["hyperparameters"]
+    assert api.post(f"/v1/jobs/{full.json()['id']}/cancel").status_code == 200
+    response = api.create_job(request)
+    assert response.status_code == 201, response.text
+    job = response.json()
+    assert job["method"] == "linear_probe" and job["hyperparameters"]["adapter_hidden"] == 256
+    run_in_process(settings, job["id"])
+    job = api.get(f"/v1/jobs/{job['id']}").json()
+    assert job["status"] == "succeeded", job["error"]
+    events = all_events(api, job["id"])
+    assert any("Reused cached backbone features" in m for m in events), events
+    report = api.get(job["report_url"]).json()
+    assert list(report["methods"]) == ["source_only", "mmd"] and report["evaluation_examples"] == 200
+    model = api.get(f"/v1/models/{job['result_model']}").json()
+    assert model["kind"] == "adapted"
+    prediction = api.post(
+        f"/v1/models/{job['result_model']}/predict", json={"inputs": ["the kettle broke after a week"]}
+    )
+    assert prediction.status_code == 200, prediction.text

@@ -125,6 +125,7 @@ def test_bad_distill_jobs_are_refused_naming_the_field(teacher: tuple[Api, str, 
             "invalid_request",
         ),
         ({**base, "student": {"architecture": "resnet"}}, 422, "student.architecture", "invalid_request"),
+        ({**base, "backbone": "frozen"}, 422, "backbone", "invalid_request"),  # the mlp student is random
         ({"training_dataset": texts}, 422, "training_dataset", "modality_mismatch"),
         ({"training_dataset": data["transfer_unlabelled"]}, 422, "evaluation_dataset", "invalid_request"),
         (

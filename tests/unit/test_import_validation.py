@@ -217,6 +217,12 @@ EMBEDDED_REFUSALS: list[tuple[str, dict[str, Any] | str, str, str]] = [
     ),
     ("cnn width 1", graft_spec("cnn-small", options={"width": 1}), "options.width", "integer from 4 to 256"),
     (
+        "adapter of no width",
+        graft_spec("minilm-l6", options={"adapter": 0}),
+        "options.adapter",
+        "integer from 1 to 4096",
+    ),
+    (
         "cnn width 100000",
         graft_spec("cnn-small", options={"width": 100_000}),
         "options.width",

@@ -1,7 +1,9 @@
 """The built-in backbones and the transfer model that puts a classification head on one.
 
 A backbone maps a prepared batch to a feature vector per example (`feature_dim` wide). The
-`TransferModel` adds `dropout` and a linear `head`; its state-dict keys are `backbone.*` and `head.*`.
+`TransferModel` adds `dropout` and a linear `head`; its state-dict keys are `backbone.*` and `head.*`, and
+`adapter.*` for a model trained with a frozen backbone and a feature adapter over it (`options.adapter`,
+the adapter's hidden width, in its spec).
 """
 
 from __future__ import annotations
@@ -249,22 +251,64 @@ class MlpBackbone(nn.Module):
         return self.layers((rows - self.input_mean) / self.input_std)
 
 
-class TransferModel(nn.Module):
-    """A backbone, dropout and a linear classification head (absent for a bare upstream backbone)."""
+class FeatureAdapter(nn.Module):
+    """A residual MLP over a frozen backbone's features, same width in and out: the features are first
+    standardised with the statistics of the domain the model serves (`mean`, `std`; AdaBN at the feature
+    layer: a domain-adapted model carries its target's), then z + W2 gelu(W1 norm(z)). W2 starts at zero,
+    so an untrained adapter changes nothing but the scale and training starts from the backbone's own
+    features (a linear probe); alignment losses of domain adaptation move the features through it."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, dropout: float = 0.1) -> None:
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, feature_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(feature_dim))
+        self.register_buffer("std", torch.ones(feature_dim))
+        self.norm = nn.LayerNorm(feature_dim)
+        self.up = nn.Linear(feature_dim, hidden)
+        self.down = nn.Linear(hidden, feature_dim)
+        nn.init.zeros_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+
+    def standardise(self, features: Tensor) -> Tensor:
+        return (features - self.mean) / self.std
+
+    def transform(self, standardised: Tensor) -> Tensor:
+        return standardised + self.down(torch.nn.functional.gelu(self.up(self.norm(standardised))))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.transform(self.standardise(features))
+
+
+class TransferModel(nn.Module):
+    """A backbone, an optional feature adapter, dropout and a linear classification head (absent for a
+    bare upstream backbone)."""
+
+    def __init__(
+        self, backbone: nn.Module, num_classes: int, dropout: float = 0.1, adapter: int | None = None
+    ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.dropout = nn.Dropout(dropout)
         feature_dim = int(backbone.feature_dim)  # type: ignore[arg-type]
+        self.adapter: FeatureAdapter | None = FeatureAdapter(feature_dim, adapter) if adapter else None
+        self.dropout = nn.Dropout(dropout)
         self.head: nn.Linear | None = nn.Linear(feature_dim, num_classes) if num_classes else None
 
     @property
     def feature_dim(self) -> int:
         return int(self.backbone.feature_dim)  # type: ignore[arg-type]
 
-    def features(self, inputs: Any) -> Tensor:
+    def backbone_features(self, inputs: Any) -> Tensor:
+        """The backbone's output alone (what the feature cache holds)."""
         return self.backbone(inputs)
+
+    def adapt(self, features: Tensor) -> Tensor:
+        """Backbone features through the adapter, when the model has one."""
+        return features if self.adapter is None else self.adapter(features)
+
+    def features(self, inputs: Any) -> Tensor:
+        return self.adapt(self.backbone(inputs))
 
     def classify(self, features: Tensor) -> Tensor:
         if self.head is None:
@@ -302,7 +346,7 @@ def build_model(spec: ModelSpec, *, pretrained: bool) -> TransferModel:
     load_pretrained = getattr(backbone, "load_pretrained", None)
     if pretrained and load_pretrained is not None:
         load_pretrained()
-    return TransferModel(backbone, num_classes=len(spec.classes))
+    return TransferModel(backbone, num_classes=len(spec.classes), adapter=spec.options.get("adapter"))
 
 
 def count_parameters(module: nn.Module) -> int:

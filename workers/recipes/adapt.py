@@ -1,7 +1,10 @@
 """Transductive transfer: adapt a model trained on a labelled source dataset to an unlabelled target.
 
-Each adaptation method is one run of the fine-tuning loop (method `full`) with an extra loss on a target
-batch drawn beside every source batch. The target's labels, if the dataset has any, are never loaded for
+Each adaptation method is one run of the fine-tuning loop with an extra loss on a target batch drawn
+beside every source batch. The backbone trains (`full`, `partial`) or stays frozen (`linear_probe`: the job's
+`backbone: "frozen"`): then every domain's features come once from the feature cache, and a residual
+feature adapter and the head train over them, so the alignment losses still have features to move and a
+run costs seconds where a full pass of a transformer costs minutes. The target's labels, if the dataset has any, are never loaded for
 training: only its inputs are. `source_only` (no extra loss) always runs as the reference; `seeds` repeats
 every method, since adversarial training is unstable. The result of a run is its last epoch (the source's
 validation accuracy says little about the target).
@@ -54,6 +57,7 @@ class AdaptResult:
 
 class AdaptRecipe(FinetuneRecipe):
     config: AdaptConfig
+    source_standardised = False
 
     def extra_parameters(self) -> list[dict[str, Any]]:
         if self.config.adaptation != "dann":
@@ -67,15 +71,36 @@ class AdaptRecipe(FinetuneRecipe):
         self.target_inputs, _ = load_inputs(self.config.target, self.spec)
         self._target_queue: list[int] = []
         self.evaluation_inputs = self.evaluation_labels = None
+        self.target_features = self.evaluation_features = None
         if self.config.evaluation is not None:
             inputs, labels = load_inputs(self.config.evaluation, self.spec)
             assert labels is not None, "the evaluation dataset must be labelled"
             self.evaluation_inputs, self.evaluation_labels = inputs, label_indices(labels, self.classes)
+        if self.frozen:
+            # A frozen backbone: every domain's features once, through the cache; the adapter and the head
+            # train over them.
+            self.target_features = self._features(self.target_inputs, self.config.target)
+            if self.fresh_adapter and self.config.adaptation != "source_only":
+                # Each domain's features standardised with its own statistics (AdaBN at the feature layer):
+                # the source's in training, the target's in the model, which serves the target.
+                adapter = self.model.adapter
+                assert adapter is not None
+                self.train_features = adapter.standardise(self.train_features)
+                if self.val_features is not None:
+                    self.val_features = adapter.standardise(self.val_features)
+                self.set_adapter_statistics(self.target_features)
+                self.source_standardised = True
+            if self.evaluation_inputs is not None and self.config.evaluation is not None:
+                self.evaluation_features = self._features(self.evaluation_inputs, self.config.evaluation)
         self.reporter.event(
             f"Adapting with {self.config.adaptation} to {len(self.target_inputs)} unlabelled target examples of "
             f"{self.config.target.id}",
             data={"adaptation": self.config.adaptation},
         )
+
+    @property
+    def frozen(self) -> bool:
+        return self.config.method == "linear_probe"
 
     def resume_extras(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         tensors = self.discriminator.state_dict() if self.config.adaptation == "dann" else {}
@@ -96,12 +121,27 @@ class AdaptRecipe(FinetuneRecipe):
         """A training batch goes through the backbone together with a target batch of the same size, so
         that batch norm sees both domains in every step exactly as its running statistics will (separate
         passes would normalise each domain by itself in training, and by a mixture in evaluation)."""
+        if not train and self.source_standardised:  # the source's validation data, standardised as such
+            assert self.model.adapter is not None and self.val_features is not None
+            rows = self.val_features[torch.as_tensor(indices, device=self.val_features.device)]
+            features = self.model.adapter.transform(rows)
+            return features, self.model.classify(features)
         if not train or self.config.adaptation == "source_only":
             return super()._forward(indices, train=train)
-        assert self.train_inputs is not None
-        source = self.train_inputs.batch(indices)
-        target = self.target_inputs.batch(self._target_batch(len(indices)))
-        joint = self.model.features(to_device(join_batches(source, target), self.device))
+        taken = self._target_batch(len(indices))
+        if self.frozen:
+            assert self.target_features is not None
+            source = self.train_features[torch.as_tensor(indices, device=self.train_features.device)]
+            target = self.target_features[torch.as_tensor(taken, device=self.target_features.device)]
+            adapter = self.model.adapter
+            if adapter is not None and self.source_standardised:
+                joint = adapter.transform(torch.cat([source, adapter.standardise(target)]))
+            else:
+                joint = self.model.adapt(torch.cat([source, target]))
+        else:
+            source = self.train_inputs.batch(indices)
+            target = self.target_inputs.batch(taken)
+            joint = self.model.features(to_device(join_batches(source, target), self.device))
         features, self._target_features = joint[: len(indices)], joint[len(indices) :]
         return features, self.model.classify(features)
 
@@ -126,14 +166,25 @@ class AdaptRecipe(FinetuneRecipe):
         return weight * adaptation.pseudo_label_loss(logits, self.config.pseudo_label_threshold)
 
     @torch.no_grad()
-    def _outputs(self, inputs: Any, limit: int | None = None) -> tuple[Tensor, Tensor]:
-        """(features, logits) of up to `limit` examples, in eval mode."""
+    def _outputs(
+        self, inputs: Any, limit: int | None = None, cached: Tensor | None = None, standardised: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """(features, logits) of up to `limit` examples, in eval mode (from their cached backbone features
+        when the backbone is frozen; `standardised`: those are already standardised)."""
         self.model.eval()
         count = len(inputs) if limit is None else min(limit, len(inputs))
         features, logits = [], []
         for indices in batches(count, 64, shuffle=False):
             with self._autocast():
-                f = self.model.features(to_device(inputs.batch(indices), self.device)).float()
+                if cached is not None:
+                    rows = cached[torch.as_tensor(indices, device=cached.device)]
+                    adapter = self.model.adapter
+                    if standardised and adapter is not None:
+                        f = adapter.transform(rows).float()
+                    else:
+                        f = self.model.adapt(rows).float()
+                else:
+                    f = self.model.features(to_device(inputs.batch(indices), self.device)).float()
             features.append(f)
             logits.append(self.model.classify(f).float())
         return torch.cat(features), torch.cat(logits)
@@ -141,7 +192,7 @@ class AdaptRecipe(FinetuneRecipe):
     def evaluate(self) -> dict[str, float]:
         metrics = super().evaluate()
         if self.evaluation_inputs is not None and self.evaluation_labels is not None:
-            _, logits = self._outputs(self.evaluation_inputs)
+            _, logits = self._outputs(self.evaluation_inputs, cached=self.evaluation_features)
             metrics["target_accuracy"] = float(
                 (logits.argmax(dim=1).cpu() == self.evaluation_labels).float().mean()
             )
@@ -149,8 +200,15 @@ class AdaptRecipe(FinetuneRecipe):
 
     def diagnostics(self) -> dict[str, Any]:
         """Of the final model: on the target, without its labels; on the evaluation data, with theirs."""
-        target_features, target_logits = self._outputs(self.target_inputs, DIAGNOSTIC_EXAMPLES)
-        source_features, _ = self._outputs(self.train_inputs, DIAGNOSTIC_EXAMPLES)
+        target_features, target_logits = self._outputs(
+            self.target_inputs, DIAGNOSTIC_EXAMPLES, cached=self.target_features
+        )
+        source_features, _ = self._outputs(
+            self.train_inputs,
+            DIAGNOSTIC_EXAMPLES,
+            cached=self.train_features if self.frozen else None,
+            standardised=self.source_standardised,
+        )
         found: dict[str, Any] = {
             "prediction_entropy": adaptation.prediction_entropy(target_logits),
             "class_balance": adaptation.class_balance(target_logits, self.classes),
@@ -158,7 +216,7 @@ class AdaptRecipe(FinetuneRecipe):
             "mmd": float(adaptation.mmd(source_features[:500], target_features[:500])),
         }
         if self.evaluation_inputs is not None and self.evaluation_labels is not None:
-            _, logits = self._outputs(self.evaluation_inputs)
+            _, logits = self._outputs(self.evaluation_inputs, cached=self.evaluation_features)
             found["target"] = classification_metrics(
                 self.evaluation_labels, logits.argmax(dim=1).cpu(), self.classes
             )

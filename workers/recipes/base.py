@@ -79,11 +79,15 @@ class BaseModelSource(BaseModel):
             origin = package_version(self.spec.architecture)
         else:
             origin = None  # random weights: never cached
-        return {
+        found = {
             "architecture": self.spec.architecture,
             "origin": origin,
             "checkpoints": [c.sha256 for c in self.checkpoints],
         }
+        options = {k: v for k, v in self.spec.options.items() if k != "adapter"}
+        if options and self.weights_path is None:
+            found["options"] = options  # a 2-layer MiniLM student is not the 6-layer built-in
+        return found
 
 
 def package_version(architecture: str) -> str:

@@ -58,16 +58,20 @@ def extract_features(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     on_batch: Callable[[], None] | None = None,
+    *,
+    backbone_only: bool = False,
 ) -> Tensor:
-    """The backbone's features of every example of `inputs` (eval mode), batched in the inputs' preferred
-    order (texts sorted by length, so padding stays short) and returned in example order."""
+    """The model's features of every example of `inputs` (eval mode), batched in the inputs' preferred
+    order (texts sorted by length, so padding stays short) and returned in example order; with
+    `backbone_only`, the backbone's output before a feature adapter."""
     model.backbone.eval()
     order = inputs.inference_order()
     features = torch.empty(len(order), model.feature_dim, device=device)
     for start in range(0, len(order), FEATURE_BATCH_SIZE):
         indices = order[start : start + FEATURE_BATCH_SIZE]
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            batch = model.features(to_device(inputs.batch(indices), device)).float()
+            prepared = to_device(inputs.batch(indices), device)
+            batch = (model.backbone_features(prepared) if backbone_only else model.features(prepared)).float()
         features[torch.as_tensor(indices, device=device)] = batch
         if on_batch is not None:
             on_batch()

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
-from workers.backbones.networks import TransferModel, count_parameters
+from workers.backbones.networks import FeatureAdapter, TransferModel, count_parameters
 from workers.backbones.spec import ModelSpec
 from workers.recipes import methods
 from workers.recipes.augment import Augmentation, ImageAugmenter, augmenter_for
@@ -109,6 +109,9 @@ class FinetuneConfig(RecipeConfig):
     # Explicit (training, validation) positions into the training data, instead of the seeded split: one
     # fold of a cross-validation.
     split: tuple[list[int], list[int]] | None = None
+    # With method linear_probe: a feature adapter of this hidden width trains with the head over the frozen
+    # backbone's (cached) features.
+    adapter: int | None = Field(default=None, ge=1, le=4096)
 
 
 @dataclass
@@ -155,6 +158,7 @@ def monitored(metrics: dict[str, float], stopping: EarlyStopping | None) -> tupl
 class FinetuneRecipe:
     augmenter: ImageAugmenter | None = None
     adapted_norms = False
+    fresh_adapter = False
     val_positions: Sequence[int] = ()
 
     def __init__(self, config: FinetuneConfig, reporter: Reporter) -> None:
@@ -230,6 +234,8 @@ class FinetuneRecipe:
             self.val_features = (
                 self._features(self.val_inputs, self.val_source) if self.val_inputs is not None else None
             )
+            if self.fresh_adapter:
+                self.set_adapter_statistics(self.train_features)
 
         self.optimizer = torch.optim.AdamW(
             self.setup_method.param_groups + self.extra_parameters(), weight_decay=self.hp.weight_decay
@@ -247,6 +253,14 @@ class FinetuneRecipe:
             data={"trainable_parameters": trainable, "lora": self.setup_method.lora},
         )
 
+    @torch.no_grad()
+    def set_adapter_statistics(self, features: Tensor) -> None:
+        """A new feature adapter standardises features with the statistics of the data it serves."""
+        adapter = self.model.adapter
+        assert adapter is not None
+        adapter.mean.copy_(features.mean(dim=0))
+        adapter.std.copy_(features.std(dim=0, unbiased=False).clamp_min(1e-4))
+
     @property
     def _learned_weights(self) -> bool:
         base = self.config.base
@@ -258,7 +272,8 @@ class FinetuneRecipe:
         learning what a linear probe learns in seconds. A kept head starts from its source weights and is
         checked: its accuracy on the training data before and after is reported."""
         assert self.model.head is not None
-        features = self._features(self.train_inputs, self.config.train)
+        with torch.no_grad():
+            features = self.model.adapt(self._features(self.train_inputs, self.config.train))
         labels = self.train_labels.to(self.device)
         kept = self.transfer["head"] == "keep"
         before = self._head_accuracy(features, labels) if kept else None
@@ -314,7 +329,7 @@ class FinetuneRecipe:
         backbone = self.model.backbone
         rows = self.train_inputs.batch(range(len(self.train_inputs))).float()
         mean, std = rows.mean(dim=0), rows.std(dim=0, unbiased=False)
-        shift = gaussian_shift(backbone.input_mean.cpu(), backbone.input_std.cpu(), mean, std)  # type: ignore[union-attr]
+        shift = gaussian_shift(backbone.input_mean.cpu(), backbone.input_std.cpu(), mean, std)  # type: ignore[union-attr, arg-type]
         if choice == "auto" and shift < BN_SHIFT_THRESHOLD:
             self.reporter.event(
                 f"Kept the input standardisation of the upstream weights (shift score {shift:.3f})",
@@ -374,6 +389,12 @@ class FinetuneRecipe:
         keep = self.config.head == "keep" or (self.config.head is None and same_labels)
         target = spec.with_classes(self.classes)
         model = TransferModel(upstream.backbone, num_classes=len(self.classes))
+        model.adapter = upstream.adapter  # an adapted upstream keeps its adapter (its spec names it)
+        if self.config.adapter and model.adapter is None:
+            # A frozen backbone with a trainable adapter over it (adapt and distill jobs, backbone "frozen").
+            model.adapter = FeatureAdapter(model.feature_dim, self.config.adapter)
+            self.fresh_adapter = True
+            target = target.model_copy(update={"options": {**target.options, "adapter": self.config.adapter}})
         matched = [name for name in self.classes if name in source_classes]
         if keep and upstream.head is not None and model.head is not None:
             with torch.no_grad():
@@ -451,7 +472,9 @@ class FinetuneRecipe:
     @torch.no_grad()
     def _extract(self, inputs: Inputs) -> Tensor:
         """Backbone features of every example of `inputs` (frozen backbone, eval mode)."""
-        return extract_features(self.model, inputs, self.device, self.amp_dtype, on_batch=self._check_cancel)
+        return extract_features(
+            self.model, inputs, self.device, self.amp_dtype, on_batch=self._check_cancel, backbone_only=True
+        )
 
     def _features(self, inputs: Inputs, source: DatasetSource) -> Tensor:
         """Features of a dataset's examples, through the persistent cache when the backbone is fixed."""
@@ -463,6 +486,8 @@ class FinetuneRecipe:
 
     def _dataset_features(self, whole: Inputs, source: DatasetSource) -> Tensor:
         identity = self.config.base.identity()
+        if self.model.adapter is not None:
+            identity = {**identity, "features": "backbone"}  # before the adapter, unlike a ranking's
         if (
             self.config.feature_cache_dir is None
             or identity["origin"] is None
@@ -502,7 +527,7 @@ class FinetuneRecipe:
         if self.config.method == "linear_probe":
             cached = self.train_features if train else self.val_features
             assert cached is not None
-            features = cached[torch.as_tensor(indices, device=cached.device)]
+            features = self.model.adapt(cached[torch.as_tensor(indices, device=cached.device)])
         else:
             inputs = self.train_inputs if train else self.val_inputs
             assert inputs is not None

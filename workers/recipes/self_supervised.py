@@ -113,7 +113,10 @@ class SelfSupervisedRecipe:
         config = self.config
         self.generator = seed_everything(config.seed)
         upstream, spec = load_upstream_for(config.base, config.train)
-        self.spec = spec.with_classes([])  # a bare backbone: the upstream model of later jobs
+        # A bare backbone: the upstream model of later jobs (a feature adapter, if the base had one, stays
+        # behind: the backbone it was fitted over is about to change).
+        options = {k: v for k, v in spec.options.items() if k != "adapter"}
+        self.spec = spec.model_copy(update={"classes": [], "options": options})
         self.model = TransferModel(upstream.backbone, num_classes=0)
         self.modality = spec.modality
         self.inputs, _ = load_inputs(config.train, spec)  # labels, if any, are not used
