@@ -180,6 +180,8 @@ class Job(Base):
     initialization: Mapped[str | None] = mapped_column(String(16))
     from_checkpoint: Mapped[str | None] = mapped_column(String(64))
     baseline: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The report's arms beside the transferred model: "scratch" first, then "parent", "as_is", model ids.
+    baseline_arms: Mapped[list[str] | None] = mapped_column(JSONType)
     seeds: Mapped[list[int] | None] = mapped_column(JSONType)
     transfer: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     report: Mapped[dict[str, Any] | None] = mapped_column(JSONType)

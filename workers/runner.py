@@ -422,6 +422,37 @@ def _model_row(session: Session, project_id: str, model_id: str) -> Model:
     return row
 
 
+def _baseline_arms(context: WorkerContext, session: Session, job: Job) -> list[Any]:
+    """The arms the job's baseline named beside scratch, with the upstream each trains from."""
+    from workers.recipes.transfer import Arm
+
+    arms: list[Any] = []
+    for name in job.baseline_arms or []:
+        if name == "scratch":
+            continue
+        if name == "as_is":
+            arms.append(Arm(name=name, kind="as_is"))
+            continue
+        model_id = name
+        if name == "parent":
+            row = _model_row(session, job.project_id, job.base_model)
+            assert row.base_model is not None
+            model_id = row.base_model
+        builtin = BUILTIN_MODELS.get(model_id)
+        if builtin is not None:
+            base = BaseModelSource(id=builtin.id, spec=ModelSpec.for_builtin(builtin.id), pretrained=True)
+        else:
+            row = _model_row(session, job.project_id, model_id)
+            base = BaseModelSource(
+                id=row.id,
+                spec=ModelSpec.model_validate(row.spec),
+                weights_path=context.storage.path(row.weights_path),
+                weights_sha256=row.weights_sha256,
+            )
+        arms.append(Arm(name=name, kind="parent" if name == "parent" else "model", base=base))
+    return arms
+
+
 def _base_source(context: WorkerContext, session: Session, job: Job, depth: int = 0) -> BaseModelSource:
     """The job's upstream model; a checkpoint it starts from goes on top of the model beneath it."""
     if job.from_checkpoint is not None:
@@ -615,8 +646,9 @@ def _run_training(context: WorkerContext, job: Job, reporter: DatabaseReporter) 
             head=job.head,  # type: ignore[arg-type]
             feature_cache_dir=context.storage.path("cache"),
         )
+        arms = _baseline_arms(context, session, job)
     folds = int(job.hyperparameters.get("cross_validation_folds") or 0)
-    study = run_study(config, reporter, seeds=job.seeds, baseline=job.baseline, folds=folds)
+    study = run_study(config, reporter, seeds=job.seeds, baseline=job.baseline, folds=folds, arms=arms)
     _register_result(context, job, reporter, study)
 
 

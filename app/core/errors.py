@@ -174,6 +174,8 @@ _STATUS_CODES = {
 # Values of `type` that select a request schema in a tagged union; pydantic puts the tag in an error's
 # location, which a client's field name does not have.
 UNION_TAGS: set[str] = set()
+# The names pydantic gives the plain members of a union (`baseline: bool | list[str]`).
+UNION_MEMBERS = {"bool", "int", "float", "str"}
 
 
 def param_from_loc(loc: tuple[Any, ...]) -> str | None:
@@ -184,7 +186,7 @@ def param_from_loc(loc: tuple[Any, ...]) -> str | None:
         parts = parts[1:]
         if parts and parts[0] in UNION_TAGS:
             parts = parts[1:]
-    parts = [p for p in parts if not ("[" in p or "(" in p)]
+    parts = [p for p in parts if not ("[" in p or "(" in p) and p not in UNION_MEMBERS]
     return ".".join(parts) or None
 
 

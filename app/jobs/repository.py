@@ -230,6 +230,7 @@ _JOB_COLUMNS = (
     Job.initialization,
     Job.from_checkpoint,
     Job.baseline,
+    Job.baseline_arms,
     Job.seeds,
     Job.transfer,
     Job.best_checkpoint,

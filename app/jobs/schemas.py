@@ -254,10 +254,14 @@ class TrainingJobCreate(_JobRequest):
         description="Left out: the head is kept when the dataset's label set is the base model's (domain "
         "transfer) and replaced otherwise (task transfer). Classes are matched by name.",
     )
-    baseline: bool = Field(
+    baseline: bool | list[SafeStr] = Field(
         default=False,
         description="Also train the same architecture from scratch on the same data and budget, and write the "
-        "transfer report (GET /v1/jobs/{id}/report).",
+        "transfer report (GET /v1/jobs/{id}/report). A list names more arms to compare with, each on the same "
+        'held-out examples with its own negative-transfer flag: "scratch" (always run: the report\'s '
+        'reference), "parent" (the base model\'s own upstream fine-tuned the same way: did your '
+        'intermediate pretraining help?), "as_is" (the upstream with no fine-tuning, where its classes are '
+        "the dataset's) or a model id (another upstream fine-tuned the same way). At most 4.",
     )
     seeds: list[int] | None = Field(
         default=None, min_length=1, max_length=5, description="With baseline: repeat both runs for each seed."
@@ -558,6 +562,9 @@ class JobOut(BaseModel):
     initialization: str | None
     from_checkpoint: str | None
     baseline: bool
+    baseline_arms: list[str] | None = Field(
+        default=None, description="With baseline: the report's arms beside the transferred model."
+    )
     seeds: list[int] | None
     transfer: dict[str, Any] | None = Field(
         description="kind: task (new label set, new head) or domain (same label set, head kept); what the worker "
@@ -657,6 +664,19 @@ class HeldOutComparison(BaseModel):
     conclusive: bool = Field(description="The interval excludes zero; false: too few examples to tell.")
 
 
+class ArmComparison(BaseModel):
+    kind: Literal["parent", "as_is", "model"]
+    base_model: str = Field(description="The arm's upstream (a built-in id or an mdl_ id).")
+    accuracy: float = Field(description="The arm's accuracy on the examples compared, mean over seeds.")
+    transferred_accuracy: float
+    held_out: HeldOutComparison = Field(description="Transferred minus this arm, paired per example.")
+    negative_transfer: bool = Field(
+        description="This arm is better than the transferred model: the whole 95% interval of the gain below "
+        "zero."
+    )
+    summary: str
+
+
 class TransferReport(BaseModel):
     """finetune jobs with baseline: transferred against from scratch."""
 
@@ -689,6 +709,11 @@ class TransferReport(BaseModel):
     held_out: HeldOutComparison | None = Field(
         default=None,
         description="The paired comparison on held-out examples (evaluation dataset or cross-validation).",
+    )
+    arms: dict[str, ArmComparison] | None = Field(
+        default=None,
+        description="The arms the job named beside scratch (parent, as_is, model ids), each against the "
+        "transferred model on the same examples.",
     )
     convergence: Convergence
     per_class: dict[str, dict[str, float | None]] = Field(

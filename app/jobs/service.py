@@ -454,6 +454,7 @@ def training_budget(
     *,
     seeds: int = 1,
     baseline: bool = False,
+    baseline_arms: Sequence[str] = (),
     adaptation_methods: Sequence[str] = (),
     labelled: bool = True,
     warm_start: bool = False,
@@ -474,7 +475,9 @@ def training_budget(
     """
     if kind == "finetune":
         arms: tuple[str, ...] = ("transferred", "scratch baseline") if baseline else ("transferred",)
-        warmup_arms = 1
+        # Named arms that train (parent, other models) cost a run each; as_is only predicts.
+        arms += tuple(arm for arm in baseline_arms if arm not in ("scratch", "as_is"))
+        warmup_arms = 1 + len(arms) - (2 if baseline else 1)
     elif kind == "pretrain":
         arms, warmup_arms = ("pretraining",), 1
     elif kind == "adapt":
@@ -597,6 +600,87 @@ def _report_folds(
     return report_folds(dict(train.class_counts or {}), float(hyperparameters["validation_split"]))
 
 
+MAX_BASELINE_ARMS = 4
+
+
+def _baseline_arms(
+    session: Session, principal: Principal, body: TrainingJobCreate, upstream: Upstream, train: Dataset
+) -> list[str] | None:
+    """The arms a baseline list names, checked: "scratch" first (always run), then "parent" (the base
+    model's own upstream, with learned weights), "as_is" (the upstream's head names the dataset's classes)
+    and model ids (models that fit the dataset). None without a list."""
+    if not isinstance(body.baseline, list):
+        return ["scratch"] if body.baseline else None
+    named = list(body.baseline)
+    if not named:
+        raise Unprocessable(
+            "baseline is true, false or a list of arms (scratch, parent, as_is, model ids)",
+            param="baseline",
+            code="invalid_request",
+        )
+    if len(named) > MAX_BASELINE_ARMS:
+        raise Unprocessable(
+            f"baseline names at most {MAX_BASELINE_ARMS} arms ({len(named)} given)",
+            param="baseline",
+            code="invalid_request",
+        )
+    if len(set(named)) != len(named):
+        raise Unprocessable("baseline arms must be distinct", param="baseline", code="invalid_request")
+    for position, arm in enumerate(named):
+        param = f"baseline.{position}"
+        if arm == "scratch":
+            continue
+        if arm == "as_is":
+            if not upstream.classes or sorted(upstream.classes) != sorted(train.classes):
+                raise Unprocessable(
+                    f"as_is predicts with the upstream's own head, and {upstream.base_model}'s classes are not "
+                    f"the dataset's ({', '.join(train.classes[:5])})",
+                    param=param,
+                    code="invalid_request",
+                )
+        elif arm == "parent":
+            _parent_model(session, principal, upstream, param)
+        else:
+            if arm == upstream.base_model:
+                raise Unprocessable(f"{arm} is the job's own base model", param=param, code="invalid_request")
+            other = _model_upstream(session, principal, arm, param=param)
+            if not other.has_weights:
+                raise Unprocessable(
+                    f"{arm} has random weights: that arm is scratch", param=param, code="invalid_request"
+                )
+            _check_dataset_fits(train, other, "training_dataset", mismatch_param=param)
+    return ["scratch", *[arm for arm in named if arm != "scratch"]]
+
+
+def _parent_model(session: Session, principal: Principal, upstream: Upstream, param: str) -> str:
+    """The base model's own upstream: the model the job that made it started from, with learned weights."""
+    if upstream.base_model in BUILTIN_MODELS:
+        raise Unprocessable(
+            f"{upstream.base_model} is a built-in: it has no parent model in this project",
+            param=param,
+            code="invalid_request",
+        )
+    row = models.resolve(session, principal, upstream.base_model).row
+    assert row is not None
+    maker = repository.get(session, principal.project_id, row.job_id) if row.job_id else None
+    parent = row.base_model
+    if parent is None or maker is None:
+        raise Unprocessable(
+            f"{upstream.base_model} was not made by a job of this project that is still here: its parent is "
+            "unknown",
+            param=param,
+            code="invalid_request",
+        )
+    builtin = BUILTIN_MODELS.get(parent)
+    if (builtin is not None and not builtin.pretrained) or maker.initialization == "random":
+        raise Unprocessable(
+            f"{upstream.base_model} was trained from random weights: its parent is the scratch arm",
+            param=param,
+            code="invalid_request",
+        )
+    return parent
+
+
 def _transfer(upstream: Upstream, train: Dataset, head: str | None) -> dict[str, Any]:
     same_labels = bool(upstream.classes) and sorted(upstream.classes) == sorted(train.classes)
     keep = head == "keep" or (head is None and same_labels)
@@ -635,6 +719,7 @@ def _training_job(
     if folds or "cross_validation_folds" in given:
         hyperparameters["cross_validation_folds"] = folds  # recorded where it applies
     transfer: dict[str, Any] | None = _check_options(body, upstream, train, hyperparameters)
+    arms = _baseline_arms(session, principal, body, upstream, train)
     if self_supervised:
         transfer = None  # no head: nothing to keep or replace
     held_out = body.validation_dataset is not None or self_supervised  # self-supervision trains on all
@@ -644,7 +729,8 @@ def _training_job(
         hyperparameters,
         _train_examples(upstream.architecture, given, train, held_out=held_out, method=body.method),
         seeds=len(body.seeds) if body.seeds else 1,
-        baseline=body.baseline,
+        baseline=bool(body.baseline),
+        baseline_arms=arms or (),
         warm_start=upstream.has_weights and transfer is not None and transfer["head"] == "new",
         folds=folds,
     )
@@ -671,7 +757,8 @@ def _training_job(
         "head": body.head,
         "initialization": initialization,
         "from_checkpoint": body.from_checkpoint,
-        "baseline": body.baseline,
+        "baseline": bool(body.baseline),
+        "baseline_arms": arms,
         "seeds": body.seeds,
         "transfer": transfer,
     }

@@ -291,3 +291,55 @@ def test_evaluation_dataset_and_cross_validation_are_checked(api: Api, text_data
         {**body, "baseline": True, "hyperparameters": {"validation_split": 0.0, "cross_validation_folds": 0}}
     )
     assert nothing.status_code == 422 and "evaluation_dataset" in nothing.json()["error"]["message"]
+
+
+def test_baseline_arms_are_checked_run_and_reported(api: Api, settings: Settings) -> None:
+    from tests.integration.conftest import run_in_process
+
+    task = "tabular_classification"
+    train = api.upload_ok(iris_csv(90, seed=1), "iris.csv", task, label_column="species")
+    held = api.upload_ok(iris_csv(150, seed=2), "iris-held.csv", task, label_column="species")
+
+    def succeeded(body: dict[str, Any]) -> dict[str, Any]:
+        response = api.create_job(body)
+        assert response.status_code == 201, response.text
+        run_in_process(settings, response.json()["id"])
+        job = api.get(f"/v1/jobs/{response.json()['id']}").json()
+        assert job["status"] == "succeeded", job["error"]
+        return job
+
+    pretrain = {"type": "pretrain", "training_dataset": train["id"], "hyperparameters": {"epochs": 20}}
+    first = succeeded({**pretrain, "base_model": "mlp"})["result_model"]  # from random weights
+    second = succeeded({**pretrain, "base_model": first})["result_model"]  # its parent: first
+    body = {"base_model": second, "training_dataset": train["id"], "evaluation_dataset": held["id"]}
+    refusals: list[tuple[Any, int, str, str]] = [
+        (["parent"], 422, "baseline.0", "invalid_request"),  # on `first`: made from random weights
+        ([], 422, "baseline", "invalid_request"),
+        (["as_is", "as_is"], 422, "baseline", "invalid_request"),
+        (["scratch", "as_is", "parent", first, "mlp"], 422, "baseline", "invalid_request"),
+        (["mdl_missing"], 404, "baseline.0", "model_not_found"),
+        (["minilm-l6"], 422, "baseline.0", "modality_mismatch"),
+        ([second], 422, "baseline.0", "invalid_request"),  # the job's own base model
+    ]
+    for arms, status, param, code in refusals:
+        base = first if arms == ["parent"] else second
+        response = api.create_job({**body, "base_model": base, "baseline": arms})
+        assert response.status_code == status, (arms, response.text)
+        assert (response.json()["error"]["param"], response.json()["error"]["code"]) == (param, code), arms
+    texts = api.upload_ok(text_csv(sentiment_rows(20)), "reviews.csv", "text_classification")
+    no_head = api.create_job(
+        {"base_model": "minilm-l6", "training_dataset": texts["id"], "baseline": ["as_is"]}
+    )
+    assert no_head.status_code == 422 and no_head.json()["error"]["param"] == "baseline.0"
+    assert "as_is" in no_head.json()["error"]["message"]
+
+    job = succeeded({**body, "method": "linear_probe", "baseline": ["parent", "as_is"]})
+    assert job["baseline"] is True and job["baseline_arms"] == ["scratch", "parent", "as_is"]
+    report = api.get(f"/v1/jobs/{job['id']}/report").json()
+    assert set(report["arms"]) == {"parent", "as_is"}
+    assert report["arms"]["parent"]["base_model"] == first and report["arms"]["parent"]["kind"] == "parent"
+    for arm in report["arms"].values():
+        assert arm["held_out"]["examples"] == 150
+        assert isinstance(arm["negative_transfer"], bool)
+        assert arm["transferred_accuracy"] == pytest.approx(report["held_out"]["transferred_accuracy"])
+    assert "Against parent" in report["summary"] and "Against as_is" in report["summary"]

@@ -18,7 +18,7 @@ from workers.recipes.base import BaseModelSource, DatasetSource
 from workers.recipes.defaults import default_hyperparameters
 from workers.recipes.finetune import FinetuneConfig
 from workers.recipes.report import render_png
-from workers.recipes.transfer import StudyResult, run_study
+from workers.recipes.transfer import Arm, StudyResult, run_study
 
 SEEDS = [1, 2, 3]
 
@@ -171,3 +171,55 @@ def test_transfer_that_helps_is_not_flagged_and_every_field_agrees(digits: dict[
     assert png.startswith(b"\x89PNG")
     image = Image.open(io.BytesIO(png))
     assert image.size[0] > 1000 and image.size[1] > 300
+
+
+def test_a_better_parent_arm_is_flagged_and_as_is_is_measured_on_the_same_examples(
+    digits: dict[str, object],
+) -> None:
+    noise, real = upstream_model(digits, "noise"), upstream_model(digits, "real")
+    hyperparameters = {
+        **default_hyperparameters("mlp", "linear_probe"),
+        "epochs": 20,
+        "validation_split": 0.3,
+    }
+    config = FinetuneConfig(
+        job_id="job_t", method="linear_probe", base=noise, train=digits["down400"],  # type: ignore[arg-type]
+        hyperparameters=hyperparameters, seed=1,  # type: ignore[arg-type]
+    )  # fmt: skip
+    arms = [Arm(name="parent", kind="parent", base=real), Arm(name="as_is", kind="as_is")]
+    report = run_study(config, ListReporter(), seeds=[1, 2], baseline=True, arms=arms).report
+    assert report is not None
+    parent, as_is = report["arms"]["parent"], report["arms"]["as_is"]
+    # The parent (an upstream trained on the real labels) beats the job's upstream trained on shuffled ones.
+    assert parent["negative_transfer"] is True, parent["summary"]
+    assert parent["held_out"]["interval_95"][1] < 0
+    assert parent["accuracy"] > parent["transferred_accuracy"]
+    assert parent["summary"].startswith("Negative transfer") and "Against parent" in report["summary"]
+    assert report["budget"]["parent"] == {"base_model": "mdl_real", "method": "linear_probe"}
+    # as_is: the shuffled head as it is, on the very validation examples the transferred model was measured on.
+    assert as_is["held_out"]["examples"] == report["validation_examples"]
+    assert as_is["transferred_accuracy"] == pytest.approx(report["transferred"]["val_accuracy"]["mean"])
+    assert as_is["accuracy"] < 0.3 and as_is["negative_transfer"] is False
+
+
+def test_named_arms_take_part_in_the_cross_validation(digits: dict[str, object]) -> None:
+    real = upstream_model(digits, "real")
+    hyperparameters = {**default_hyperparameters("mlp", "linear_probe"), "epochs": 10}
+    config = FinetuneConfig(
+        job_id="job_t", method="linear_probe", base=real, train=digits["down60"],  # type: ignore[arg-type]
+        hyperparameters=hyperparameters, seed=1,  # type: ignore[arg-type]
+    )  # fmt: skip
+    arms = [
+        Arm(name="as_is", kind="as_is"),
+        Arm(name="mdl_noise", kind="model", base=upstream_model(digits, "noise")),
+    ]
+    report = run_study(config, ListReporter(), seeds=[1], baseline=True, folds=3, arms=arms).report
+    assert report is not None and report["measured_on"]["kind"] == "cross_validation"
+    for name in ("as_is", "mdl_noise"):
+        assert report["arms"][name]["held_out"]["examples"] == 60
+        assert report["arms"][name]["transferred_accuracy"] == pytest.approx(
+            report["held_out"]["transferred_accuracy"]
+        )
+    # The real upstream as it is already names most digits; the shuffled one fine-tuned the same way does not.
+    assert report["arms"]["as_is"]["accuracy"] > 0.5
+    assert report["arms"]["mdl_noise"]["kind"] == "model"

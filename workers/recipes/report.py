@@ -134,6 +134,8 @@ def build_report(
     budget: dict[str, Any],
     *,
     held_out: tuple[dict[str, Any], list[list[int]], list[list[int]]] | None = None,
+    arms: dict[str, tuple[str, str, list[list[int]]]] | None = None,
+    transferred_correct: list[list[int]] | None = None,
 ) -> dict[str, Any]:
     """`held_out`: (what it was measured on, per seed the transferred arm's per-example correctness, the
     scratch arm's) when the comparison is made on held-out examples (an evaluation dataset, or the folds
@@ -198,6 +200,11 @@ def build_report(
         verdict += f" Measured {describe_measurement(measured_on)}."
     if speedups:
         verdict += f" It reached the scratch model's best {statistics.fmean(speedups):.1f}x sooner."
+    compared_arms = None
+    if arms:
+        assert transferred_correct is not None
+        compared_arms = arm_comparisons(arms, transferred_correct, measured_on)
+        verdict += "".join(f" Against {name}: {entry['summary']}" for name, entry in compared_arms.items())
     return {
         "object": "job.report",
         "metric": "val_accuracy",
@@ -205,6 +212,7 @@ def build_report(
         "validation_examples": n_val,
         "measured_on": measured_on,
         "held_out": comparison,
+        "arms": compared_arms,
         "budget": budget,
         "transferred": summarise(transferred),
         "scratch": summarise(scratch),
@@ -228,6 +236,33 @@ def build_report(
         },
         "summary": verdict,
     }
+
+
+ARM_NAMES = {"parent": "the parent model fine-tuned the same way", "as_is": "the upstream as it is"}
+
+
+def arm_comparisons(
+    arms: dict[str, tuple[str, str, list[list[int]]]],
+    transferred_correct: list[list[int]],
+    measured_on: dict[str, Any],
+) -> dict[str, Any]:
+    """Each named arm against the transferred model, paired on the same examples, with its own
+    negative-transfer flag (the arm better than the transferred model: the whole interval below zero)."""
+    found = {}
+    for name, (kind, base_model, correct) in arms.items():
+        comparison = paired_comparison(transferred_correct, correct)
+        against = ARM_NAMES.get(kind, f"{base_model} fine-tuned the same way")
+        summary, negative = held_out_verdict(comparison, measured_on, against)
+        found[name] = {
+            "kind": kind,
+            "base_model": base_model,
+            "accuracy": comparison["scratch_accuracy"],
+            "transferred_accuracy": comparison["transferred_accuracy"],
+            "held_out": comparison,
+            "negative_transfer": negative,
+            "summary": summary,
+        }
+    return found
 
 
 def render_png(report: dict[str, Any]) -> bytes:

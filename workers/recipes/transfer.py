@@ -1,5 +1,7 @@
 """A fine-tuning job as a study: the transferred run, and with `baseline` the same architecture trained
-from scratch on the same data with the same budget, repeated for each seed.
+from scratch on the same data with the same budget, repeated for each seed. More arms, when the job names
+them, are measured on the same held-out examples: another upstream fine-tuned the same way (the base
+model's parent, or any model) and the upstream as it is, with no fine-tuning.
 
 The first seed's transferred run is the job's own: its checkpoints are saved and its best epoch becomes
 the result model. The other runs report their metrics as events.
@@ -7,13 +9,14 @@ the result model. The other runs report their metrics as events.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
 from workers.backbones.spec import ModelSpec
-from workers.recipes.base import BaseModelSource, Reporter
+from workers.recipes.base import BaseModelSource, DatasetSource, Reporter, load_upstream
 from workers.recipes.defaults import METHOD_DEFAULTS
 from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe, FinetuneResult, Hyperparameters
 from workers.recipes.report import build_report
@@ -126,6 +129,51 @@ def scratch_config(config: FinetuneConfig) -> FinetuneConfig:
 
 
 @dataclass
+class Arm:
+    """One more arm of a baseline study: `parent` or `model` (that upstream, fine-tuned like the job's) or
+    `as_is` (the job's upstream predicting with its own head, no training)."""
+
+    name: str
+    kind: Literal["parent", "as_is", "model"]
+    base: BaseModelSource | None = None  # None for as_is: the job's own upstream
+
+
+@dataclass
+class ArmRuns:
+    arm: Arm
+    correct: list[list[int]] = field(default_factory=list)  # per seed, over the compared examples
+
+
+@torch.no_grad()
+def as_is_correct(
+    base: BaseModelSource, source: DatasetSource, classes: list[str], positions: list[int] | None = None
+) -> list[int]:
+    """Per example of `source` (those at `positions`, when given): 1 when the upstream model, with its own
+    head and no training, names its class. The head's classes are matched to the dataset's by name."""
+    from workers.recipes.data import Subset, batches, label_indices, load_inputs
+
+    model, spec = load_upstream(base)
+    model.eval()
+    inputs, labels = load_inputs(source, spec)
+    assert labels is not None, "as_is is measured on labelled examples"
+    targets = label_indices(labels, classes)
+    if positions is not None:
+        inputs, targets = Subset(inputs, positions), targets[positions]
+    names = list(spec.classes)
+    predicted: list[int] = []
+    for indices in batches(len(inputs), 64, shuffle=False):
+        for row in model(inputs.batch(indices)).argmax(dim=1).tolist():
+            predicted.append(classes.index(names[row]) if names[row] in classes else -1)
+    return [int(p == int(t)) for p, t in zip(predicted, targets.tolist(), strict=True)]
+
+
+def arm_config(config: FinetuneConfig, arm: Arm) -> FinetuneConfig:
+    """The job's run with another upstream: same method, hyperparameters and data."""
+    assert arm.base is not None
+    return config.model_copy(update={"base": arm.base, "save_checkpoints": False, "head": None})
+
+
+@dataclass
 class StudyResult:
     result: FinetuneResult  # the job's own run: first seed, transferred
     report: dict[str, Any] | None
@@ -138,19 +186,23 @@ def run_study(
     seeds: list[int] | None = None,
     baseline: bool = False,
     folds: int = 0,
+    arms: list[Arm] | None = None,
 ) -> StudyResult:
     """The job's runs. With `folds` (k > 1, and a baseline), the comparison is a k-fold cross-validation
     over all the training data: for each seed and fold, both arms train on k-1 folds and predict the
     held-out one, so every labelled example is predicted by models that never saw it; the job's own model
     then trains on all of them. With an evaluation dataset, both arms are measured on it instead."""
     seeds = seeds or [config.seed]
-    arms = 2 if baseline else 1
+    extra = [ArmRuns(arm) for arm in (arms or [])] if baseline else []
+    trained = [runs for runs in extra if runs.arm.kind != "as_is"]
+    per_seed = (2 + len(trained)) if baseline else 1
     cross_validate = baseline and folds > 1 and config.evaluation is None and config.validation is None
     if cross_validate:
-        return _cross_validated_study(config, reporter, seeds, folds)
-    total = len(seeds) * arms
+        return _cross_validated_study(config, reporter, seeds, folds, extra)
+    total = len(seeds) * per_seed
     transferred: list[FinetuneResult] = []
     scratch: list[FinetuneResult] = []
+    classes = list(config.classes or config.train.classes)
     for i, seed in enumerate(seeds):
         run_config = config.model_copy(
             update={"seed": seed, "save_checkpoints": config.save_checkpoints and i == 0}
@@ -158,16 +210,32 @@ def run_study(
         transferred.append(
             FinetuneRecipe(
                 run_config,
-                RunReporter(reporter, f"transferred, seed {seed}", i * arms, total, primary=i == 0),
+                RunReporter(reporter, f"transferred, seed {seed}", i * per_seed, total, primary=i == 0),
             ).run()
         )
-        if baseline:
-            scratch.append(
-                FinetuneRecipe(
-                    scratch_config(run_config),
-                    RunReporter(reporter, f"scratch, seed {seed}", i * arms + 1, total, primary=False),
-                ).run()
-            )
+        if not baseline:
+            continue
+        scratch.append(
+            FinetuneRecipe(
+                scratch_config(run_config),
+                RunReporter(reporter, f"scratch, seed {seed}", i * per_seed + 1, total, primary=False),
+            ).run()
+        )
+        for k, runs in enumerate(trained):
+            run = FinetuneRecipe(
+                arm_config(run_config, runs.arm),
+                RunReporter(
+                    reporter, f"{runs.arm.name}, seed {seed}", i * per_seed + 2 + k, total, primary=False
+                ),
+            ).run()
+            runs.correct.append(_compared(run, config))
+        for runs in extra:
+            if runs.arm.kind == "as_is":
+                if config.evaluation is not None:
+                    runs.correct.append(as_is_correct(config.base, config.evaluation, classes))
+                else:
+                    positions = list(transferred[-1].validation_positions)
+                    runs.correct.append(as_is_correct(config.base, config.train, classes, positions))
     report = None
     if baseline:
         held_out = None
@@ -179,8 +247,18 @@ def run_study(
                 [r.held_out["correct"] for r in transferred if r.held_out is not None],
                 [r.held_out["correct"] for r in scratch if r.held_out is not None],
             )
-        report = _report(config, reporter, seeds, transferred, scratch, held_out)
+        compared = [_compared(r, config) for r in transferred]
+        report = _report(config, reporter, seeds, transferred, scratch, held_out, extra, compared)
     return StudyResult(result=transferred[0], report=report)
+
+
+def _compared(run: FinetuneResult, config: FinetuneConfig) -> list[int]:
+    """Per compared example, whether the run was right: on the evaluation dataset when there is one, else on
+    the validation examples (the same for every arm: the split is seeded)."""
+    if config.evaluation is not None:
+        assert run.held_out is not None
+        return list(run.held_out["correct"])
+    return list(run.validation_correct)
 
 
 def _report(
@@ -190,6 +268,8 @@ def _report(
     transferred: list[FinetuneResult],
     scratch: list[FinetuneResult],
     held_out: tuple[dict[str, Any], list[list[int]], list[list[int]]] | None,
+    extra: list[ArmRuns] | None = None,
+    transferred_correct: list[list[int]] | None = None,
 ) -> dict[str, Any]:
     scratch_hp = scratch_config(config).hyperparameters
     budget = {
@@ -206,20 +286,50 @@ def _report(
             "learning_rate": scratch_hp.learning_rate,
         },
     }
-    report = build_report(seeds, transferred, scratch, budget, held_out=held_out)
+    arms: dict[str, tuple[str, str, list[list[int]]]] | None = None
+    if extra:
+        assert transferred_correct is not None
+        arms = {
+            runs.arm.name: (
+                runs.arm.kind,
+                runs.arm.base.id if runs.arm.base is not None else config.base.id,
+                runs.correct,
+            )
+            for runs in extra
+        }
+        for runs in extra:
+            if runs.arm.base is not None:
+                budget[runs.arm.name] = {"base_model": runs.arm.base.id, "method": config.method}
+    report = build_report(
+        seeds,
+        transferred,
+        scratch,
+        budget,
+        held_out=held_out,
+        arms=arms,
+        transferred_correct=transferred_correct,
+    )
     reporter.event(report["summary"], data={"negative_transfer": report["negative_transfer"]})
     return report
 
 
 def _cross_validated_study(
-    config: FinetuneConfig, reporter: Reporter, seeds: list[int], folds: int
+    config: FinetuneConfig, reporter: Reporter, seeds: list[int], folds: int, extra: list[ArmRuns]
 ) -> StudyResult:
     from workers.recipes.data import label_indices, read_labels, stratified_folds
 
     labels = label_indices(read_labels(config.train), config.classes or config.train.classes)
     n = len(labels)
     partitions = [stratified_folds(labels, folds, seed) for seed in seeds]
-    total = 1 + 2 * len(seeds) * folds
+    trained = [runs for runs in extra if runs.arm.kind != "as_is"]
+    total = 1 + (2 + len(trained)) * len(seeds) * folds
+    classes = list(config.classes or config.train.classes)
+    # The upstream as it is never trains: its predictions of every label are made once.
+    as_is = (
+        as_is_correct(config.base, config.train, classes)
+        if any(r.arm.kind == "as_is" for r in extra)
+        else None
+    )
     # The job's own model: every label, no validation split (the estimate comes from the folds).
     everything = config.model_copy(
         update={"hyperparameters": config.hyperparameters.model_copy(update={"validation_split": 0.0})}
@@ -233,7 +343,7 @@ def _cross_validated_study(
     scratch_correct: list[list[int]] = []
     index = 1
     for seed, partition in zip(seeds, partitions, strict=True):
-        rows = {"transferred": [0] * n, "scratch": [0] * n}
+        rows = {"transferred": [0] * n, "scratch": [0] * n, **{r.arm.name: [0] * n for r in trained}}
         for k, held in enumerate(partition):
             held_set = set(held)
             split = ([i for i in range(n) if i not in held_set], sorted(held))
@@ -242,20 +352,26 @@ def _cross_validated_study(
             fold = config.model_copy(
                 update={"seed": seed, "split": split, "save_checkpoints": False, "hyperparameters": hp}
             )
-            for arm, arm_config, runs in (
+            arms_of_fold: list[tuple[str, FinetuneConfig, list[FinetuneResult]]] = [
                 ("transferred", fold, transferred_runs),
                 ("scratch", scratch_config(fold).model_copy(update={"split": split}), scratch_runs),
-            ):
+                *[(r.arm.name, arm_config(fold, r.arm), []) for r in trained],
+            ]
+            for arm, arm_fold, results in arms_of_fold:
                 run = FinetuneRecipe(
-                    arm_config,
+                    arm_fold,
                     RunReporter(reporter, f"{arm}, seed {seed}, fold {k + 1}", index, total, primary=False),
                 ).run()
                 index += 1
-                runs.append(run)
+                results.append(run)
                 for position, right in zip(run.validation_positions, run.validation_correct, strict=True):
                     rows[arm][position] = right
         transferred_correct.append(rows["transferred"])
         scratch_correct.append(rows["scratch"])
+        for named in extra:
+            named.correct.append(
+                list(as_is) if named.arm.kind == "as_is" and as_is is not None else rows[named.arm.name]
+            )
     measured_on = {"kind": "cross_validation", "folds": folds, "examples": n}
     report = _report(
         config,
@@ -264,5 +380,7 @@ def _cross_validated_study(
         transferred_runs,
         scratch_runs,
         (measured_on, transferred_correct, scratch_correct),
+        extra,
+        transferred_correct,
     )
     return StudyResult(result=result, report=report)
