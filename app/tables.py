@@ -170,6 +170,8 @@ class Job(Base):
     # adapt: the unlabelled target; adapt and distill: labelled data the report measures on.
     target_dataset: Mapped[str | None] = mapped_column(String(64))
     evaluation_dataset: Mapped[str | None] = mapped_column(String(64))
+    # finetune: the unlabelled data of semi-supervised fine-tuning.
+    unlabeled_dataset: Mapped[str | None] = mapped_column(String(64))
     methods: Mapped[list[str] | None] = mapped_column(JSONType)  # adapt: the adaptation methods
     student: Mapped[dict[str, Any] | None] = mapped_column(JSONType)  # distill: the student architecture
     method: Mapped[str | None] = mapped_column(String(32))

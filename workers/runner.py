@@ -646,6 +646,17 @@ def _run_training(context: WorkerContext, job: Job, reporter: DatabaseReporter) 
             head=job.head,  # type: ignore[arg-type]
             feature_cache_dir=context.storage.path("cache"),
         )
+        if job.unlabeled_dataset:
+            from workers.recipes.semi_supervised import SemiSupervisedConfig
+
+            hp = job.hyperparameters
+            config = SemiSupervisedConfig(
+                **dict(config),
+                unlabeled=_dataset_source(context, session, job.unlabeled_dataset),
+                unlabeled_weight=hp["unlabeled_weight"],
+                confidence_threshold=hp["confidence_threshold"],
+                unlabeled_ratio=hp["unlabeled_ratio"],
+            )
         arms = _baseline_arms(context, session, job)
     folds = int(job.hyperparameters.get("cross_validation_folds") or 0)
     study = run_study(config, reporter, seeds=job.seeds, baseline=job.baseline, folds=folds, arms=arms)

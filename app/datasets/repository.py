@@ -36,6 +36,7 @@ def used_by_active_job(session: Session, dataset_id: str) -> str | None:
                 Job.validation_dataset == dataset_id,
                 Job.target_dataset == dataset_id,
                 Job.evaluation_dataset == dataset_id,
+                Job.unlabeled_dataset == dataset_id,
             ),
         )
         .limit(1)

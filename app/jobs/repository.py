@@ -221,6 +221,7 @@ _JOB_COLUMNS = (
     Job.training_dataset,
     Job.validation_dataset,
     Job.target_dataset,
+    Job.unlabeled_dataset,
     Job.evaluation_dataset,
     Job.methods,
     Job.student,

@@ -101,6 +101,23 @@ class _BudgetIn(BaseModel):
 class HyperparametersIn(_BudgetIn):
     """Every field is optional; what is left out takes the default for the base model and method."""
 
+    unlabeled_weight: float | None = Field(
+        default=None, ge=0, le=100, description="With unlabeled_dataset: weight of the unlabelled loss (1.0)."
+    )
+    confidence_threshold: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="With unlabeled_dataset: the probability a prediction on the weak view needs to become a "
+        "target of the strong view (0.95).",
+    )
+    unlabeled_ratio: int | None = Field(
+        default=None,
+        ge=1,
+        le=16,
+        description="With unlabeled_dataset: unlabelled examples drawn per labelled one in each step (3).",
+    )
+
     early_stopping: EarlyStoppingIn | None = Field(
         default=None,
         description="Stop when the metric has not improved for `patience` epochs (needs validation data).",
@@ -238,6 +255,15 @@ class TrainingJobCreate(_JobRequest):
         max_length=64,
         description="finetune: labelled data never trained on nor chosen by. The result model is measured on "
         "it (metrics eval_accuracy, eval_macro_f1), and with baseline the report compares the arms on it.",
+    )
+    unlabeled_dataset: SafeStr | None = Field(
+        default=None,
+        max_length=64,
+        description="finetune: unlabelled examples of the same domain (labels, if any, are never read). "
+        "Semi-supervised fine-tuning: beside every labelled batch, confident predictions on a weak view of "
+        "unlabelled examples teach a strong view of them (FixMatch: light against strong augmentation and "
+        "cutout for images; no dropout against dropout for text and tables; features against noisy features "
+        "for a linear probe). With baseline, every arm trains with them.",
     )
     method: Literal["full", "linear_probe", "partial", "lora", "self_supervised"] = Field(
         default="full",
@@ -553,6 +579,9 @@ class JobOut(BaseModel):
     target_dataset: str | None = Field(default=None, description="adapt: the unlabelled target dataset.")
     evaluation_dataset: str | None = Field(
         default=None, description="finetune, adapt, distill: the labelled dataset the report measures on."
+    )
+    unlabeled_dataset: str | None = Field(
+        default=None, description="finetune: the unlabelled data of semi-supervised fine-tuning."
     )
     methods: list[str] | None = Field(default=None, description="adapt: the adaptation methods.")
     student: dict[str, Any] | None = Field(default=None, description="distill: the student architecture.")

@@ -600,6 +600,48 @@ def _report_folds(
     return report_folds(dict(train.class_counts or {}), float(hyperparameters["validation_split"]))
 
 
+SEMI_SUPERVISED_DEFAULTS = {"unlabeled_weight": 1.0, "confidence_threshold": 0.95, "unlabeled_ratio": 3}
+
+
+def _semi_supervised(
+    session: Session,
+    principal: Principal,
+    body: TrainingJobCreate,
+    train: Dataset,
+    upstream: Upstream,
+    given: dict[str, Any],
+    self_supervised: bool,
+) -> dict[str, Any]:
+    """The unlabelled data's settings (defaults for those not given), checked; none without the data."""
+    settings = {key: given[key] for key in SEMI_SUPERVISED_DEFAULTS if key in given}
+    if body.unlabeled_dataset is None:
+        if settings:
+            key = next(iter(settings))
+            raise Unprocessable(
+                f"{key} applies to semi-supervised fine-tuning: give an unlabeled_dataset",
+                param=f"hyperparameters.{key}",
+                code="invalid_request",
+            )
+        return {}
+    if body.type != "finetune" or self_supervised:
+        raise Unprocessable(
+            "unlabeled_dataset applies to finetune jobs (self-supervised pretraining takes unlabelled data as "
+            "its training_dataset)",
+            param="unlabeled_dataset",
+            code="invalid_request",
+        )
+    if body.unlabeled_dataset == train.id:
+        raise Unprocessable(
+            "the unlabeled dataset is the training dataset: its examples are already labelled",
+            param="unlabeled_dataset",
+            code="invalid_request",
+        )
+    _check_companion(
+        session, principal, body.unlabeled_dataset, train, upstream, "unlabeled_dataset", labelled=False
+    )
+    return {**SEMI_SUPERVISED_DEFAULTS, **settings}
+
+
 MAX_BASELINE_ARMS = 4
 
 
@@ -707,14 +749,18 @@ def _training_job(
                 code="invalid_request",
             )
         _check_companion(session, principal, body.evaluation_dataset, train, upstream, "evaluation_dataset")
-    hyperparameters = _budget(
-        upstream.architecture,
-        given,
-        train,
-        held_out=body.validation_dataset is not None,
-        learned=body.type == "finetune" and upstream.has_weights,
-        method=body.method,
-    )
+    semi = _semi_supervised(session, principal, body, train, upstream, given, self_supervised)
+    hyperparameters = {
+        **_budget(
+            upstream.architecture,
+            given,
+            train,
+            held_out=body.validation_dataset is not None,
+            learned=body.type == "finetune" and upstream.has_weights,
+            method=body.method,
+        ),
+        **semi,
+    }
     folds = _report_folds(body, train, given, hyperparameters)
     if folds or "cross_validation_folds" in given:
         hyperparameters["cross_validation_folds"] = folds  # recorded where it applies
@@ -752,6 +798,7 @@ def _training_job(
         "training_dataset": train.id,
         "validation_dataset": body.validation_dataset,
         "evaluation_dataset": body.evaluation_dataset,
+        "unlabeled_dataset": body.unlabeled_dataset,
         "method": body.method,
         "hyperparameters": hyperparameters,
         "head": body.head,

@@ -343,3 +343,47 @@ def test_baseline_arms_are_checked_run_and_reported(api: Api, settings: Settings
         assert isinstance(arm["negative_transfer"], bool)
         assert arm["transferred_accuracy"] == pytest.approx(report["held_out"]["transferred_accuracy"])
     assert "Against parent" in report["summary"] and "Against as_is" in report["summary"]
+
+
+def test_semi_supervised_finetune_is_checked_and_runs(api: Api, settings: Settings) -> None:
+    from tests.helpers import shifted_table_csv
+    from tests.integration.conftest import run_in_process
+
+    task = "tabular_classification"
+    train = api.upload_ok(shifted_table_csv(40, domain="target"), "few.csv", task)
+    unlabeled = api.upload_ok(
+        shifted_table_csv(200, domain="target", seed=3, with_labels=False), "u.csv", task
+    )
+    texts = api.upload_ok(text_csv(sentiment_rows(20)), "reviews.csv", "text_classification")
+    body = {"base_model": "mlp", "training_dataset": train["id"], "unlabeled_dataset": unlabeled["id"]}
+    refusals: list[tuple[dict[str, Any], str]] = [
+        ({"type": "pretrain"}, "unlabeled_dataset"),
+        ({"unlabeled_dataset": train["id"]}, "unlabeled_dataset"),
+        ({"unlabeled_dataset": texts["id"]}, "unlabeled_dataset"),
+        (
+            {"unlabeled_dataset": None, "hyperparameters": {"confidence_threshold": 0.9}},
+            "hyperparameters.confidence_threshold",
+        ),
+        ({"hyperparameters": {"unlabeled_ratio": 99}}, "hyperparameters.unlabeled_ratio"),
+    ]
+    for change, param in refusals:
+        response = api.create_job({**body, **change})
+        assert response.status_code == 422, (change, response.text)
+        assert response.json()["error"]["param"] == param, (change, response.json())
+    created = api.create_job({**body, "hyperparameters": {"epochs": 5, "unlabeled_ratio": 2}})
+    assert created.status_code == 201, created.text
+    job = created.json()
+    assert job["unlabeled_dataset"] == unlabeled["id"]
+    assert {
+        k: job["hyperparameters"][k] for k in ("unlabeled_weight", "confidence_threshold", "unlabeled_ratio")
+    } == {
+        "unlabeled_weight": 1.0,
+        "confidence_threshold": 0.95,
+        "unlabeled_ratio": 2,
+    }
+    busy = api.delete(f"/v1/datasets/{unlabeled['id']}")
+    assert busy.status_code == 409 and busy.json()["error"]["code"] == "dataset_in_use"
+    run_in_process(settings, job["id"])
+    job = api.get(f"/v1/jobs/{job['id']}").json()
+    assert job["status"] == "succeeded", job["error"]
+    assert "pseudo_label_share" in job["metrics"]

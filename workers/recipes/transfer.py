@@ -167,6 +167,16 @@ def as_is_correct(
     return [int(p == int(t)) for p, t in zip(predicted, targets.tolist(), strict=True)]
 
 
+def recipe_for(config: FinetuneConfig, reporter: Reporter) -> FinetuneRecipe:
+    """The run's recipe: semi-supervised when the config brings unlabelled data (every arm of a study
+    then trains with them, so the comparison is of upstreams, not of data)."""
+    from workers.recipes.semi_supervised import SemiSupervisedConfig, SemiSupervisedRecipe
+
+    if isinstance(config, SemiSupervisedConfig):
+        return SemiSupervisedRecipe(config, reporter)
+    return FinetuneRecipe(config, reporter)
+
+
 def arm_config(config: FinetuneConfig, arm: Arm) -> FinetuneConfig:
     """The job's run with another upstream: same method, hyperparameters and data."""
     assert arm.base is not None
@@ -208,7 +218,7 @@ def run_study(
             update={"seed": seed, "save_checkpoints": config.save_checkpoints and i == 0}
         )
         transferred.append(
-            FinetuneRecipe(
+            recipe_for(
                 run_config,
                 RunReporter(reporter, f"transferred, seed {seed}", i * per_seed, total, primary=i == 0),
             ).run()
@@ -216,13 +226,13 @@ def run_study(
         if not baseline:
             continue
         scratch.append(
-            FinetuneRecipe(
+            recipe_for(
                 scratch_config(run_config),
                 RunReporter(reporter, f"scratch, seed {seed}", i * per_seed + 1, total, primary=False),
             ).run()
         )
         for k, runs in enumerate(trained):
-            run = FinetuneRecipe(
+            run = recipe_for(
                 arm_config(run_config, runs.arm),
                 RunReporter(
                     reporter, f"{runs.arm.name}, seed {seed}", i * per_seed + 2 + k, total, primary=False
@@ -334,7 +344,7 @@ def _cross_validated_study(
     everything = config.model_copy(
         update={"hyperparameters": config.hyperparameters.model_copy(update={"validation_split": 0.0})}
     )
-    result = FinetuneRecipe(
+    result = recipe_for(
         everything, RunReporter(reporter, "transferred, all labels", 0, total, primary=True)
     ).run()
     transferred_runs: list[FinetuneResult] = []
@@ -358,7 +368,7 @@ def _cross_validated_study(
                 *[(r.arm.name, arm_config(fold, r.arm), []) for r in trained],
             ]
             for arm, arm_fold, results in arms_of_fold:
-                run = FinetuneRecipe(
+                run = recipe_for(
                     arm_fold,
                     RunReporter(reporter, f"{arm}, seed {seed}, fold {k + 1}", index, total, primary=False),
                 ).run()
