@@ -265,7 +265,15 @@ _PRODUCT_TEMPLATES = [
     "{P} {a}. delivery was slow though",
     "returned it: {p} {a}",
 ]  # fmt: skip
+_VERDICT_TEMPLATES = {
+    "positive": {"five stars, {p} {a}"},
+    "negative": {"would not buy again, {p} {a}", "one star. {P} {a}", "returned it: {p} {a}"},
+}
 _EMOJI = ["", "", " :)", " :(", " !!", " lol", " tbh", " 10/10", " meh"]
+
+
+def opposite_label(label: str) -> str:
+    return "negative" if label == "positive" else "positive"
 
 
 def product_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -279,14 +287,8 @@ def product_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
         same, opposite = (
             (_PRODUCT_GOOD, _PRODUCT_BAD) if label == "positive" else (_PRODUCT_BAD, _PRODUCT_GOOD)
         )
-        fixed_negative = {"would not buy again, {p} {a}", "one star. {P} {a}", "returned it: {p} {a}"}
-        templates = [
-            t
-            for t in _PRODUCT_TEMPLATES
-            if (t in fixed_negative) == (label == "negative") or t not in fixed_negative
-        ]
-        if label == "negative":
-            templates = [t for t in templates if t != "five stars, {p} {a}"]
+        # A template that states a verdict is never used for the other label.
+        templates = [t for t in _PRODUCT_TEMPLATES if t not in _VERDICT_TEMPLATES[opposite_label(label)]]
         product = rng.choice(_PRODUCTS)
         text = rng.choice(templates).format(
             P=product[0].upper() + product[1:],

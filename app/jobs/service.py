@@ -681,7 +681,7 @@ def _baseline_arms(
                     code="invalid_request",
                 )
         elif arm == "parent":
-            _parent_model(session, principal, upstream, param)
+            _check_parent(session, principal, upstream, param)
         else:
             if arm == upstream.base_model:
                 raise Unprocessable(f"{arm} is the job's own base model", param=param, code="invalid_request")
@@ -694,8 +694,9 @@ def _baseline_arms(
     return ["scratch", *[arm for arm in named if arm != "scratch"]]
 
 
-def _parent_model(session: Session, principal: Principal, upstream: Upstream, param: str) -> str:
-    """The base model's own upstream: the model the job that made it started from, with learned weights."""
+def _check_parent(session: Session, principal: Principal, upstream: Upstream, param: str) -> None:
+    """The base model has a parent arm: the model the job that made it started from (`base_model` of its
+    row, which the worker trains), with learned weights."""
     if upstream.base_model in BUILTIN_MODELS:
         raise Unprocessable(
             f"{upstream.base_model} is a built-in: it has no parent model in this project",
@@ -720,7 +721,6 @@ def _parent_model(session: Session, principal: Principal, upstream: Upstream, pa
             param=param,
             code="invalid_request",
         )
-    return parent
 
 
 def _transfer(upstream: Upstream, train: Dataset, head: str | None) -> dict[str, Any]:

@@ -4,6 +4,7 @@ consumes the queue used here, so jobs stay queued unless a test moves them on.""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
@@ -56,6 +57,16 @@ def run_in_process(settings: Settings, job_id: str) -> None:
         )
     finally:
         engine.dispose()
+
+
+def succeeded(api: Api, settings: Settings, body: dict[str, Any]) -> dict[str, Any]:
+    """Create a job, run it with the real runner, and return it once it has succeeded."""
+    response = api.create_job(body)
+    assert response.status_code == 201, response.text
+    run_in_process(settings, response.json()["id"])
+    job = api.get(f"/v1/jobs/{response.json()['id']}").json()
+    assert job["status"] == "succeeded", job["error"]
+    return job
 
 
 @pytest.fixture(scope="session")

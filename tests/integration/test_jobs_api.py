@@ -294,23 +294,15 @@ def test_evaluation_dataset_and_cross_validation_are_checked(api: Api, text_data
 
 
 def test_baseline_arms_are_checked_run_and_reported(api: Api, settings: Settings) -> None:
-    from tests.integration.conftest import run_in_process
+    from tests.integration.conftest import succeeded
 
     task = "tabular_classification"
     train = api.upload_ok(iris_csv(90, seed=1), "iris.csv", task, label_column="species")
     held = api.upload_ok(iris_csv(150, seed=2), "iris-held.csv", task, label_column="species")
 
-    def succeeded(body: dict[str, Any]) -> dict[str, Any]:
-        response = api.create_job(body)
-        assert response.status_code == 201, response.text
-        run_in_process(settings, response.json()["id"])
-        job = api.get(f"/v1/jobs/{response.json()['id']}").json()
-        assert job["status"] == "succeeded", job["error"]
-        return job
-
     pretrain = {"type": "pretrain", "training_dataset": train["id"], "hyperparameters": {"epochs": 20}}
-    first = succeeded({**pretrain, "base_model": "mlp"})["result_model"]  # from random weights
-    second = succeeded({**pretrain, "base_model": first})["result_model"]  # its parent: first
+    first = succeeded(api, settings, {**pretrain, "base_model": "mlp"})["result_model"]  # from random weights
+    second = succeeded(api, settings, {**pretrain, "base_model": first})["result_model"]  # its parent: first
     body = {"base_model": second, "training_dataset": train["id"], "evaluation_dataset": held["id"]}
     refusals: list[tuple[Any, int, str, str]] = [
         (["parent"], 422, "baseline.0", "invalid_request"),  # on `first`: made from random weights
@@ -333,7 +325,7 @@ def test_baseline_arms_are_checked_run_and_reported(api: Api, settings: Settings
     assert no_head.status_code == 422 and no_head.json()["error"]["param"] == "baseline.0"
     assert "as_is" in no_head.json()["error"]["message"]
 
-    job = succeeded({**body, "method": "linear_probe", "baseline": ["parent", "as_is"]})
+    job = succeeded(api, settings, {**body, "method": "linear_probe", "baseline": ["parent", "as_is"]})
     assert job["baseline"] is True and job["baseline_arms"] == ["scratch", "parent", "as_is"]
     report = api.get(f"/v1/jobs/{job['id']}/report").json()
     assert set(report["arms"]) == {"parent", "as_is"}

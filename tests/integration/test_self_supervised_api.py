@@ -6,19 +6,10 @@ from typing import Any
 
 from app.core.config import Settings
 from tests.helpers import Api, digit_images, digits_table_csv, digits_zip, image_zip, unlabelled_csv
-from tests.integration.conftest import run_in_process
+from tests.integration.conftest import succeeded
 
 IMAGES = "image_classification"
 TABULAR = "tabular_classification"
-
-
-def succeeded(api: Api, settings: Settings, body: dict[str, Any]) -> dict[str, Any]:
-    response = api.create_job(body)
-    assert response.status_code == 201, response.text
-    run_in_process(settings, response.json()["id"])
-    job = api.get(f"/v1/jobs/{response.json()['id']}").json()
-    assert job["status"] == "succeeded", job["error"]
-    return job
 
 
 def test_contrastive_pretraining_on_unlabelled_images_gives_better_features(

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from workers.recipes import adaptation
 from workers.recipes.base import DatasetSource, Reporter, to_device
-from workers.recipes.data import batches, label_indices, load_inputs
+from workers.recipes.data import batches, draw, label_indices, load_inputs
 from workers.recipes.evaluation import classification_metrics
 from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe, FinetuneResult
 from workers.recipes.report import stats
@@ -112,9 +112,7 @@ class AdaptRecipe(FinetuneRecipe):
         self._target_queue = list(meta["target_queue"])
 
     def _target_batch(self, size: int) -> list[int]:
-        while len(self._target_queue) < size:
-            self._target_queue += torch.randperm(len(self.target_inputs), generator=self.generator).tolist()
-        taken, self._target_queue = self._target_queue[:size], self._target_queue[size:]
+        taken, self._target_queue = draw(self._target_queue, size, len(self.target_inputs), self.generator)
         return taken
 
     def _forward(self, indices: list[int], *, train: bool) -> tuple[Tensor, Tensor]:

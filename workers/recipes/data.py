@@ -236,3 +236,12 @@ def batches(
 ) -> list[list[int]]:
     order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def draw(queue: list[int], size: int, count: int, generator: torch.Generator) -> tuple[list[int], list[int]]:
+    """`size` positions into `count` examples from an endless stream of shuffled passes over them, and the
+    rest of the stream (`queue`: what the last draw left; kept in a resume state so a resumed run draws the
+    same examples)."""
+    while len(queue) < size:
+        queue = queue + torch.randperm(count, generator=generator).tolist()
+    return queue[:size], queue[size:]

@@ -30,7 +30,7 @@ from workers.recipes import methods
 from workers.recipes.adaptation import dann_weight
 from workers.recipes.augment import ImageAugmenter
 from workers.recipes.base import DatasetSource, to_device
-from workers.recipes.data import load_inputs
+from workers.recipes.data import draw, load_inputs
 from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe
 
 FEATURE_NOISE = 0.5  # standard deviations of each feature column, for the linear probe's strong view
@@ -72,12 +72,7 @@ class SemiSupervisedRecipe(FinetuneRecipe):
         self.strong: nn.Module | None = None
         if self.config.method == "linear_probe":
             self.unlabeled_features = self._features(self.unlabeled_inputs, self.config.unlabeled)
-            spread = (
-                self.train_features.float().std(dim=0, unbiased=False)
-                if len(self.train_features) > 1
-                else None
-            )
-            self.feature_scale = spread if spread is not None else torch.ones(self.model.feature_dim)
+            self.feature_scale = self.train_features.float().std(dim=0, unbiased=False)
         elif self.spec.modality == "image":
             self.weak = (self.augmenter or ImageAugmenter("light", self.spec.input_spec)).to(self.device)
             self.strong = StrongImageAugmenter(dict(self.spec.input_spec)).to(self.device)
@@ -99,9 +94,7 @@ class SemiSupervisedRecipe(FinetuneRecipe):
         self._queue = list(meta["unlabeled_queue"])
 
     def _unlabeled_batch(self, size: int) -> list[int]:
-        while len(self._queue) < size:
-            self._queue += torch.randperm(len(self.unlabeled_inputs), generator=self.generator).tolist()
-        taken, self._queue = self._queue[:size], self._queue[size:]
+        taken, self._queue = draw(self._queue, size, len(self.unlabeled_inputs), self.generator)
         return taken
 
     def _views(self, indices: list[int]) -> tuple[Tensor, Tensor]:

@@ -145,20 +145,17 @@ class ArmRuns:
 
 
 @torch.no_grad()
-def as_is_correct(
-    base: BaseModelSource, source: DatasetSource, classes: list[str], positions: list[int] | None = None
-) -> list[int]:
-    """Per example of `source` (those at `positions`, when given): 1 when the upstream model, with its own
-    head and no training, names its class. The head's classes are matched to the dataset's by name."""
-    from workers.recipes.data import Subset, batches, label_indices, load_inputs
+def as_is_correct(base: BaseModelSource, source: DatasetSource, classes: list[str]) -> list[int]:
+    """Per example of `source`: 1 when the upstream model, with its own head and no training, names its
+    class. The head's classes are matched to the dataset's by name. It never trains, so a study computes
+    this once and reads every seed's and fold's examples from it."""
+    from workers.recipes.data import batches, label_indices, load_inputs
 
     model, spec = load_upstream(base)
     model.eval()
     inputs, labels = load_inputs(source, spec)
     assert labels is not None, "as_is is measured on labelled examples"
     targets = label_indices(labels, classes)
-    if positions is not None:
-        inputs, targets = Subset(inputs, positions), targets[positions]
     names = list(spec.classes)
     predicted: list[int] = []
     for indices in batches(len(inputs), 64, shuffle=False):
@@ -212,7 +209,7 @@ def run_study(
     total = len(seeds) * per_seed
     transferred: list[FinetuneResult] = []
     scratch: list[FinetuneResult] = []
-    classes = list(config.classes or config.train.classes)
+    as_is = _as_is_rows(config, extra, config.evaluation or config.train)
     for i, seed in enumerate(seeds):
         run_config = config.model_copy(
             update={"seed": seed, "save_checkpoints": config.save_checkpoints and i == 0}
@@ -240,12 +237,11 @@ def run_study(
             ).run()
             runs.correct.append(_compared(run, config))
         for runs in extra:
-            if runs.arm.kind == "as_is":
-                if config.evaluation is not None:
-                    runs.correct.append(as_is_correct(config.base, config.evaluation, classes))
-                else:
-                    positions = list(transferred[-1].validation_positions)
-                    runs.correct.append(as_is_correct(config.base, config.train, classes, positions))
+            if runs.arm.kind == "as_is" and as_is is not None:
+                # Every example of the evaluation dataset, or this seed's validation examples.
+                evaluated = config.evaluation is not None
+                positions = range(len(as_is)) if evaluated else transferred[-1].validation_positions
+                runs.correct.append([as_is[p] for p in positions])
     report = None
     if baseline:
         held_out = None
@@ -260,6 +256,13 @@ def run_study(
         compared = [_compared(r, config) for r in transferred]
         report = _report(config, reporter, seeds, transferred, scratch, held_out, extra, compared)
     return StudyResult(result=transferred[0], report=report)
+
+
+def _as_is_rows(config: FinetuneConfig, extra: list[ArmRuns], source: DatasetSource) -> list[int] | None:
+    """The as_is arm's correctness on every example of `source`, when the study has that arm."""
+    if not any(runs.arm.kind == "as_is" for runs in extra):
+        return None
+    return as_is_correct(config.base, source, list(config.classes or config.train.classes))
 
 
 def _compared(run: FinetuneResult, config: FinetuneConfig) -> list[int]:
@@ -333,13 +336,7 @@ def _cross_validated_study(
     partitions = [stratified_folds(labels, folds, seed) for seed in seeds]
     trained = [runs for runs in extra if runs.arm.kind != "as_is"]
     total = 1 + (2 + len(trained)) * len(seeds) * folds
-    classes = list(config.classes or config.train.classes)
-    # The upstream as it is never trains: its predictions of every label are made once.
-    as_is = (
-        as_is_correct(config.base, config.train, classes)
-        if any(r.arm.kind == "as_is" for r in extra)
-        else None
-    )
+    as_is = _as_is_rows(config, extra, config.train)
     # The job's own model: every label, no validation split (the estimate comes from the folds).
     everything = config.model_copy(
         update={"hyperparameters": config.hyperparameters.model_copy(update={"validation_split": 0.0})}
