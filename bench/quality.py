@@ -3,10 +3,12 @@
 Every case has an upstream source with many labels, a downstream target with few (5 to 10 per class)
 and a held-out target set of 1,000 or more examples that nothing trains on. For each case:
 
-- Graft, with no hyperparameters: the fine-tuning recipe with exactly the hyperparameters the service
-  resolves for a job that names none (`resolve_hyperparameters`, as POST /v1/jobs does): an upstream
-  pretrained by a `pretrain` job's defaults on the source, then `finetune` (method full, the default) and
-  `linear_probe` on the few labels, and the architecture from scratch on them;
+- Graft, with no hyperparameters, through the real service (the API and a Celery worker as processes on
+  a fresh embedded home, driven over HTTP as a user drives them): the files uploaded as datasets, a
+  `pretrain` job on the source, then `finetune` jobs naming no hyperparameters on the few labels (the
+  upstream fine-tuned with the default method, a `linear_probe`, and the architecture from scratch), each
+  measured by the service on the held-out set (the job's `evaluation_dataset`), and the upstream as it is
+  (POST /v1/models/{id}/evaluate); for the text shift, an `adapt` job's report;
 - hand-written references in plain PyTorch, the way a careful practitioner writes them for such data
   (the issue's 40-line script): a small CNN (2 conv + FC) from scratch, Adam 1e-3, 60 epochs, batch 16;
   pretrained on the source (8 epochs), then fine-tuned in full (lr 5e-4, 30 epochs), or a linear probe
@@ -38,8 +40,6 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import Tensor, nn
 
-from app.core.storage import sha256_file
-from app.jobs.service import resolve_hyperparameters
 from bench.cases import (
     DIGITS,
     LETTERS,
@@ -50,14 +50,15 @@ from bench.cases import (
     printed_digits,
 )
 from bench.common import command_line, markdown_table, median, report, review_rows
-from bench.defaults import QuietReporter, dataset, resolved
+from bench.live_service import Graft, service
 from tests.helpers import image_zip, write
-from workers.backbones.spec import ModelSpec
-from workers.backbones.weights import save_weights
-from workers.recipes.base import BaseModelSource, DatasetSource
-from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe, FinetuneResult, Hyperparameters
 
 NAME = "quality"
+IMAGES = "image_classification"
+AUGMENTATIONS = (
+    "none",
+    "strong",
+)  # beside the default (auto: light for these few labels), on the image cases
 Examples = list[tuple[str, Image.Image]]
 
 
@@ -193,74 +194,80 @@ def hand_references(case: Case, seed: int) -> dict[str, float]:
 
 @dataclass
 class Datasets:
-    source: DatasetSource
-    few: DatasetSource
-    held_out: DatasetSource
+    """A case's target data as the service's dataset ids."""
+
+    few: str
+    held_out: str
 
 
-def write_case(folder: Path, index: int, case: Case) -> Datasets:
-    def one(name: str, examples: Examples) -> DatasetSource:
-        return dataset(write(folder / f"case{index}-{name}.zip", image_zip(examples)), "image_classification")
+def write_case(graft: Graft, folder: Path, index: int, case: Case) -> Datasets:
+    def one(name: str, examples: Examples) -> str:
+        return graft.upload(write(folder / f"case{index}-{name}.zip", image_zip(examples)), IMAGES)
 
-    return Datasets(one("source", case.source), one("few", case.target_few), one("held", case.held_out))
-
-
-def train(
-    base: BaseModelSource, method: str, data: DatasetSource, seed: int, learned: bool, held_out: DatasetSource
-) -> tuple[FinetuneResult, float]:
-    """A job naming no hyperparameters, as the service resolves it (the default validation split), and
-    its result model's accuracy on the held-out set (the recipe's evaluation dataset)."""
-    train_examples = int(data_size(data) * 0.9)
-    hp = resolve_hyperparameters(
-        base.spec.architecture, method, {}, train_examples=train_examples, fine_tunes_learned_weights=learned
-    )
-    config = FinetuneConfig(
-        job_id="quality",
-        method=method,
-        base=base,
-        train=data,
-        seed=seed,
-        hyperparameters=hp,
-        evaluation=held_out,
-    )  # type: ignore[arg-type]
-    result = FinetuneRecipe(config, QuietReporter()).run()  # type: ignore[arg-type]
-    assert result.held_out is not None
-    return result, float(result.held_out["accuracy"])
+    return Datasets(one("few", case.target_few), one("held", case.held_out))
 
 
-def data_size(data: DatasetSource) -> int:
-    from app.datasets.formats import inspect_dataset
-
-    return inspect_dataset(data.path, task=data.task, fmt=data.format).num_examples
-
-
-def pretrain(
-    folder: Path, name: str, architecture: str, source: DatasetSource, held_out: DatasetSource
-) -> tuple[BaseModelSource, float]:
-    """A `pretrain` job's defaults on the source (from scratch), registered as its result model, and that
-    model as it is on the held-out target set."""
-    builtin = BaseModelSource(id=architecture, spec=ModelSpec.for_builtin(architecture), pretrained=False)
-    result, as_is = train(builtin, "full", source, 0, False, held_out)
-    weights = folder / f"{name}.safetensors"
-    save_weights(weights, result.state, result.spec)
-    upstream = BaseModelSource(
-        id=f"{architecture} pretrained",
-        spec=result.spec,
-        weights_path=weights,
-        weights_sha256=sha256_file(weights),
-    )
-    return upstream, as_is
+def pretrain(graft: Graft, architecture: str, source: str) -> str:
+    """A `pretrain` job naming no hyperparameters on the source (from scratch): its result model."""
+    job = graft.job({"type": "pretrain", "base_model": architecture, "training_dataset": source, "seed": 0})
+    return str(job["result_model"])
 
 
-def graft_runs(upstream: BaseModelSource, architecture: str, data: Datasets, seed: int) -> dict[str, float]:
-    builtin = BaseModelSource(id=architecture, spec=ModelSpec.for_builtin(architecture), pretrained=False)
-    out = {}
-    for label, base, method, learned in (
-        ("finetune", upstream, "full", True),
-        ("linear probe", upstream, "linear_probe", True),
-        ("scratch", builtin, "full", False),
-    ):
-        out[label] = train(base, method, data.few, seed, learned, data.held_out)[1]
+def as_is(graft: Graft, model: str, held_out: str) -> float:
+    """The model as it is on the held-out target set (POST /v1/models/{id}/evaluate)."""
+    return float(graft.evaluate(model, held_out)["accuracy"])
+
+
+def finetune(
+    graft: Graft,
+    base: str,
+    few: str,
+    held_out: str,
+    seed: int,
+    method: str | None = None,
+    **hyperparameters: Any,
+) -> float:
+    """A `finetune` job naming no hyperparameters but those given (and no method unless given), measured by the
+    service on the held-out set (its `evaluation_dataset`: never trained on nor chosen by)."""
+    body: dict[str, Any] = {
+        "base_model": base,
+        "training_dataset": few,
+        "evaluation_dataset": held_out,
+        "seed": seed,
+    }
+    if method is not None:
+        body["method"] = method
+    if hyperparameters:
+        body["hyperparameters"] = hyperparameters
+    return float(graft.job(body)["metrics"]["eval_accuracy"])
+
+
+def graft_runs(
+    graft: Graft,
+    upstream: str | None,
+    architecture: str,
+    few: str,
+    held: str,
+    seeds: int,
+    augmentations: Sequence[str] = (),
+) -> dict[str, list[float]]:
+    """Per seed: with an upstream, its default finetune and a linear probe; the architecture's default job
+    (from scratch, or the built-in's own weights) on the same labels where that is another model; and the
+    default finetune again with each of `augmentations` named (the ablation of the default's `auto`)."""
+    out: dict[str, list[float]] = {}
+    for seed in range(seeds):
+        runs: list[tuple[str, str, str | None, dict[str, Any]]] = []
+        if upstream is not None:
+            runs += [("finetune", upstream, None, {}), ("linear probe", upstream, "linear_probe", {})]
+        if upstream != architecture:
+            runs.append(("scratch" if upstream is not None else "finetune", architecture, None, {}))
+        runs += [
+            (f"augmentation {a}", upstream or architecture, None, {"augmentation": a}) for a in augmentations
+        ]
+        for label, base, method, hyperparameters in runs:
+            out.setdefault(label, []).append(
+                finetune(graft, base, few, held, seed, method, **hyperparameters)
+            )
     return out
 
 
@@ -338,36 +345,7 @@ def hand_table(
     return out
 
 
-def graft_table_or_text(
-    folder: Path,
-    name: str,
-    architecture: str,
-    few: DatasetSource,
-    held: DatasetSource,
-    seeds: int,
-    source: DatasetSource | None = None,
-    pretrained_builtin: bool = False,
-) -> tuple[dict[str, list[float]], float | None]:
-    """Graft's default jobs: with a source, a pretrain job then finetune (full) and linear_probe; with a
-    pretrained built-in, finetune and linear_probe of it; else the architecture from scratch."""
-    builtin = BaseModelSource(
-        id=architecture, spec=ModelSpec.for_builtin(architecture), pretrained=pretrained_builtin
-    )
-    out: dict[str, list[float]] = {}
-    as_is = None
-    upstream: BaseModelSource | None = builtin if pretrained_builtin else None
-    if source is not None:
-        upstream, as_is = pretrain(folder, name, architecture, source, held)
-    for seed in range(seeds):
-        runs = [("finetune", upstream or builtin, "full", upstream is not None)]
-        if upstream is not None:
-            runs.append(("linear probe", upstream, "linear_probe", True))
-        for label, base, method, learned in runs:
-            out.setdefault(label, []).append(train(base, method, few, seed, learned, held)[1])
-    return out, as_is
-
-
-def table_and_text_cases(folder: Path, seeds: int) -> list[tuple[str, Callable[[], Outcome]]]:
+def table_and_text_cases(graft: Graft, folder: Path, seeds: int) -> list[tuple[str, Callable[[], Outcome]]]:
     def digits_table() -> Outcome:
         from sklearn.datasets import load_digits
 
@@ -383,22 +361,16 @@ def table_and_text_cases(folder: Path, seeds: int) -> list[tuple[str, Callable[[
         fw = table_csv(folder / "t-few.csv", target[few], [names[1000 + i] for i in few], columns)
         hd = table_csv(folder / "t-held.csv", target[rest], [names[1000 + i] for i in rest], columns)
         task = "tabular_classification"
-        graft, as_is = graft_table_or_text(
-            folder,
-            "digits-table",
-            "mlp",
-            dataset(fw, task, "label"),
-            dataset(hd, task, "label"),
-            seeds,
-            source=dataset(src, task, "label"),
-        )
+        held = graft.upload(hd, task, "label")
+        upstream = pretrain(graft, "mlp", graft.upload(src, task, "label"))
+        runs = graft_runs(graft, upstream, "mlp", graft.upload(fw, task, "label"), held, seeds)
         outcome = Outcome(
             "table: digits' 64 pixels, clean -> dimmed and noisy",
             len(few),
             len(rest),
             "1,000 digits as 64 pixel columns -> 50 others at 0.6x the intensity plus Gaussian noise (sigma 2 of 16)",
-            graft=graft,
-            graft_as_is=as_is,
+            graft=runs,
+            graft_as_is=as_is(graft, upstream, held),
         )
         for seed in range(seeds):
             outcome.add(
@@ -419,19 +391,19 @@ def table_and_text_cases(folder: Path, seeds: int) -> list[tuple[str, Callable[[
         columns = [f"c{i}" for i in range(x.shape[1])]
         names = [str(data.target_names[v]) for v in y]
         task = "tabular_classification"
-        fw = dataset(
+        fw = graft.upload(
             table_csv(folder / "bc-few.csv", x[few], [names[i] for i in few], columns), task, "label"
         )
-        hd = dataset(
+        hd = graft.upload(
             table_csv(folder / "bc-held.csv", x[rest], [names[i] for i in rest], columns), task, "label"
         )
-        graft, _ = graft_table_or_text(folder, "bc", "mlp", fw, hd, seeds)
+        runs = graft_runs(graft, None, "mlp", fw, hd, seeds)
         outcome = Outcome(
             "table: breast cancer, from scratch",
             len(few),
             len(rest),
             "scikit-learn's breast cancer table, 20 labels per class, 30 columns; no upstream",
-            graft=graft,
+            graft=runs,
         )
         for seed in range(seeds):
             outcome.add(outcome.hand, hand_table(None, (x[few], y[few]), (x[rest], y[rest]), seed))
@@ -443,15 +415,15 @@ def table_and_text_cases(folder: Path, seeds: int) -> list[tuple[str, Callable[[
         rows = review_rows(1040, seed=11)
         few, held = rows[:40], rows[40:]
         task = "text_classification"
-        fw = dataset(write(folder / "r-few.csv", text_csv(few)), task)
-        hd = dataset(write(folder / "r-held.csv", text_csv(held)), task)
-        graft, _ = graft_table_or_text(folder, "reviews", "minilm-l6", fw, hd, seeds, pretrained_builtin=True)
+        fw = graft.upload(write(folder / "r-few.csv", text_csv(few)), task)
+        hd = graft.upload(write(folder / "r-held.csv", text_csv(held)), task)
+        runs = graft_runs(graft, "minilm-l6", "minilm-l6", fw, hd, seeds)
         outcome = Outcome(
             "text: film reviews, MiniLM",
             len(few),
             len(held),
             "40 templated film reviews (some naming the opposite quality), the pretrained MiniLM-L6 built-in",
-            graft=graft,
+            graft=runs,
         )
         references = hand_text(few, held)  # deterministic: the same on every seed
         for _ in range(seeds):
@@ -468,9 +440,11 @@ def table_and_text_cases(folder: Path, seeds: int) -> list[tuple[str, Callable[[
             product_rows(800, seed=6),
             product_rows(1000, seed=7),
         )
-        src = dataset(write(folder / "films.csv", text_csv(films)), task)
-        tgt = dataset(write(folder / "products.jsonl", text_jsonl([(t, None) for t, _ in products])), task)
-        hd = dataset(write(folder / "products-held.csv", text_csv(held)), task)
+        src = graft.upload(write(folder / "films.csv", text_csv(films)), task)
+        tgt = graft.upload(
+            write(folder / "products.jsonl", text_jsonl([(t, None) for t, _ in products])), task
+        )
+        hd = graft.upload(write(folder / "products-held.csv", text_csv(held)), task)
         methods = list(AdaptJobCreate.model_fields["methods"].get_default(call_default_factory=True))
         outcome = Outcome(
             "text: film reviews -> product reviews, unlabelled target (adapt)",
@@ -481,7 +455,7 @@ def table_and_text_cases(folder: Path, seeds: int) -> list[tuple[str, Callable[[
             "MiniLM frozen: the default backbone), its result model",
         )
         for seed in range(seeds):
-            report = adapt_job(folder, src, tgt, hd, methods, seed)
+            report = adapt_job(graft, src, tgt, hd, seed)
             outcome.add(outcome.graft, {"finetune": report["methods"][methods[0]]["target_accuracy"]["mean"]})
             outcome.add(
                 outcome.graft, {"source only": report["methods"]["source_only"]["target_accuracy"]["mean"]}
@@ -499,38 +473,20 @@ def table_and_text_cases(folder: Path, seeds: int) -> list[tuple[str, Callable[[
     ]
 
 
-def adapt_job(
-    folder: Path,
-    source: DatasetSource,
-    target: DatasetSource,
-    held: DatasetSource,
-    methods: list[str],
-    seed: int,
-) -> dict[str, Any]:
-    """The report of an adapt job on the pretrained MiniLM naming no hyperparameters and no backbone, as
-    the service resolves them."""
-    from app.jobs.service import ADAPTATION_DEFAULTS
-    from workers.recipes.adapt import AdaptConfig, run_adaptation
-    from workers.recipes.defaults import ADAPTER_HIDDEN, BACKBONE_METHOD, default_backbone
-
-    base = BaseModelSource(id="minilm-l6", spec=ModelSpec.for_builtin("minilm-l6"), pretrained=True)
-    backbone = default_backbone("minilm-l6")
-    method = BACKBONE_METHOD[backbone]
-    config = AdaptConfig(
-        job_id="bench",
-        seed=seed,
-        method=method,  # type: ignore[arg-type]
-        base=base,
-        train=source,
-        target=target,
-        evaluation=held,
-        hyperparameters=Hyperparameters.model_validate(resolved(base, method, source)),
-        save_checkpoints=False,
-        adapter=ADAPTER_HIDDEN if backbone == "frozen" else None,
-        feature_cache_dir=folder / "cache",
-        **ADAPTATION_DEFAULTS,
+def adapt_job(graft: Graft, source: str, target: str, held: str, seed: int) -> dict[str, Any]:
+    """The report of an adapt job on the pretrained MiniLM naming no hyperparameters, no methods and no
+    backbone."""
+    job = graft.job(
+        {
+            "type": "adapt",
+            "base_model": "minilm-l6",
+            "source_dataset": source,
+            "target_dataset": target,
+            "evaluation_dataset": held,
+            "seeds": [seed],
+        }
     )
-    return run_adaptation(config, QuietReporter(), methods=methods).report
+    return graft.report(job["id"])
 
 
 def minilm_embedder() -> Callable[[Sequence[str]], np.ndarray]:
@@ -649,26 +605,34 @@ def verdict(outcome: Outcome) -> tuple[str, str, float, float]:
     return ("met" if met else "**not met**"), best_name, best_hand, error
 
 
-def run_image_case(folder: Path, index: int, case: Case, seeds: int) -> Outcome:
+def run_image_case(
+    graft: Graft, folder: Path, index: int, case: Case, seeds: int, upstreams: dict[int, str]
+) -> Outcome:
+    """The case's jobs; cases that share a source (the same list of examples) share its pretrain job."""
     outcome = Outcome(case.name, len(case.target_few), len(case.held_out), case.description)
-    data = write_case(folder, index, case)
-    upstream, outcome.graft_as_is = pretrain(
-        folder, f"case{index}", "resnet-small", data.source, data.held_out
-    )
+    data = write_case(graft, folder, index, case)
+    if id(case.source) not in upstreams:
+        source = graft.upload(write(folder / f"case{index}-source.zip", image_zip(case.source)), IMAGES)
+        upstreams[id(case.source)] = pretrain(graft, "resnet-small", source)
+    upstream = upstreams[id(case.source)]
+    outcome.graft_as_is = as_is(graft, upstream, data.held_out)
+    outcome.graft = graft_runs(graft, upstream, "resnet-small", data.few, data.held_out, seeds, AUGMENTATIONS)
     for seed in range(seeds):
-        outcome.add(outcome.graft, graft_runs(upstream, "resnet-small", data, seed))
         outcome.add(outcome.hand, hand_references(case, seed))
     return outcome
 
 
 def run_suite(seeds: int, only: Callable[[str], bool] = lambda name: True) -> list[Outcome]:
     outcomes = []
-    with tempfile.TemporaryDirectory() as temp:
-        folder = Path(temp)
+    with tempfile.TemporaryDirectory() as temp, service(Path(temp) / "graft", torch.get_num_threads()) as svc:
+        folder, graft = Path(temp), Graft(svc)
+        upstreams: dict[int, str] = {}
         runners: list[tuple[str, Callable[[], Outcome]]] = []
         for index, case in enumerate(image_cases()):
-            runners.append((case.name, lambda i=index, c=case: run_image_case(folder, i, c, seeds)))  # type: ignore[misc]
-        for name, runner in table_and_text_cases(folder, seeds):
+            runners.append(
+                (case.name, lambda i=index, c=case: run_image_case(graft, folder, i, c, seeds, upstreams))
+            )  # type: ignore[misc]
+        for name, runner in table_and_text_cases(graft, folder, seeds):
             runners.append((name, runner))
         for name, runner in runners:
             if not only(name):
@@ -725,6 +689,29 @@ def table(outcomes: Sequence[Outcome]) -> str:
     )  # fmt: skip
 
 
+def augmentation_table(outcomes: Sequence[Outcome]) -> str:
+    rows = [
+        [
+            o.name,
+            f"{o.labels} / {o.held_out}",
+            f"{o.med(o.graft, 'finetune'):.3f}",
+            *(_cell(o, f"augmentation {a}") for a in AUGMENTATIONS),
+        ]
+        for o in outcomes
+        if f"augmentation {AUGMENTATIONS[0]}" in o.graft
+    ]
+    if not rows:
+        return ""
+    return (
+        "Augmentation on the image cases: Graft's default finetune (`augmentation` auto) and the same job "
+        "naming each policy, same seeds, same held-out set.\n\n"
+        + markdown_table(
+            ["case", "labels / held out", "default (auto)", *(f"`{a}`" for a in AUGMENTATIONS)], rows
+        )
+        + "\n\n"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -736,13 +723,15 @@ def main() -> None:
     outcomes = run_suite(args.seeds, lambda name: any(part in name for part in wanted))
     body = (
         f"Accuracy on the held-out target set, median of {args.seeds} seeds (Graft's upstream: one pretrain "
-        "job). Graft's columns are jobs naming no hyperparameters (resnet-small, resolved as the service "
-        "resolves them); the hand-written columns are the plain PyTorch references of bench/quality.py. "
+        "job). Graft's columns are jobs naming no hyperparameters, run by the service (its API and a Celery "
+        "worker, over HTTP) and measured by it on the held-out set: resnet-small for images, mlp for tables, "
+        "MiniLM-L6 for text; the hand-written columns are the plain PyTorch references of bench/quality.py. "
         "+- is the sampling error of one run on the held-out set. Target: Graft's finetune within 1 point "
         "of the best hand-written reference and not below the better of hand scratch and as-is by more than "
         "the sampling error.\n\n"
         + table(outcomes)
         + "\n\n"
+        + augmentation_table(outcomes)
         + "\n".join(f"- {o.name}: {o.description}" for o in outcomes if o.description)
     )
     if not args.case:

@@ -23,31 +23,21 @@ import argparse
 import csv
 import io
 import math
-import os
 import re
-import secrets
-import signal
-import socket
-import subprocess
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import torch
 from torch import Tensor
 
-from app.cli import api_command, prestart, worker_command
-from app.core.config import Settings
 from bench.common import (
-    ROOT,
     LoopHyperparameters,
     best_val_accuracy,
     command_line,
@@ -60,6 +50,7 @@ from bench.common import (
     runs_list,
     seconds,
 )
+from bench.live_service import TERMINAL, Service, service
 from tests.helpers import Api, digits_zip, text_csv
 from workers.backbones.catalog import BUILTIN_MODELS
 from workers.backbones.networks import build_model
@@ -68,7 +59,6 @@ from workers.backbones.spec import ModelSpec
 from workers.recipes.data import stratified_split
 
 NAME = "service_overhead"
-TERMINAL = ("succeeded", "failed", "cancelled")
 FIRST_STEP_POLL = 0.02  # seconds between polls until the first step shows
 TRAINING_POLL = 1.0  # then rarely, so the client takes (almost) no CPU from the training
 
@@ -107,98 +97,6 @@ def workloads(skip_text: bool) -> list[Workload]:
             )
         )
     return chosen
-
-
-# ---------------------------------------------------------------- the service
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def log_tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
-
-
-def end(process: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-@dataclass
-class Service:
-    api: Api
-    worker_log: Path
-    api_log: Path
-
-    def logs(self) -> str:
-        return f"--- api log ---\n{log_tail(self.api_log)}\n--- worker log ---\n{log_tail(self.worker_log)}"
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.2)
-
-
-@contextmanager
-def service(home: Path, torch_threads: int) -> Iterator[Service]:
-    """The API and one worker on a fresh embedded home, default settings but for the home, port, queue,
-    admin key and torch threads."""
-    key = "graft_bench_admin_" + secrets.token_hex(16)
-    settings = Settings(
-        home=home,
-        port=free_port(),
-        worker_queue=f"bench-{secrets.token_hex(4)}",
-        bootstrap_api_key=key,  # type: ignore[arg-type]
-    )
-    prestart(settings)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
-    env.update(
-        {
-            "GRAFT_HOME": str(settings.home),
-            "GRAFT_PORT": str(settings.port),
-            "GRAFT_WORKER_QUEUE": settings.worker_queue,
-            "GRAFT_BOOTSTRAP_API_KEY": key,
-            "GRAFT_TORCH_THREADS": str(torch_threads),
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    api_log, worker_log = home / "api.log", home / "worker.log"
-    with api_log.open("wb") as api_out, worker_log.open("wb") as worker_out:
-        api = subprocess.Popen(
-            api_command(settings), env=env, cwd=ROOT, stdout=api_out, stderr=subprocess.STDOUT
-        )
-        worker = subprocess.Popen(
-            worker_command(settings), env=env, cwd=ROOT, stdout=worker_out, stderr=subprocess.STDOUT
-        )
-    http = httpx.Client(base_url=f"http://127.0.0.1:{settings.port}", timeout=120)
-    running = Service(Api(http, key), worker_log, api_log)
-    try:
-
-        def ready() -> bool:
-            if api.poll() is not None or worker.poll() is not None:
-                raise RuntimeError(f"a service process exited\n{running.logs()}")
-            try:
-                return http.get("/readyz").status_code == 200 and b"ready." in worker_log.read_bytes()
-            except httpx.HTTPError:
-                return False
-
-        wait_until(ready, 120, "the API and the worker")
-        yield running
-    finally:
-        http.close()
-        end(api)
-        end(worker)
 
 
 def timestamp(value: str) -> float:
