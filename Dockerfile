@@ -42,16 +42,18 @@ RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))
         > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt -c /tmp/torch-pin.txt
 
-# Layer 3, the code. The wheel holds app/ and workers/ only: alembic.ini and migrations/ stay in this
+# Layer 3, the code. The wheel holds graft/, ml/, app/ and workers/ only: alembic.ini and migrations/ stay in this
 # folder, and every command runs from it (`python -m` puts the working directory first on sys.path), so
 # app.cli imports this copy and finds the migrations beside it.
 COPY alembic.ini ./
 COPY migrations ./migrations
+COPY graft ./graft
+COPY ml ./ml
 COPY workers ./workers
 COPY app ./app
 RUN pip install --no-deps . \
  && rm -rf build ./*.egg-info \
- && python -m compileall -q app workers migrations
+ && python -m compileall -q graft ml app workers migrations
 
 ENV HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \

@@ -33,9 +33,9 @@ faults: $(STAMP)
 	$(BIN)/python -m pytest tests/faults $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check app workers migrations tests bench
-	$(BIN)/ruff format --check app workers migrations tests bench
-	$(BIN)/mypy app workers
+	$(BIN)/ruff check graft ml app workers migrations tests bench
+	$(BIN)/ruff format --check graft ml app workers migrations tests bench
+	$(BIN)/mypy graft ml app workers
 
 bench: $(STAMP)
 	for name in feature_cache service_overhead defaults adaptation distillation transferability resume api semi_supervised; do \

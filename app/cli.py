@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app.core.config import Settings, get_settings
+from graft.config import Settings, get_settings
 
 if TYPE_CHECKING:
     from app.projects.service import Bootstrap
@@ -49,8 +49,8 @@ def new_key_command() -> str:
 
 def bootstrap(settings: Settings) -> Bootstrap:
     """Migrate, and make sure the default project and the operator's key exist."""
-    from app.core.db import make_engine, make_session_factory, session_scope
     from app.projects.service import bootstrap as ensure_bootstrap
+    from graft.db import make_engine, make_session_factory, session_scope
 
     settings.home.mkdir(parents=True, exist_ok=True)
     migrate(settings)
@@ -88,8 +88,8 @@ def prestart(settings: Settings) -> str | None:
 
 
 def new_operator_key(settings: Settings) -> str:
-    from app.core.db import make_engine, make_session_factory, session_scope
     from app.projects.service import new_operator_key as make_key
+    from graft.db import make_engine, make_session_factory, session_scope
 
     migrate(settings)
     engine = make_engine(settings.effective_database_url)
@@ -108,17 +108,17 @@ def recover_embedded_jobs(settings: Settings) -> None:
     again (a delivery of a job that already started is a no-op, so duplicates are harmless)."""
     from sqlalchemy import select
 
-    from app.core.db import make_engine, make_session_factory, session_scope
-    from app.core.queue import JobQueue
-    from app.jobs import repository
-    from app.tables import Job
+    from graft import job_store
+    from graft.db import make_engine, make_session_factory, session_scope
+    from graft.queueing import JobQueue
+    from graft.tables import Job
 
     engine = make_engine(settings.effective_database_url)
     try:
         with session_scope(make_session_factory(engine)) as session:
             for job_id in session.scalars(select(Job.id).where(Job.status == "running")):
-                repository.transition(session, job_id, "running", **repository.requeue_values())
-                repository.add_event(
+                job_store.transition(session, job_id, "running", **job_store.requeue_values())
+                job_store.add_event(
                     session,
                     job_id,
                     "The service stopped while this job ran; it was queued again and resumes from its last "
@@ -192,9 +192,9 @@ def _describe_exit(code: int) -> str:
 def _key_revoked(settings: Settings, key: str) -> bool:
     from sqlalchemy import select
 
-    from app.core.db import make_engine
     from app.core.security import key_lookup
-    from app.tables import ApiKey
+    from graft.db import make_engine
+    from graft.tables import ApiKey
 
     engine = make_engine(settings.effective_database_url)
     try:

@@ -8,8 +8,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.core import db
 from app.core.deps import ContextDep
+from graft import db
 
 router = APIRouter(tags=["health"])
 

@@ -14,15 +14,11 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__, health
 from app.core.auth import Authenticator, AuthMiddleware, KeyCache
-from app.core.config import Settings, get_settings
-from app.core.db import Database, make_engine
 from app.core.deps import SECURITY_SCHEME, ServiceContext
 from app.core.errors import install_error_handlers
 from app.core.limits import RequestGuard
-from app.core.queue import JobQueue
 from app.core.ratelimit import make_limiter
 from app.core.reads import make_reader
-from app.core.storage import Storage
 from app.datasets import router as datasets
 from app.datasets.service import archive_limits
 from app.jobs import router as jobs
@@ -32,6 +28,10 @@ from app.models.serving import ModelServer, ServingLimits
 from app.projects import router as projects
 from app.transferability import router as transferability
 from app.uploads import router as uploads
+from graft.config import Settings, get_settings
+from graft.db import Database, make_engine
+from graft.queueing import JobQueue
+from graft.storage import Storage
 
 DESCRIPTION = """
 Graft adapts pretrained (upstream) models to your own (downstream) task.

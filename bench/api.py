@@ -201,7 +201,7 @@ def _stat(rng: random.Random, n: int, low: float, high: float) -> dict[str, Any]
 def transfer_report(
     rng: random.Random, job_id: str, seeds: list[int], epochs: int, labels: list[str]
 ) -> dict[str, Any]:
-    """A finetune job's transfer report with the shape workers/recipes/report.py writes."""
+    """A finetune job's transfer report with the shape graft/report.py writes."""
     n = len(seeds)
 
     def arm() -> dict[str, Any]:
@@ -313,8 +313,8 @@ def resume_state(rng: random.Random, job_id: str, runs: list[str], epochs: int) 
 
 
 def job_values(rng: random.Random, project_id: str, created: datetime, now: datetime) -> dict[str, Any]:
-    """One job row as the service and its workers leave it, by status (attribute names of app.tables.Job)."""
-    from app.core.ids import new_id
+    """One job row as the service and its workers leave it, by status (attribute names of graft.tables.Job)."""
+    from graft.ids import new_id
 
     job_id = new_id("job")
     kind = _pick(rng, TYPE_MIX)
@@ -506,10 +506,10 @@ def seed(settings: Any, n_jobs: int, rng: random.Random) -> Seeded:
     events of the newest ones, with broker messages for the queued ones, as the service leaves them."""
     from sqlalchemy import func, insert, select
 
-    from app.core.db import make_engine, make_session_factory, session_scope
-    from app.core.ids import new_id
-    from app.core.queue import JobQueue
-    from app.tables import Job, JobEvent, Project
+    from graft.db import make_engine, make_session_factory, session_scope
+    from graft.ids import new_id
+    from graft.queueing import JobQueue
+    from graft.tables import Job, JobEvent, Project
 
     started = time.perf_counter()
     engine = make_engine(settings.effective_database_url)
@@ -619,7 +619,7 @@ class Backend:
 def backend(name: str, n_jobs: int, rng: random.Random) -> Iterator[Backend]:
     """A fresh database migrated and bootstrapped by `prestart`, seeded; removed afterwards."""
     from app.cli import prestart
-    from app.core.config import Settings
+    from graft.config import Settings
 
     key = "graft_bench_" + secrets.token_hex(14)  # 40 characters
     queue = f"graft-bench-{secrets.token_hex(4)}"  # no worker consumes it
@@ -1613,7 +1613,7 @@ def main() -> int:
     logs = OUT / f"api-{stamp}"
     logs.mkdir(parents=True, exist_ok=True)
     json_path = OUT / f"api-{stamp}.json"
-    from app.core.config import Settings
+    from graft.config import Settings
 
     m = machine()
     info = {

@@ -1,7 +1,7 @@
 """Benchmark: what a job with no hyperparameters reaches, for every (architecture, method) Graft offers.
 
 Each row is the recipe with the hyperparameters the service resolves for a job that names none (the
-defaults of workers/recipes/defaults.py, more epochs for small datasets, batch-norm statistics kept when
+defaults of graft/defaults.py, more epochs for small datasets, batch-norm statistics kept when
 fine-tuning learned weights), on small real data:
 - minilm-l6: 600 review-like sentences (2 classes);
 - efficientnet-lite0: 150 of scikit-learn's handwritten digits as images (10 classes);
@@ -19,16 +19,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.core.storage import sha256_file
-from app.datasets.formats import inspect_dataset
 from app.jobs.service import resolve_hyperparameters
 from bench.common import command_line, markdown_table, report, review_rows, seconds
+from graft.catalog import BUILTIN_MODELS
+from graft.defaults import default_hyperparameters
+from graft.formats import inspect_dataset
+from graft.sources import BaseModelSource, DatasetSource
+from graft.spec import ModelSpec
+from graft.storage import sha256_file
+from ml.weights import save_weights
 from tests.helpers import digits_table_csv, digits_zip, text_csv, write
-from workers.backbones.catalog import BUILTIN_MODELS
-from workers.backbones.spec import ModelSpec
-from workers.backbones.weights import save_weights
-from workers.recipes.base import BaseModelSource, DatasetSource
-from workers.recipes.defaults import default_hyperparameters
 from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe, FinetuneResult
 
 NAME = "defaults"

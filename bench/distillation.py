@@ -20,14 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.core.storage import sha256_file
 from app.jobs.service import DISTILLATION_DEFAULTS, DISTILLATION_EPOCHS_FACTOR, resolve_hyperparameters
 from bench.common import command_line, markdown_table, report, seconds
 from bench.defaults import QuietReporter, builtin, data_size, dataset, train
+from graft.sources import BaseModelSource, DatasetSource
+from graft.spec import ModelSpec
+from graft.storage import sha256_file
+from ml.weights import save_weights
 from tests.helpers import digits_table_csv, digits_zip, unlabelled_csv, write
-from workers.backbones.spec import ModelSpec
-from workers.backbones.weights import save_weights
-from workers.recipes.base import BaseModelSource, DatasetSource
 from workers.recipes.distill import DistillConfig, run_distillation
 from workers.recipes.finetune import Hyperparameters
 

@@ -24,8 +24,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from app.core.storage import sha256_file
-from app.datasets.formats import inspect_dataset
 from bench.common import (
     LoopHyperparameters,
     best_val_accuracy,
@@ -39,13 +37,15 @@ from bench.common import (
     seconds,
     timed,
 )
+from graft.defaults import default_hyperparameters
+from graft.formats import inspect_dataset
+from graft.sources import BaseModelSource, DatasetSource
+from graft.spec import ModelSpec
+from graft.storage import sha256_file
+from ml.data import stratified_split
+from ml.networks import build_model
+from ml.preprocess import TextPipeline
 from tests.helpers import text_csv, write
-from workers.backbones.networks import build_model
-from workers.backbones.preprocess import TextPipeline
-from workers.backbones.spec import ModelSpec
-from workers.recipes.base import BaseModelSource, DatasetSource
-from workers.recipes.data import stratified_split
-from workers.recipes.defaults import default_hyperparameters
 from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe, Hyperparameters
 
 NAME = "feature_cache"

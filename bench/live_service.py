@@ -25,8 +25,8 @@ from typing import Any
 import httpx
 
 from app.cli import api_command, prestart, worker_command
-from app.core.config import Settings
 from bench.common import ROOT
+from graft.config import Settings
 from tests.helpers import Api
 
 TERMINAL = ("succeeded", "failed", "cancelled")

@@ -494,7 +494,7 @@ def minilm_embedder() -> Callable[[Sequence[str]], np.ndarray]:
     package's files."""
     from transformers import AutoModel, AutoTokenizer
 
-    from workers.backbones.networks import minilm_package_dir
+    from ml.networks import minilm_package_dir
 
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_package_dir()))
     encoder = AutoModel.from_pretrained(str(minilm_package_dir())).eval()

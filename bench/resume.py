@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import command_line, markdown_table, median, report, review_rows, runs_list, timed
+from graft.defaults import default_hyperparameters
+from graft.sources import BaseModelSource, DatasetSource
+from graft.spec import ModelSpec
+from ml.resume import TrainingState, load_state, save_state
 from tests.helpers import digits_table_csv, text_csv, write
 from tests.unit.test_finetune_recipe import ListReporter, source
-from workers.backbones.spec import ModelSpec
-from workers.recipes.base import BaseModelSource, DatasetSource
-from workers.recipes.defaults import default_hyperparameters
 from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe
-from workers.recipes.resume import TrainingState, load_state, save_state
 
 NAME = "resume"
 

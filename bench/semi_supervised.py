@@ -21,12 +21,12 @@ from app.jobs.service import SEMI_SUPERVISED_DEFAULTS, resolve_hyperparameters
 from bench.cases import few_per_class, handwritten_digits
 from bench.common import command_line, markdown_table, median, report
 from bench.defaults import QuietReporter, dataset
+from graft.sources import BaseModelSource
+from graft.spec import ModelSpec
 from tests.helpers import image_zip, write
-from workers.backbones.spec import ModelSpec
-from workers.recipes.base import BaseModelSource
 from workers.recipes.finetune import FinetuneConfig, Hyperparameters
 from workers.recipes.semi_supervised import SemiSupervisedConfig
-from workers.recipes.transfer import recipe_for
+from workers.recipes.study import recipe_for
 
 NAME = "semi_supervised"
 UNLABELLED = 800

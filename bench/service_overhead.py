@@ -51,12 +51,12 @@ from bench.common import (
     seconds,
 )
 from bench.live_service import TERMINAL, Service, service
+from graft.catalog import BUILTIN_MODELS
+from graft.spec import ModelSpec
+from ml.data import stratified_split
+from ml.networks import build_model
+from ml.preprocess import TextPipeline, images_to_tensor, prepare_image
 from tests.helpers import Api, digits_zip, text_csv
-from workers.backbones.catalog import BUILTIN_MODELS
-from workers.backbones.networks import build_model
-from workers.backbones.preprocess import TextPipeline, images_to_tensor, prepare_image
-from workers.backbones.spec import ModelSpec
-from workers.recipes.data import stratified_split
 
 NAME = "service_overhead"
 FIRST_STEP_POLL = 0.02  # seconds between polls until the first step shows

@@ -24,11 +24,11 @@ from scipy.stats import kendalltau, spearmanr
 from bench.common import command_line, markdown_table, report, seconds
 from bench.defaults import QuietReporter, builtin, dataset, resolved
 from bench.distillation import registered
+from graft.defaults import default_hyperparameters
+from graft.sources import BaseModelSource, DatasetSource
+from ml.rank import rank_models
 from tests.helpers import DIGIT_NAMES, digit_images, digits_zip, image_zip, write
-from workers.recipes.base import BaseModelSource, DatasetSource
-from workers.recipes.defaults import default_hyperparameters
 from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe, Hyperparameters
-from workers.recipes.rank import rank_models
 from workers.recipes.self_supervised import SelfSupervisedConfig, SelfSupervisedRecipe
 
 NAME = "transferability"

@@ -7,9 +7,9 @@ from logging.config import fileConfig
 
 from alembic import context
 
-from app import tables  # noqa: F401  (registers every table on the metadata)
-from app.core.config import get_settings
-from app.core.db import Base, make_engine
+from graft import tables  # noqa: F401  (registers every table on the metadata)
+from graft.config import get_settings
+from graft.db import Base, make_engine
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logging", True):

@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from app.core.config import Settings
+from graft.config import Settings
 
 ADMIN_KEY = "graft_test_admin_" + secrets.token_hex(16)
 

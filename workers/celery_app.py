@@ -5,7 +5,7 @@ Start a worker:  celery -A workers.celery_app worker -Q gpu --concurrency 1
 
 from __future__ import annotations
 
-from app.core.config import get_settings
-from workers.queueing import make_celery
+from graft.config import get_settings
+from graft.queueing import make_celery
 
 app = make_celery(get_settings())

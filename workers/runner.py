@@ -27,25 +27,18 @@ from sqlalchemy import Engine, delete, null, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.core.config import Settings, get_settings
-from app.core.db import is_transient, make_engine, make_session_factory, session_scope
-from app.core.ids import new_id, utcnow
-from app.core.storage import Storage, is_disk_full, sha256_file
-from app.datasets.formats import FormatError
-from app.datasets.service import dataset_source
-from app.jobs import repository as jobs
-from app.tables import Checkpoint, Dataset, Job, JobEvent, Model
-from workers.backbones.catalog import BUILTIN_MODELS
-from workers.backbones.spec import ModelSpec
-from workers.recipes.base import (
-    BaseModelSource,
-    CheckpointRef,
-    DatasetSource,
-    JobCancelled,
-    JobPreempted,
-    LeaseLost,
-)
-from workers.recipes.resume import TrainingState, load_state, save_state
+from graft import job_store as jobs
+from graft.catalog import BUILTIN_MODELS
+from graft.config import Settings, get_settings
+from graft.db import is_transient, make_engine, make_session_factory, session_scope
+from graft.formats import FormatError
+from graft.ids import new_id, utcnow
+from graft.sources import BaseModelSource, CheckpointRef, DatasetSource, dataset_source
+from graft.spec import ModelSpec
+from graft.storage import Storage, is_disk_full, sha256_file
+from graft.tables import Checkpoint, Dataset, Job, JobEvent, Model
+from ml.resume import TrainingState, load_state, save_state
+from ml.runtime import JobCancelled, JobPreempted, LeaseLost
 
 log = logging.getLogger("graft.worker")
 
@@ -225,7 +218,7 @@ class DatabaseReporter:
         metadata: dict[str, str],
         best: bool,
     ) -> None:
-        from workers.backbones.weights import save_weights
+        from ml.weights import save_weights
 
         storage = self.context.storage
         checkpoint_id = new_id("ckpt")
@@ -424,7 +417,7 @@ def _model_row(session: Session, project_id: str, model_id: str) -> Model:
 
 def _baseline_arms(context: WorkerContext, session: Session, job: Job) -> list[Any]:
     """The arms the job's baseline named beside scratch, with the upstream each trains from."""
-    from workers.recipes.transfer import Arm
+    from workers.recipes.study import Arm
 
     arms: list[Any] = []
     for name in job.baseline_arms or []:
@@ -485,7 +478,7 @@ def _base_source(context: WorkerContext, session: Session, job: Job, depth: int 
 def _save(
     context: WorkerContext, key: str, tensors: dict[str, Any], spec: ModelSpec, extra: dict[str, str]
 ) -> tuple[int, str]:
-    from workers.backbones.weights import save_weights
+    from ml.weights import save_weights
 
     with context.storage.atomic_path(key) as temp:
         save_weights(temp, tensors, spec, extra=extra)
@@ -509,7 +502,7 @@ def _register_result(
 ) -> None:
     """Save the model's weights (and a LoRA adapter on its own), then register the model and mark the job
     succeeded in one transaction."""
-    from workers.recipes.methods import lora_metadata
+    from ml.methods import lora_metadata
 
     result = study.result
     model_id = new_id("mdl")
@@ -598,7 +591,7 @@ def _register_result(
 def _run_self_supervised(context: WorkerContext, job: Job, reporter: DatabaseReporter) -> None:
     from workers.recipes.finetune import Hyperparameters
     from workers.recipes.self_supervised import SelfSupervisedConfig, SelfSupervisedRecipe
-    from workers.recipes.transfer import RunReporter
+    from workers.recipes.study import RunReporter
 
     with session_scope(context.session_factory) as session:
         assert job.training_dataset is not None
@@ -622,7 +615,7 @@ def _run_self_supervised(context: WorkerContext, job: Job, reporter: DatabaseRep
 
 def _run_training(context: WorkerContext, job: Job, reporter: DatabaseReporter) -> None:
     from workers.recipes.finetune import FinetuneConfig, Hyperparameters
-    from workers.recipes.transfer import run_study
+    from workers.recipes.study import run_study
 
     if job.method == "self_supervised":
         _run_self_supervised(context, job, reporter)
@@ -738,8 +731,8 @@ def _run_distillation(context: WorkerContext, job: Job, reporter: DatabaseReport
 
 
 def _run_evaluation(context: WorkerContext, job: Job, reporter: DatabaseReporter) -> None:
-    from workers.backbones.weights import load_model
-    from workers.recipes.evaluate import evaluate_model
+    from ml.evaluate import evaluate_model
+    from ml.weights import load_model
 
     with session_scope(context.session_factory) as session:
         assert job.validation_dataset is not None

@@ -10,7 +10,7 @@ from typing import Any
 from celery import shared_task
 from celery.signals import celeryd_init, worker_process_init, worker_shutdown, worker_shutting_down
 
-from workers.queueing import RUN_JOB
+from graft.queueing import RUN_JOB
 
 log = logging.getLogger("graft.worker")
 
@@ -40,9 +40,9 @@ def release_running_jobs(**_: Any) -> None:
     """SIGTERM (or Ctrl-C) on the worker: its running jobs are asked to save their training state and go
     back to the queue, instead of the shutdown waiting for hours of training. Celery waits for them to do
     so (within a few steps) before it exits."""
-    from app.core.config import get_settings
-    from app.core.db import make_engine, make_session_factory, session_scope
-    from app.jobs import repository
+    from graft import job_store
+    from graft.config import get_settings
+    from graft.db import make_engine, make_session_factory, session_scope
 
     node = os.environ.get("GRAFT_WORKER_NODE")
     if not node:
@@ -50,7 +50,7 @@ def release_running_jobs(**_: Any) -> None:
     engine = make_engine(get_settings().effective_database_url, pool_size=1)
     try:
         with session_scope(make_session_factory(engine)) as session:
-            released = repository.request_release(session, f"{node}/")
+            released = job_store.request_release(session, f"{node}/")
         if released:
             _released.extend(released)
             log.warning("shutting down: jobs %s save their state and go back to the queue", released)
@@ -68,10 +68,10 @@ def resend_released_jobs(**_: Any) -> None:
         return
     from sqlalchemy import select
 
-    from app.core.config import get_settings
-    from app.core.db import make_engine, make_session_factory, session_scope
-    from app.core.queue import JobQueue
-    from app.tables import Job
+    from graft.config import get_settings
+    from graft.db import make_engine, make_session_factory, session_scope
+    from graft.queueing import JobQueue
+    from graft.tables import Job
 
     settings = get_settings()
     engine = make_engine(settings.effective_database_url, pool_size=1)

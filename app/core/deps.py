@@ -20,13 +20,13 @@ from fastapi import Depends, Request, Response
 from pydantic import BaseModel
 
 from app.core.auth import PRINCIPAL_SCOPE_KEY, Authenticator
-from app.core.config import Settings
-from app.core.db import Database
 from app.core.errors import ClientGone, Forbidden, Unauthorized
-from app.core.queue import JobQueue
 from app.core.reads import Reader
 from app.core.security import Principal
-from app.core.storage import Storage
+from graft.config import Settings
+from graft.db import Database
+from graft.queueing import JobQueue
+from graft.storage import Storage
 
 if TYPE_CHECKING:
     from app.models.serving import ModelServer

@@ -12,9 +12,9 @@ from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.core.db import is_unreachable
 from app.core.reads import DatabaseUnavailable
-from app.core.storage import is_disk_full
+from graft.db import is_unreachable
+from graft.storage import is_disk_full
 
 log = logging.getLogger("graft.api")
 

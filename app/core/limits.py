@@ -12,7 +12,7 @@ from urllib.parse import unquote
 from starlette.exceptions import HTTPException
 
 from app.core.errors import error_payload
-from app.core.text import unsafe_character
+from graft.text import unsafe_character
 
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")
 

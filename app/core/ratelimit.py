@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Protocol
 
-from app.core.config import Settings
+from graft.config import Settings
 
 log = logging.getLogger("graft.ratelimit")
 WINDOW_SECONDS = 60

@@ -165,7 +165,7 @@ class ThreadedReader:
     connections, which hold no lock. They never take a thread the rest of the API needs."""
 
     def __init__(self, engine: Engine, *, max_threads: int) -> None:
-        from app.core.db import READ_ONLY
+        from graft.db import READ_ONLY
 
         self.engine = engine.execution_options(**{READ_ONLY: True})
         self.limiter = anyio.CapacityLimiter(max_threads)

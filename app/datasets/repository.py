@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import exists, or_, select
 from sqlalchemy.orm import Session
 
-from app.tables import Dataset, Job
+from graft.tables import Dataset, Job
 
 ACTIVE_JOB_STATUSES = ("queued", "running")
 

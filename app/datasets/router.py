@@ -10,10 +10,10 @@ from app.core.deps import ContextDep, PrincipalDep
 from app.core.errors import ERROR_RESPONSES, ErrorResponse
 from app.core.pagination import AfterQuery, LimitQuery, ListResponse, paginate
 from app.datasets import service, storage_quota
-from app.datasets.formats import TASKS
 from app.datasets.schemas import DatasetOut, Deleted
 from app.datasets.upload import receive_multipart
-from app.tables import Dataset
+from graft.formats import TASKS
+from graft.tables import Dataset
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=ERROR_RESPONSES)
 

@@ -7,18 +7,17 @@ from pathlib import PurePosixPath
 
 from sqlalchemy.orm import Session
 
-from app.core.config import Settings
-from app.core.db import after_commit, after_rollback
 from app.core.errors import Conflict, Unprocessable, not_found
-from app.core.ids import new_id, utcnow
 from app.core.security import Principal
-from app.core.storage import Storage
-from app.core.text import unsafe_character
 from app.datasets import repository
-from app.datasets.formats import TASKS, ArchiveLimits, FormatError, detect_format, inspect_dataset
 from app.datasets.upload import ReceivedUpload
-from app.tables import Dataset
-from workers.recipes.base import DatasetSource
+from graft.config import Settings
+from graft.db import after_commit, after_rollback
+from graft.formats import TASKS, ArchiveLimits, FormatError, detect_format, inspect_dataset
+from graft.ids import new_id, utcnow
+from graft.storage import Storage
+from graft.tables import Dataset
+from graft.text import unsafe_character
 
 UPLOAD_FIELDS = {"task", "name", "text_column", "label_column"}
 
@@ -183,17 +182,3 @@ def delete_dataset(session: Session, storage: Storage, principal: Principal, dat
     folder = f"datasets/{row.id}"
     after_commit(session, lambda: storage.delete_tree(folder))
     return row
-
-
-def dataset_source(row: Dataset, storage: Storage) -> DatasetSource:
-    """A stored dataset as the training and evaluation code reads it."""
-    return DatasetSource(
-        id=row.id,
-        path=storage.path(row.path),
-        task=row.task,
-        format=row.format,
-        labeled=row.labeled,
-        classes=list(row.classes),
-        schema_info=dict(row.schema_info),
-        sha256=row.sha256,
-    )

@@ -9,11 +9,11 @@ import shutil
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from app.core.config import Settings
 from app.core.errors import GraftError, StorageFull
 from app.core.security import Principal
-from app.core.storage import Storage
-from app.tables import Checkpoint, Dataset, Model, Upload
+from graft.config import Settings
+from graft.storage import Storage
+from graft.tables import Checkpoint, Dataset, Model, Upload
 
 
 class StorageQuotaExceeded(GraftError):

@@ -14,7 +14,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from app.core.errors import GraftError, InvalidRequest, PayloadTooLarge, StorageFull, UnsupportedMediaType
-from app.core.storage import Storage, is_disk_full
+from graft.storage import Storage, is_disk_full
 
 MAX_FIELD_BYTES = 64 * 1024  # a text field of a form; a route may allow more (a model import's config)
 MAX_FIELDS = 32

@@ -26,13 +26,13 @@ from sqlalchemy import null, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.core.config import Settings
-from app.core.db import after_commit, session_scope
-from app.core.ids import utcnow
-from app.core.storage import Storage
-from app.jobs import repository
-from app.tables import Job
 from app.uploads.service import remove_abandoned
+from graft import job_store
+from graft.config import Settings
+from graft.db import after_commit, session_scope
+from graft.ids import utcnow
+from graft.storage import Storage
+from graft.tables import Job
 
 log = logging.getLogger("graft.reaper")
 
@@ -55,8 +55,8 @@ def reap(session: Session, settings: Settings, queue: Sender, *, judge_leases: b
     """One pass; the caller commits (messages are sent after the commit)."""
     result = ReapResult()
     now = utcnow()
-    cutoff = repository.database_time(session) - timedelta(seconds=settings.lease_seconds)
-    for job in repository.expired_leases(session, cutoff) if judge_leases else []:
+    cutoff = job_store.database_time(session) - timedelta(seconds=settings.lease_seconds)
+    for job in job_store.expired_leases(session, cutoff) if judge_leases else []:
         # Only if nothing changed since it was read: the same lease, still without a fresh heartbeat.
         fenced = (
             update(Job)
@@ -64,7 +64,7 @@ def reap(session: Session, settings: Settings, queue: Sender, *, judge_leases: b
                 Job.id == job.id,
                 Job.status == "running",
                 Job.lease_token == job.lease_token,
-                repository.expired(cutoff),
+                job_store.expired(cutoff),
             )
             .execution_options(synchronize_session=False)
         )
@@ -75,7 +75,7 @@ def reap(session: Session, settings: Settings, queue: Sender, *, judge_leases: b
             )
             values = {"status": "cancelled", "finished_at": now, "lease_owner": None}
             if session.execute(fenced.values(**values)).rowcount == 1:  # type: ignore[attr-defined]
-                repository.add_event(session, job.id, message)
+                job_store.add_event(session, job.id, message)
                 result.failed.append(job.id)
             continue
         # Graceful releases (a worker shutting down) do not count: only workers lost.
@@ -93,12 +93,12 @@ def reap(session: Session, settings: Settings, queue: Sender, *, judge_leases: b
                 "error": {"code": "worker_lost", "message": message},
             }
             if session.execute(fenced.values(**values)).rowcount == 1:  # type: ignore[attr-defined]
-                repository.add_event(session, job.id, message, level="error")
+                job_store.add_event(session, job.id, message, level="error")
                 result.failed.append(job.id)
             continue
-        values = {**repository.requeue_values(), "worker_losses": losses}
+        values = {**job_store.requeue_values(), "worker_losses": losses}
         if session.execute(fenced.values(**values)).rowcount == 1:  # type: ignore[attr-defined]
-            repository.add_event(
+            job_store.add_event(
                 session,
                 job.id,
                 f"The job's worker ({job.lease_owner}) stopped answering (last heartbeat {last_seen}); the job "
@@ -109,8 +109,8 @@ def reap(session: Session, settings: Settings, queue: Sender, *, judge_leases: b
             result.requeued.append(job.id)
     if queue.pending() == 0:
         stale = now - timedelta(seconds=settings.redispatch_seconds)
-        for job_id in repository.undispatched(session, stale):
-            repository.update_fields(session, job_id, dispatched_at=now)
+        for job_id in job_store.undispatched(session, stale):
+            job_store.update_fields(session, job_id, dispatched_at=now)
             result.redispatched.append(job_id)
     for job_id in [*result.requeued, *result.redispatched]:
         after_commit(session, lambda job_id=job_id: queue.send(job_id))  # type: ignore[misc]
@@ -135,7 +135,7 @@ def remove_finished_states(session: Session, storage: Storage) -> list[str]:
         )
     )
     for job_id in ids:
-        repository.update_fields(session, job_id, resume_state=null())
+        job_store.update_fields(session, job_id, resume_state=null())
         after_commit(session, lambda job_id=job_id: storage.delete_tree(f"checkpoints/{job_id}/state"))  # type: ignore[misc]
     return ids
 

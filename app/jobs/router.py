@@ -21,7 +21,7 @@ from app.jobs.schemas import (
     JobReport,
     JobStatus,
 )
-from app.tables import Checkpoint, Job
+from graft.tables import Checkpoint, Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 checkpoints_router = APIRouter(prefix="/v1/checkpoints", tags=["jobs"], responses=ERROR_RESPONSES)
@@ -166,7 +166,7 @@ async def get_report(
     job = await context.db.read(service.get_job, principal, job_id)
     report = service.report_of(job)
     if format == "png":
-        from workers.recipes.report import render_png
+        from graft.report import render_png
 
         return Response(await context.compute(render_png, report), media_type="image/png")
     return report

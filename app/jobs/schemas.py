@@ -6,9 +6,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.core.errors import UNION_TAGS
-from app.core.text import SafeStr
-from workers.backbones.catalog import LORA_TARGET_MODULES
-from workers.recipes.defaults import defaults_table
+from graft.catalog import LORA_TARGET_MODULES
+from graft.defaults import defaults_table
+from graft.text import SafeStr
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JOB_STATUSES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled")

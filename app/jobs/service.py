@@ -13,20 +13,15 @@ from typing import Any, Literal
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.core.db import after_commit
 from app.core.errors import Conflict, NotFound, Unprocessable, not_found
-from app.core.ids import new_id, utcnow
-from app.core.queue import JobQueue
 from app.core.security import Principal
-from app.core.storage import Storage
 from app.datasets import service as datasets
-from app.jobs import repository
 from app.jobs.schemas import METHOD_KEYS, AdaptJobCreate, DistillJobCreate, JobCreate, TrainingJobCreate
 from app.models import service as models
-from app.tables import Checkpoint, Dataset, Job
-from workers.backbones.catalog import BUILTIN_MODELS, LORA_TARGET_MODULES, TASK_MODALITY
-from workers.backbones.spec import SPEC_METADATA_KEY, ModelSpec
-from workers.recipes.defaults import (
+from graft import job_store
+from graft.catalog import BUILTIN_MODELS, LORA_TARGET_MODULES, TASK_MODALITY
+from graft.db import after_commit
+from graft.defaults import (
     ADAPTER_HIDDEN,
     BACKBONE_METHOD,
     HEAD_WARMUP_EPOCHS,
@@ -35,6 +30,11 @@ from workers.recipes.defaults import (
     epochs_for,
     report_folds,
 )
+from graft.ids import new_id, utcnow
+from graft.queueing import JobQueue
+from graft.spec import SPEC_METADATA_KEY, ModelSpec
+from graft.storage import Storage
+from graft.tables import Checkpoint, Dataset, Job
 
 # The most training one job may ask for, counted in passes over its training examples: every run the job
 # makes (its arms, for each seed) times the epochs, plus the head warm-up epochs of the runs that fit a new
@@ -68,7 +68,7 @@ class Upstream:
 def _upstream(session: Session, storage: Storage, principal: Principal, body: TrainingJobCreate) -> Upstream:
     if body.from_checkpoint is not None:
         checkpoint = get_checkpoint(session, principal, body.from_checkpoint, param="from_checkpoint")
-        source = repository.get(session, principal.project_id, checkpoint.job_id)
+        source = job_store.get(session, principal.project_id, checkpoint.job_id)
         assert source is not None
         if body.base_model is not None and body.base_model != source.base_model:
             raise Unprocessable(
@@ -463,7 +463,7 @@ def training_budget(
     """The training a job of this kind makes with these resolved hyperparameters. `warm_start`: the model
     starts from learned weights under a new head.
 
-    The runs, as the recipes make them: finetune (workers/recipes/transfer.py, run_study) trains the
+    The runs, as the recipes make them: finetune (workers/recipes/study.py, run_study) trains the
     transferred model and, with baseline, the architecture from scratch, for each seed; pretrain is one
     run; adapt (adapt.py, run_adaptation) trains source_only and each method, for each seed; distill
     (distill.py, run_distillation) trains the distilled student and, when the transfer data have labels,
@@ -705,7 +705,7 @@ def _check_parent(session: Session, principal: Principal, upstream: Upstream, pa
         )
     row = models.resolve(session, principal, upstream.base_model).row
     assert row is not None
-    maker = repository.get(session, principal.project_id, row.job_id) if row.job_id else None
+    maker = job_store.get(session, principal.project_id, row.job_id) if row.job_id else None
     parent = row.base_model
     if parent is None or maker is None:
         raise Unprocessable(
@@ -1028,7 +1028,7 @@ def create_job(
     refused."""
     fingerprint = request_fingerprint(body)
     if idempotency_key is not None:
-        existing = repository.by_idempotency_key(session, principal.project_id, idempotency_key)
+        existing = job_store.by_idempotency_key(session, principal.project_id, idempotency_key)
         if existing is not None:
             return _replay(existing, fingerprint), False
 
@@ -1055,16 +1055,16 @@ def create_job(
     if idempotency_key is not None:
         try:
             with session.begin_nested():
-                repository.add(session, job)
+                job_store.add(session, job)
         except IntegrityError:
             # A concurrent request with the same key won the insert.
-            existing = repository.by_idempotency_key(session, principal.project_id, idempotency_key)
+            existing = job_store.by_idempotency_key(session, principal.project_id, idempotency_key)
             if existing is None:
                 raise
             return _replay(existing, fingerprint), False
     else:
-        repository.add(session, job)
-    repository.add_event(session, job.id, description)
+        job_store.add(session, job)
+    job_store.add_event(session, job.id, description)
     job_id = job.id
     after_commit(session, lambda: queue.send(job_id))
     return job, True
@@ -1081,7 +1081,7 @@ def _replay(existing: Job, fingerprint: str) -> Job:
 
 
 def get_job(session: Session, principal: Principal, job_id: str) -> Job:
-    job = repository.get(session, principal.project_id, job_id)
+    job = job_store.get(session, principal.project_id, job_id)
     if job is None:
         raise not_found("job", job_id)
     return job
@@ -1092,10 +1092,10 @@ def cancel_job(session: Session, principal: Principal, job_id: str) -> Job:
     within a few steps (the training loop reads this flag), freeing its worker."""
     job = get_job(session, principal, job_id)
     now = utcnow()
-    if repository.transition(session, job.id, "queued", status="cancelled", finished_at=now):
-        repository.add_event(session, job.id, "Job cancelled before it started")
-    elif repository.transition(session, job.id, "running", cancel_requested=True):
-        repository.add_event(session, job.id, "Cancellation requested; the job stops within a few steps")
+    if job_store.transition(session, job.id, "queued", status="cancelled", finished_at=now):
+        job_store.add_event(session, job.id, "Job cancelled before it started")
+    elif job_store.transition(session, job.id, "running", cancel_requested=True):
+        job_store.add_event(session, job.id, "Cancellation requested; the job stops within a few steps")
     else:
         session.refresh(job)
         raise Conflict(f"job {job.id} is already {job.status}", code="job_not_cancellable")
@@ -1106,7 +1106,7 @@ def cancel_job(session: Session, principal: Principal, job_id: str) -> Job:
 def get_checkpoint(
     session: Session, principal: Principal, checkpoint_id: str, param: str | None = None
 ) -> Checkpoint:
-    row = repository.get_checkpoint(session, principal.project_id, checkpoint_id)
+    row = job_store.get_checkpoint(session, principal.project_id, checkpoint_id)
     if row is None:
         raise not_found("checkpoint", checkpoint_id, param=param)
     return row

@@ -8,8 +8,8 @@ from typing import Any
 from app.core.errors import InvalidRequest, not_found
 from app.core.reads import Reader
 from app.core.security import Principal
-from app.jobs import repository
 from app.jobs.schemas import JobEventOut, JobOut
+from graft import job_store
 
 
 def job_out(row: Mapping[str, Any]) -> JobOut:
@@ -19,7 +19,7 @@ def job_out(row: Mapping[str, Any]) -> JobOut:
 
 
 async def get_job(reader: Reader, principal: Principal, job_id: str) -> JobOut:
-    row = await reader.one(repository.JOB_BY_ID, {"job_id": job_id, "project_id": principal.project_id})
+    row = await reader.one(job_store.JOB_BY_ID, {"job_id": job_id, "project_id": principal.project_id})
     if row is None:
         raise not_found("job", job_id)
     return job_out(row)
@@ -38,11 +38,11 @@ async def list_jobs(
         params["status"] = status
     if after:
         params["after"] = after
-    rows = await reader.all(repository.JOBS_PAGE[(status is not None, bool(after))], params)
+    rows = await reader.all(job_store.JOBS_PAGE[(status is not None, bool(after))], params)
     if after and not rows:
         # An empty page after a cursor: the cursor was the last job, or it is no job of this list.
         params.pop("limit")
-        if await reader.one(repository.JOB_CURSOR[status is not None], params) is None:
+        if await reader.one(job_store.JOB_CURSOR[status is not None], params) is None:
             raise _invalid_cursor(after)
     return [job_out(row) for row in rows[:limit]], len(rows) > limit
 
@@ -54,13 +54,13 @@ async def list_events(
     params: dict[str, Any] = {"job_id": job_id, "project_id": principal.project_id, "limit": limit + 1}
     if after:
         params["after"] = after
-    rows = await reader.all(repository.EVENTS_PAGE[bool(after)], params)
+    rows = await reader.all(job_store.EVENTS_PAGE[bool(after)], params)
     if not rows:
         exists = await reader.one(
-            repository.JOB_EXISTS, {"job_id": job_id, "project_id": principal.project_id}
+            job_store.JOB_EXISTS, {"job_id": job_id, "project_id": principal.project_id}
         )
         if exists is None:
             raise not_found("job", job_id)
-        if after and await reader.one(repository.EVENT_EXISTS, {"after": after, "job_id": job_id}) is None:
+        if after and await reader.one(job_store.EVENT_EXISTS, {"after": after, "job_id": job_id}) is None:
             raise _invalid_cursor(after)
     return [JobEventOut.model_validate(row) for row in rows[:limit]], len(rows) > limit

@@ -8,17 +8,18 @@ from typing import Any
 from sqlalchemy.orm import Session
 from starlette.requests import Request
 
-from app.core.db import after_commit
 from app.core.deps import ServiceContext
 from app.core.errors import InvalidRequest, Unprocessable
-from app.core.ids import new_id, utcnow
-from app.core.queue import JobQueue
 from app.core.security import Principal
 from app.datasets import service as datasets
-from app.jobs import repository as jobs
 from app.models import service as models
-from app.tables import Dataset, Job, Model
-from workers.backbones.catalog import BUILTIN_MODELS, TASK_MODALITY
+from graft import job_store as jobs
+from graft.catalog import BUILTIN_MODELS, TASK_MODALITY
+from graft.db import after_commit
+from graft.ids import new_id, utcnow
+from graft.queueing import JobQueue
+from graft.sources import dataset_source
+from graft.tables import Dataset, Job, Model
 
 
 def _check(model: Model, dataset: Dataset) -> None:
@@ -118,7 +119,7 @@ async def evaluate(
     """The evaluation (True) or the queued job computing it (False). A direct one stops if its client goes."""
     model, dataset = await context.db.read(check, principal, model_id, dataset_id)
     if answer_directly(context, model, dataset):
-        source = datasets.dataset_source(dataset, context.storage)
+        source = dataset_source(dataset, context.storage)
         server = context.model_server
         async with server.turn(model):
             metrics = await context.compute_while_connected(

@@ -18,18 +18,18 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from app.core.db import after_rollback
 from app.core.errors import Unprocessable
-from app.core.ids import new_id, utcnow
 from app.core.security import Principal
-from app.core.storage import Storage, sha256_file
-from app.core.text import unsafe_character
 from app.datasets.upload import ReceivedUpload
 from app.models import repository
 from app.models.schemas import ImportConfig
-from app.tables import Model
-from workers.backbones.catalog import BUILTIN_MODELS, BuiltinModel
-from workers.backbones.spec import SPEC_METADATA_KEY, ModelSpec
+from graft.catalog import BUILTIN_MODELS, BuiltinModel
+from graft.db import after_rollback
+from graft.ids import new_id, utcnow
+from graft.spec import SPEC_METADATA_KEY, ModelSpec
+from graft.storage import Storage, sha256_file
+from graft.tables import Model
+from graft.text import unsafe_character
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -42,7 +42,7 @@ INT_DTYPES = {"I8", "I16", "I32", "I64", "U8"}
 MAX_CLASSES = 1000
 MAX_CLASS_CHARS = 200
 MAX_COLUMN_CHARS = 200
-# A tabular dataset's column limit (app.datasets.formats.MAX_FEATURES): an mlp reads at most that many.
+# A tabular dataset's column limit (graft.formats.MAX_FEATURES): an mlp reads at most that many.
 MAX_FEATURE_COLUMNS = 10_000
 # What the architectures can be given. The pretrained MiniLM encoder has 6 layers (a distillation student
 # keeps the bottom ones); cnn-small widths and mlp sizes are those a distillation student may have, and
@@ -473,7 +473,7 @@ def expected_tensors(spec: ModelSpec) -> tuple[dict[str, Tensor], int]:
     shapes and dtypes without storage, so that its size costs nothing however large it is."""
     import torch
 
-    from workers.backbones.networks import build_model, count_parameters
+    from ml.networks import build_model, count_parameters
 
     with torch.device("meta"):
         model = build_model(spec, pretrained=False)
@@ -544,8 +544,8 @@ def prepare_import(
     discarded whatever happens; on a refusal nothing is left behind."""
     from safetensors.torch import load_file
 
-    from workers.backbones.networks import build_model
-    from workers.backbones.weights import save_weights
+    from ml.networks import build_model
+    from ml.weights import save_weights
 
     limits = ImportLimits(max_classes, max_class_chars, max_column_chars, max_parameters)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.tables import Model
+from graft.tables import Model
 
 
 def get(session: Session, project_id: str, model_id: str) -> Model | None:

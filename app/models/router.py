@@ -32,7 +32,7 @@ from app.models.schemas import (
     PredictResponse,
     TextOrTabularPredictRequest,
 )
-from workers.backbones.catalog import BUILTIN_MODELS
+from graft.catalog import BUILTIN_MODELS
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
 

@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from app.core.text import SafeStr
+from graft.text import SafeStr
 
 
 class Lineage(BaseModel):

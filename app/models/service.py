@@ -11,9 +11,9 @@ from app.core.errors import not_found
 from app.core.pagination import paginate
 from app.core.security import Principal
 from app.models import repository
-from app.tables import Model
-from workers.backbones.catalog import BUILTIN_MODELS, BuiltinModel
-from workers.backbones.spec import ModelSpec
+from graft.catalog import BUILTIN_MODELS, BuiltinModel
+from graft.spec import ModelSpec
+from graft.tables import Model
 
 
 def builtin_view(model: BuiltinModel) -> dict[str, Any]:

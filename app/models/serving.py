@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.core.errors import Unprocessable
-from app.core.storage import Storage
-from app.datasets.formats import ArchiveLimits, FormatError, decode_image, image_size
-from app.tables import Model
+from graft.formats import ArchiveLimits, FormatError, decode_image, image_size
+from graft.storage import Storage
+from graft.tables import Model
 
 PREDICT_BATCH = 64
 
@@ -70,8 +70,8 @@ class CostModel:
 
 @dataclass
 class LoadedModel:
-    network: Any  # workers.backbones.networks.TransferModel
-    spec: Any  # workers.backbones.spec.ModelSpec
+    network: Any  # ml.networks.TransferModel
+    spec: Any  # graft.spec.ModelSpec
     pipeline: Any  # text pipeline, or None
     lock: threading.Lock
     bytes: int = 0  # of its tensors
@@ -126,9 +126,9 @@ class ModelServer:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        from workers.backbones.preprocess import TextPipeline
-        from workers.backbones.spec import ModelSpec
-        from workers.backbones.weights import load_model
+        from graft.spec import ModelSpec
+        from ml.preprocess import TextPipeline
+        from ml.weights import load_model
 
         started = time.perf_counter()
         spec = ModelSpec.model_validate(row.spec)
@@ -198,7 +198,7 @@ class ModelServer:
 
     def _prepare(self, loaded: LoadedModel, inputs: Sequence[Any]) -> Any:
         """Validate inputs for the model's modality; returns a function from index list to batch."""
-        from workers.backbones.preprocess import InputError, images_to_tensor, prepare_image, rows_to_array
+        from ml.preprocess import InputError, images_to_tensor, prepare_image, rows_to_array
 
         modality = loaded.spec.modality
         if modality == "text":
@@ -229,9 +229,9 @@ class ModelServer:
     def evaluate(
         self, row: Model, dataset: Any, on_batch: Callable[[], None] | None = None, pixels: int = 0
     ) -> dict[str, Any]:
-        """Scores of the model on a labelled dataset (a workers.recipes.base.DatasetSource, whose images hold
+        """Scores of the model on a labelled dataset (a ml.runtime.DatasetSource, whose images hold
         `pixels` in all); `on_batch` is called after every batch (and may raise to stop)."""
-        from workers.recipes.evaluate import evaluate_model
+        from ml.evaluate import evaluate_model
 
         loaded = self._load(row)
         with loaded.lock:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import ColumnElement, bindparam, select
 from sqlalchemy.orm import Session
 
-from app.tables import ApiKey, Project
+from graft.tables import ApiKey, Project
 
 
 def get_project(session: Session, project_id: str) -> Project | None:

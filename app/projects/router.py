@@ -11,7 +11,7 @@ from app.core.errors import ERROR_RESPONSES
 from app.core.pagination import AfterQuery, LimitQuery, ListResponse, paginate
 from app.projects import service
 from app.projects.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyOut, ProjectCreate, ProjectOut
-from app.tables import ApiKey, Project
+from graft.tables import ApiKey, Project
 
 router = APIRouter(prefix="/v1/projects", tags=["projects"], responses=ERROR_RESPONSES)
 

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.core.text import SafeStr
+from graft.text import SafeStr
 
 
 class ProjectCreate(BaseModel):

@@ -7,9 +7,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
-from app.core.config import Settings
 from app.core.errors import Forbidden, not_found
-from app.core.ids import new_id, utcnow
 from app.core.security import (
     ROLE_OPERATOR,
     Principal,
@@ -19,7 +17,9 @@ from app.core.security import (
     key_lookup,
 )
 from app.projects import repository
-from app.tables import ApiKey, Project
+from graft.config import Settings
+from graft.ids import new_id, utcnow
+from graft.tables import ApiKey, Project
 
 DEFAULT_PROJECT_NAME = "default"
 

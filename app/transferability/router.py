@@ -11,13 +11,13 @@ from sqlalchemy.orm import Session
 from app.core.deps import ContextDep, PrincipalDep
 from app.core.errors import ERROR_RESPONSES, Unprocessable
 from app.core.security import Principal
-from app.core.storage import Storage
-from app.core.text import SafeStr
 from app.datasets import service as datasets
 from app.models import service as models
-from workers.backbones.catalog import BUILTIN_MODELS, TASK_MODALITY
-from workers.backbones.spec import ModelSpec
-from workers.recipes.base import BaseModelSource, DatasetSource
+from graft.catalog import BUILTIN_MODELS, TASK_MODALITY
+from graft.sources import BaseModelSource, DatasetSource, dataset_source
+from graft.spec import ModelSpec
+from graft.storage import Storage
+from graft.text import SafeStr
 
 router = APIRouter(prefix="/v1/transferability", tags=["models"], responses=ERROR_RESPONSES)
 
@@ -156,7 +156,7 @@ def _candidates(
                 param="rank_by",
                 code="invalid_request",
             )
-    source = datasets.dataset_source(dataset, storage)
+    source = dataset_source(dataset, storage)
     return source, candidates, rank_by, dataset.num_examples, dataset.pixels or 0
 
 
@@ -177,7 +177,7 @@ def _candidates(
 async def rank(
     body: TransferabilityRequest, request: Request, context: ContextDep, principal: PrincipalDep
 ) -> dict[str, Any]:
-    from workers.recipes.rank import rank_models
+    from ml.rank import rank_models
 
     dataset, candidates, rank_by, count, total_pixels = await context.db.read(
         _candidates, context.storage, principal, body

@@ -10,9 +10,9 @@ from fastapi import APIRouter, Request, Response, status
 from app.core.deps import ContextDep, PrincipalDep
 from app.core.errors import ERROR_RESPONSES, ErrorResponse
 from app.datasets.schemas import DatasetOut
-from app.tables import Dataset
 from app.uploads import service
 from app.uploads.schemas import DatasetFromUpload, UploadCreate, UploadOut
+from graft.tables import Dataset
 
 router = APIRouter(prefix="/v1/uploads", tags=["datasets"], responses=ERROR_RESPONSES)
 

@@ -30,8 +30,6 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 from starlette.requests import ClientDisconnect, Request
 
-from app.core.config import Settings
-from app.core.db import Database, after_commit, after_rollback
 from app.core.errors import (
     Conflict,
     InvalidRequest,
@@ -41,15 +39,17 @@ from app.core.errors import (
     UnsupportedMediaType,
     not_found,
 )
-from app.core.ids import new_id, utcnow
 from app.core.security import Principal
-from app.core.storage import Storage, is_disk_full, sha256_file
-from app.core.text import unsafe_character
 from app.datasets import service as datasets
 from app.datasets import storage_quota
 from app.datasets.upload import HEAD_BYTES, ReceivedUpload
-from app.tables import Dataset, Upload
 from app.uploads.schemas import DatasetFromUpload, UploadCreate
+from graft.config import Settings
+from graft.db import Database, after_commit, after_rollback
+from graft.ids import new_id, utcnow
+from graft.storage import Storage, is_disk_full, sha256_file
+from graft.tables import Dataset, Upload
+from graft.text import unsafe_character
 
 CHUNK_CONTENT_TYPE = "application/offset+octet-stream"
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from app.cli import api_command, prestart, worker_command
-from app.core.config import Settings
+from graft.config import Settings
 from tests.conftest import ADMIN_KEY, Backend, make_settings
 from tests.helpers import Api, new_project, wait_for
 

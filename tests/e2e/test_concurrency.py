@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from app.cli import api_command, prestart
-from app.core.config import Settings
+from graft.config import Settings
 from tests.conftest import ADMIN_KEY, Backend, make_settings
 from tests.e2e.conftest import free_port, log_tail, settings_env, stop
 from tests.helpers import iris_csv, png_bytes, wait_for
@@ -142,9 +142,9 @@ def _image_files(count: int, size: int) -> list[tuple[str, tuple[str, bytes, str
 
 def _cnn_small_weights(path: Path) -> Path:
     """Random cnn-small weights for two classes, as a safetensors file Graft imports."""
-    from workers.backbones.networks import build_model
-    from workers.backbones.spec import ModelSpec
-    from workers.backbones.weights import save_weights
+    from graft.spec import ModelSpec
+    from ml.networks import build_model
+    from ml.weights import save_weights
 
     spec = ModelSpec.for_builtin("cnn-small").with_classes(["a", "b"])
     save_weights(path, build_model(spec, pretrained=False).state_dict(), spec)
@@ -318,9 +318,9 @@ def test_a_long_computation_holds_up_no_prediction_and_stops_when_its_client_lea
 
 
 def _mlp_weights(path: Path) -> Path:
-    from workers.backbones.networks import build_model
-    from workers.backbones.spec import ModelSpec
-    from workers.backbones.weights import save_weights
+    from graft.spec import ModelSpec
+    from ml.networks import build_model
+    from ml.weights import save_weights
 
     spec = ModelSpec.for_builtin("mlp").with_classes(["x", "y"])
     spec = spec.model_copy(

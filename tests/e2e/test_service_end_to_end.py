@@ -11,7 +11,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load
 
-from app.core.queue import JobQueue
+from graft.queueing import JobQueue
 from tests.e2e.conftest import Stack
 from tests.helpers import (
     Api,

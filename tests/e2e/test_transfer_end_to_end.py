@@ -15,9 +15,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load
 
+from graft.defaults import METHOD_DEFAULTS
 from tests.e2e.conftest import Stack
 from tests.helpers import Api, digit_images, digits_zip, iris_csv, png_bytes, sentiment_rows, text_csv
-from workers.recipes.defaults import METHOD_DEFAULTS
 
 pytestmark = pytest.mark.e2e
 README = Path(__file__).resolve().parents[2] / "README.md"

@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from app.cli import api_command, prestart, worker_command
-from app.core.config import Settings
+from graft.config import Settings
 from tests.conftest import ADMIN_KEY, _create_postgres_database, _drop_postgres_database
 from tests.e2e.conftest import free_port, log_tail, settings_env, stop
 from tests.faults.proxy import Proxy

@@ -14,15 +14,15 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from app.cli import prestart
-from app.core.config import Settings
-from app.core.db import make_engine, make_session_factory, session_scope
-from app.core.storage import Storage, sha256_file
 from app.main import create_app
-from app.tables import Checkpoint, Job
+from graft.config import Settings
+from graft.db import make_engine, make_session_factory, session_scope
+from graft.storage import Storage, sha256_file
+from graft.tables import Checkpoint, Job
+from ml.resume import load_state
 from tests.conftest import ADMIN_KEY
 from tests.helpers import Api, digits_table_csv, new_project, wait_for
 from tests.integration.conftest import run_in_process
-from workers.recipes.resume import load_state
 
 
 @pytest.fixture

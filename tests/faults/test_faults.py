@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.core.queue import JobQueue
+from graft.queueing import JobQueue
 from tests.faults.conftest import Cluster, start_job
 from tests.helpers import Api, wait_for
 

@@ -10,8 +10,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from app.core.config import Settings
 from app.main import create_app
+from graft.config import Settings
 from tests.conftest import ADMIN_KEY
 from tests.helpers import Api, new_project
 
@@ -45,8 +45,8 @@ def other(admin: Api) -> Api:
 
 def run_in_process(settings: Settings, job_id: str) -> None:
     """Run a queued job with the real runner in this process (no worker consumes the API tests' queue)."""
-    from app.core.db import make_engine, make_session_factory
-    from app.core.storage import Storage
+    from graft.db import make_engine, make_session_factory
+    from graft.storage import Storage
     from workers.runner import WorkerContext, execute_job
 
     engine = make_engine(settings.effective_database_url)

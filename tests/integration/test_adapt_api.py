@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from app.core.config import Settings
 from bench.common import review_rows
+from graft.config import Settings
 from tests.helpers import Api, iris_csv, product_rows, sentiment_rows, shifted_table_csv, text_csv, text_jsonl
 from tests.integration.conftest import run_in_process
 

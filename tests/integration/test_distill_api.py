@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from app.core.config import Settings
+from graft.config import Settings
 from tests.helpers import Api, digits_table_csv, new_project, sentiment_rows, text_csv, unlabelled_csv
 from tests.integration.conftest import ADMIN_KEY, run_in_process
 

@@ -13,14 +13,14 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
-from app.core.config import Settings
-from app.core.db import make_engine, make_session_factory, session_scope
-from app.core.ids import utcnow
-from app.core.queue import JobQueue
-from app.jobs import repository
 from app.jobs.reaper import reap
 from app.main import create_app
-from app.tables import Job
+from graft import job_store
+from graft.config import Settings
+from graft.db import make_engine, make_session_factory, session_scope
+from graft.ids import utcnow
+from graft.queueing import JobQueue
+from graft.tables import Job
 from tests.conftest import ADMIN_KEY
 from tests.helpers import Api, digits_table_csv, wait_for
 from tests.integration.conftest import run_in_process
@@ -180,7 +180,7 @@ def test_the_reaper_gives_up_after_max_attempts(
     api, dataset = digits_dataset
     job_id = long_job(api, dataset)
     with session_scope(db) as session:
-        token = repository.claim(session, job_id, "gone-host:1/2")
+        token = job_store.claim(session, job_id, "gone-host:1/2")
         assert token is not None
         session.execute(
             update(Job)
@@ -196,7 +196,7 @@ def test_the_reaper_gives_up_after_max_attempts(
     assert f"lost its worker {settings.max_attempts} times" in job["error"]["message"]
     # A worker that comes back late cannot bring it back to life.
     with session_scope(db) as session:
-        assert not repository.renew(session, job_id, token)
+        assert not job_store.renew(session, job_id, token)
 
 
 def test_a_released_job_saves_its_state_goes_back_to_the_queue_and_finishes_the_same(
@@ -207,7 +207,7 @@ def test_a_released_job_saves_its_state_goes_back_to_the_queue_and_finishes_the_
     with session_scope(db) as session:
         owner = job_row(db, job_id).lease_owner
         assert owner is not None
-        assert repository.request_release(session, owner.rsplit("/", 1)[0] + "/") == [job_id]
+        assert job_store.request_release(session, owner.rsplit("/", 1)[0] + "/") == [job_id]
     thread.join(60)
     job = job_row(db, job_id)
     assert job.status == "queued", job.status
@@ -288,8 +288,8 @@ def test_training_states_of_jobs_that_ended_elsewhere_are_removed(
 ) -> None:
     """A requeued job cancelled through the API (or failed by the reaper) ends without a worker to clear
     its training state: the reaper's sweep removes it."""
-    from app.core.storage import Storage
     from app.jobs.reaper import remove_finished_states
+    from graft.storage import Storage
 
     api, dataset = digits_dataset
     job_id = long_job(api, dataset)

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, Phase, given
 from hypothesis import settings as hypothesis_settings
 from schemathesis.checks import not_a_server_error, response_schema_conformance
 
-from app.core.config import Settings
 from app.main import create_app
+from graft.config import Settings
 from tests.conftest import ADMIN_KEY
 
 EXAMPLES_PER_OPERATION = 25

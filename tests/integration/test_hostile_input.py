@@ -12,8 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.core.config import Settings
 from app.main import create_app
+from graft.config import Settings
 from tests.conftest import ADMIN_KEY
 from tests.helpers import Api, new_project, png_bytes, sentiment_rows, text_csv
 

@@ -25,8 +25,8 @@ from app.jobs.service import (
     resolve_hyperparameters,
     training_budget,
 )
+from graft.catalog import BUILTIN_MODELS, LORA_TARGET_MODULES
 from tests.helpers import Api, digits_zip, iris_csv, sentiment_rows, text_csv, unlabelled_csv
-from workers.backbones.catalog import BUILTIN_MODELS, LORA_TARGET_MODULES
 
 TABULAR = "tabular_classification"
 README = Path(__file__).resolve().parents[2] / "README.md"

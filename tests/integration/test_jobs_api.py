@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from app.core.config import Settings
+from graft.config import Settings
+from graft.defaults import default_hyperparameters
 from tests.helpers import Api, digits_zip, iris_csv, sentiment_rows, text_csv, text_jsonl
-from workers.recipes.defaults import default_hyperparameters
 
 
 def queued_messages(settings: Settings) -> list[str]:

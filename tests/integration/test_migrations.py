@@ -6,9 +6,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine
 
-from app import tables  # noqa: F401  (registers the tables on the metadata)
-from app.core.config import Settings
-from app.core.db import Base
+from graft import tables  # noqa: F401  (registers the tables on the metadata)
+from graft.config import Settings
+from graft.db import Base
 
 
 def test_migrations_match_the_tables(settings: Settings) -> None:

@@ -11,12 +11,12 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load, save
 
-from app.core.config import Settings
+from graft.config import Settings
+from graft.spec import SPEC_METADATA_KEY, ModelSpec
+from ml.networks import build_model
 from tests.conftest import ADMIN_KEY
 from tests.helpers import Api, iris_csv, new_project, sentiment_rows, text_csv
 from tests.integration.conftest import run_in_process
-from workers.backbones.networks import build_model
-from workers.backbones.spec import SPEC_METADATA_KEY, ModelSpec
 
 ROW = {"sepal_length": 6.7, "sepal_width": 3.0, "petal_length": 5.2, "petal_width": 2.3}
 
@@ -282,7 +282,7 @@ def test_a_spec_at_every_limit_is_checked_from_the_header_not_built(api: Api) ->
 
 
 def test_a_distilled_students_export_imports_with_its_own_options(api: Api, tmp_path: Path) -> None:
-    from workers.backbones.weights import save_weights
+    from ml.weights import save_weights
 
     spec = (
         ModelSpec.for_builtin("cnn-small")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, select
 
-from app.core.config import Settings
-from app.tables import ApiKey
+from graft.config import Settings
+from graft.tables import ApiKey
 from tests.conftest import ADMIN_KEY
 from tests.helpers import Api, iris_csv, new_project
 

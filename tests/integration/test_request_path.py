@@ -19,12 +19,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors.torch import save
 
-from app.core.config import Settings
 from app.main import create_app
+from graft.config import Settings
+from graft.spec import ModelSpec
+from ml.networks import build_model
 from tests.conftest import ADMIN_KEY, Backend, make_settings
 from tests.helpers import Api, iris_csv, new_project, png_bytes, sentiment_rows, text_csv
-from workers.backbones.networks import build_model
-from workers.backbones.spec import ModelSpec
 
 # ------------------------------------------------------------------------------------------- helpers
 
@@ -349,8 +349,8 @@ def test_prediction_requests_are_bounded_before_anything_is_decoded(settings: Se
 
 def test_text_inputs_are_bounded_per_input_and_per_request() -> None:
     from app.core.errors import Unprocessable
-    from app.datasets.formats import ArchiveLimits
     from app.models.serving import ModelServer, ServingLimits
+    from graft.formats import ArchiveLimits
 
     server = ModelServer(
         None,  # type: ignore[arg-type]  (no model is loaded to check bounds)
@@ -466,11 +466,11 @@ def test_an_import_config_may_hold_as_many_classes_as_the_limits_allow(api: Api)
 
 
 def test_the_model_cache_is_bounded_by_weight(tmp_path: Path) -> None:
-    from app.core.storage import Storage
-    from app.datasets.formats import ArchiveLimits
     from app.models.serving import ModelServer
-    from app.tables import Model
-    from workers.backbones.weights import save_weights
+    from graft.formats import ArchiveLimits
+    from graft.storage import Storage
+    from graft.tables import Model
+    from ml.weights import save_weights
 
     storage = Storage(tmp_path)
     (tmp_path / "models").mkdir()

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from app.core.config import Settings
 from app.main import create_app
+from graft.config import Settings
 from tests.conftest import ADMIN_KEY
 from tests.helpers import Api, new_project
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.core.config import Settings
+from graft.config import Settings
 from tests.helpers import Api, digit_images, digits_table_csv, digits_zip, image_zip, unlabelled_csv
 from tests.integration.conftest import succeeded
 

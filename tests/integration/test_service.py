@@ -6,8 +6,8 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from app.core.config import Settings
 from app.main import create_app
+from graft.config import Settings
 
 
 def test_readyz_is_503_when_the_broker_is_down(settings: Settings) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.core.config import Settings
+from graft.config import Settings
 from tests.helpers import Api, digits_zip, iris_csv, sentiment_rows, text_csv
 from tests.integration.conftest import run_in_process
 

@@ -12,13 +12,13 @@ from datetime import timedelta
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-from app.core.config import Settings
-from app.core.db import make_engine, make_session_factory, session_scope
-from app.core.ids import utcnow
-from app.core.storage import Storage
 from app.main import create_app
-from app.tables import Upload
 from app.uploads.service import remove_abandoned
+from graft.config import Settings
+from graft.db import make_engine, make_session_factory, session_scope
+from graft.ids import utcnow
+from graft.storage import Storage
+from graft.tables import Upload
 from tests.conftest import ADMIN_KEY
 from tests.helpers import Api, new_project, sentiment_rows, text_csv
 

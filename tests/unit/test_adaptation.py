@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from app.jobs.service import resolve_hyperparameters
+from graft.report import render_png
+from graft.sources import BaseModelSource, DatasetSource
+from graft.spec import ModelSpec
+from ml import alignment as adaptation
 from tests.helpers import shifted_table_csv, write
 from tests.unit.test_finetune_recipe import ListReporter, source
-from workers.backbones.spec import ModelSpec
-from workers.recipes import adaptation
 from workers.recipes.adapt import AdaptationStudy, AdaptConfig, run_adaptation
-from workers.recipes.base import BaseModelSource, DatasetSource
 from workers.recipes.finetune import Hyperparameters
-from workers.recipes.report import render_png
 
 TABULAR = "tabular_classification"
 

@@ -11,21 +11,21 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from workers.backbones.catalog import BUILTIN_MODELS
-from workers.backbones.networks import (
+from graft.catalog import BUILTIN_MODELS
+from graft.spec import ModelSpec
+from ml.networks import (
     build_model,
     count_parameters,
     efficientnet_lite0_weights_file,
     minilm_package_dir,
 )
-from workers.backbones.preprocess import (
+from ml.preprocess import (
     InputError,
     TextPipeline,
     images_to_tensor,
     prepare_image,
     rows_to_array,
 )
-from workers.backbones.spec import ModelSpec
 
 
 @pytest.mark.parametrize("architecture", ["minilm-l6", "efficientnet-lite0", "cnn-small"])

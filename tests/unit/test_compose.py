@@ -1,6 +1,6 @@
 """The container files (docker-compose.yml, Dockerfile) agree with the code they run.
 
-No Docker engine is needed: the files are read as text and YAML and checked against app.core.config and
+No Docker engine is needed: the files are read as text and YAML and checked against graft.config and
 app/cli.py, so a misspelt setting or subcommand fails here rather than at `docker compose up`.
 """
 
@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from app.core.config import Settings
+from graft.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"

@@ -9,10 +9,10 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 
 from app.cli import prestart
-from app.core.config import Settings
-from app.core.db import make_engine, make_session_factory, session_scope
 from app.core.security import digest_matches, generate_api_key, key_digest, key_lookup
-from app.tables import ApiKey, Project
+from graft.config import Settings
+from graft.db import make_engine, make_session_factory, session_scope
+from graft.tables import ApiKey, Project
 
 
 def test_defaults_are_the_embedded_setup(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -85,7 +85,7 @@ def test_bootstrap_with_a_key_from_the_environment(tmp_path: Path) -> None:
 
 
 def test_celery_is_configured_for_long_training_tasks(tmp_path: Path) -> None:
-    from workers.queueing import RUN_JOB, make_celery
+    from graft.queueing import RUN_JOB, make_celery
 
     settings = Settings(home=tmp_path, worker_queue="a100")
     conf = make_celery(settings).conf

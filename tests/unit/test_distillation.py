@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workers.backbones.networks import build_model, count_parameters, minilm_pretrained_state
-from workers.backbones.spec import ModelSpec
+from graft.spec import ModelSpec
+from ml.networks import build_model, count_parameters, minilm_pretrained_state
 from workers.recipes.distill import distillation_report
 
 

@@ -9,15 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from app.core.storage import sha256_file
-from app.datasets.formats import inspect_dataset
+from graft.defaults import default_hyperparameters
+from graft.formats import inspect_dataset
+from graft.sources import BaseModelSource, DatasetSource
+from graft.spec import ModelSpec
+from graft.storage import sha256_file
+from ml.data import stratified_split
+from ml.networks import build_model, efficientnet_lite0_pretrained_state, minilm_package_dir
+from ml.runtime import JobCancelled
+from ml.weights import save_weights
 from tests.helpers import digits_zip, iris_csv, sentiment_rows, text_csv, write
-from workers.backbones.networks import build_model, efficientnet_lite0_pretrained_state, minilm_package_dir
-from workers.backbones.spec import ModelSpec
-from workers.backbones.weights import save_weights
-from workers.recipes.base import BaseModelSource, DatasetSource, JobCancelled
-from workers.recipes.data import stratified_split
-from workers.recipes.defaults import default_hyperparameters
 from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe, FinetuneResult
 
 

@@ -1,4 +1,4 @@
-"""Dataset validation and reading (app/datasets/formats.py) on real CSV, JSONL, PNG, JPEG and ZIP bytes.
+"""Dataset validation and reading (graft/formats.py) on real CSV, JSONL, PNG, JPEG and ZIP bytes.
 
 Every refusal is checked for the FormatError's `param` and for a message that names the row, line or
 archive member and the column. Archive tests also check that validation never extracts anything."""
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from app.datasets.formats import (
+from graft.formats import (
     RATIO_FLOOR_BYTES,
     ArchiveLimits,
     DatasetInfo,

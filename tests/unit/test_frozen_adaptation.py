@@ -11,17 +11,17 @@ import torch
 
 from app.jobs.service import ADAPTATION_DEFAULTS, resolve_hyperparameters
 from bench.common import review_rows
+from graft.defaults import ADAPTER_HIDDEN
+from graft.sources import BaseModelSource, DatasetSource
+from graft.spec import ModelSpec
+from ml.data import load_inputs
+from ml.features import extract_features
+from ml.networks import build_model
+from ml.weights import load_model, save_weights
 from tests.helpers import product_rows, text_csv, write
 from tests.unit.test_finetune_recipe import ListReporter, source
-from workers.backbones.networks import build_model
-from workers.backbones.spec import ModelSpec
-from workers.backbones.weights import load_model, save_weights
 from workers.recipes.adapt import AdaptConfig, AdaptRecipe, run_adaptation
-from workers.recipes.base import BaseModelSource, DatasetSource
-from workers.recipes.data import load_inputs
-from workers.recipes.defaults import ADAPTER_HIDDEN
 from workers.recipes.distill import DistillConfig, run_distillation
-from workers.recipes.features import extract_features
 from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe, Hyperparameters
 
 TEXT = "text_classification"

@@ -6,15 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from graft.defaults import default_hyperparameters, report_folds
+from graft.report import held_out_verdict, paired_comparison
+from graft.sources import BaseModelSource, DatasetSource
+from ml.data import label_indices, read_labels, stratified_folds
+from ml.weights import save_weights
 from tests.helpers import digits_table_csv, write
 from tests.unit.test_finetune_recipe import ListReporter, run, source
-from workers.backbones.weights import save_weights
-from workers.recipes.base import BaseModelSource, DatasetSource
-from workers.recipes.data import label_indices, read_labels, stratified_folds
-from workers.recipes.defaults import default_hyperparameters, report_folds
 from workers.recipes.finetune import FinetuneConfig
-from workers.recipes.report import held_out_verdict, paired_comparison
-from workers.recipes.transfer import run_study
+from workers.recipes.study import run_study
 
 
 def planted(

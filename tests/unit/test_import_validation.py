@@ -15,19 +15,19 @@ from safetensors.torch import load_file, save_file
 from sqlalchemy import func, select
 
 from app.cli import prestart
-from app.core.config import Settings
-from app.core.db import make_engine, make_session_factory, session_scope
 from app.core.errors import Unprocessable
 from app.core.security import Principal
-from app.core.storage import Storage, sha256_file
 from app.datasets.upload import ReceivedUpload
 from app.models import importing
 from app.models.schemas import ImportConfig
 from app.projects.service import create_project
-from app.tables import Model
-from workers.backbones.networks import build_model, count_parameters
-from workers.backbones.spec import SPEC_METADATA_KEY, ModelSpec
-from workers.backbones.weights import save_weights
+from graft.config import Settings
+from graft.db import make_engine, make_session_factory, session_scope
+from graft.spec import SPEC_METADATA_KEY, ModelSpec
+from graft.storage import Storage, sha256_file
+from graft.tables import Model
+from ml.networks import build_model, count_parameters
+from ml.weights import save_weights
 
 COLUMNS = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from app import cli
-from app.core.config import Settings
+from graft.config import Settings
 from tests.helpers import wait_for
 
 

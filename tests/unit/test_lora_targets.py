@@ -14,14 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-from workers.backbones.catalog import BUILTIN_MODELS, LORA_TARGET_MODULES
-from workers.backbones.networks import (
+from graft.catalog import BUILTIN_MODELS, LORA_TARGET_MODULES
+from ml.methods import apply_lora
+from ml.networks import (
     CnnSmallBackbone,
     EfficientNetLite0Backbone,
     MiniLMBackbone,
     TransferModel,
 )
-from workers.recipes.methods import apply_lora
 
 # The layer types peft's LoRA dispatches on (peft/tuners/lora/layer.py, dispatch_default): only modules of
 # these types are worth trying by their full path when their leaf name is refused.

@@ -9,14 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from graft.catalog import BUILTIN_MODELS
+from graft.sources import BaseModelSource, CheckpointRef, DatasetSource
+from graft.spec import ModelSpec
+from ml import methods
+from ml.networks import build_model, efficientnet_lite0_pretrained_state, minilm_package_dir
+from ml.runtime import load_upstream
+from ml.weights import save_weights
 from tests.helpers import digits_zip, iris_csv, sentiment_rows, text_csv, write
 from tests.unit.test_finetune_recipe import ListReporter, run, source, strip
-from workers.backbones.catalog import BUILTIN_MODELS
-from workers.backbones.networks import build_model, efficientnet_lite0_pretrained_state, minilm_package_dir
-from workers.backbones.spec import ModelSpec
-from workers.backbones.weights import save_weights
-from workers.recipes import methods
-from workers.recipes.base import BaseModelSource, CheckpointRef, DatasetSource, load_upstream
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,15 @@ from typing import Any
 import pytest
 import torch
 
+from graft.defaults import default_hyperparameters
+from graft.sources import BaseModelSource, DatasetSource
+from graft.spec import ModelSpec
+from ml.resume import TrainingState, load_state, save_state
+from ml.runtime import JobPreempted
 from tests.helpers import iris_csv, shifted_table_csv, write
 from tests.unit.test_finetune_recipe import ListReporter, source
-from workers.backbones.spec import ModelSpec
 from workers.recipes.adapt import AdaptConfig, AdaptRecipe
-from workers.recipes.base import BaseModelSource, DatasetSource, JobPreempted
-from workers.recipes.defaults import default_hyperparameters
 from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe, FinetuneResult
-from workers.recipes.resume import TrainingState, load_state, save_state
 
 
 class FileJournal:

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 
+from graft.defaults import default_hyperparameters
+from graft.sources import BaseModelSource
+from graft.spec import ModelSpec
+from ml.networks import minilm_pretrained_state
 from tests.helpers import sentiment_rows, text_csv, write
 from tests.unit.test_finetune_recipe import ListReporter, source
-from workers.backbones.networks import minilm_pretrained_state
-from workers.backbones.spec import ModelSpec
-from workers.recipes.base import BaseModelSource
-from workers.recipes.defaults import default_hyperparameters
 from workers.recipes.finetune import Hyperparameters
 from workers.recipes.self_supervised import (
     SelfSupervisedConfig,

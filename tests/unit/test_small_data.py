@@ -13,16 +13,16 @@ import torch
 from PIL import Image, ImageOps
 
 from app.jobs.service import resolve_hyperparameters
+from graft.sources import BaseModelSource, DatasetSource
+from graft.spec import ModelSpec
+from ml.augment import ImageAugmenter
+from ml.data import image_geometry, load_inputs
+from ml.networks import CnnSmallBackbone, build_model, count_parameters
+from ml.norms import BN_SHIFT_THRESHOLD
+from ml.weights import load_model, save_weights
 from tests.helpers import digit_images, digits_table_csv, image_zip, write
 from tests.unit.test_finetune_recipe import ListReporter, run, source
-from workers.backbones.networks import CnnSmallBackbone, build_model, count_parameters
-from workers.backbones.spec import ModelSpec
-from workers.backbones.weights import load_model, save_weights
-from workers.recipes.augment import ImageAugmenter
-from workers.recipes.base import BaseModelSource, DatasetSource
-from workers.recipes.data import image_geometry, load_inputs
 from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe
-from workers.recipes.norms import BN_SHIFT_THRESHOLD
 
 
 class DataReporter(ListReporter):

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from workers.backbones import preprocess
-from workers.backbones.preprocess import CHARS_PER_TOKEN, TextPipeline, clean_text, load_tokenizer
-from workers.backbones.spec import ModelSpec
+from graft.spec import ModelSpec
+from ml import preprocess
+from ml.preprocess import CHARS_PER_TOKEN, TextPipeline, clean_text, load_tokenizer
 
 PROSE = (
     "Transfer learning reuses what a model learned on a large source dataset for a smaller task of your "

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from graft.defaults import default_hyperparameters
+from graft.report import render_png
+from graft.sources import BaseModelSource, DatasetSource
+from ml.weights import save_weights
 from tests.helpers import write
 from tests.unit.test_finetune_recipe import ListReporter, run, source
-from workers.backbones.weights import save_weights
-from workers.recipes.base import BaseModelSource, DatasetSource
-from workers.recipes.defaults import default_hyperparameters
 from workers.recipes.finetune import FinetuneConfig
-from workers.recipes.report import render_png
-from workers.recipes.transfer import Arm, StudyResult, run_study
+from workers.recipes.study import Arm, StudyResult, run_study
 
 SEEDS = [1, 2, 3]
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from workers.recipes import transferability as tr
+from ml import transferability as tr
 
 FEATURE_METRICS = ("logme", "hscore")
 

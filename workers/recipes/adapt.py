@@ -26,13 +26,14 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from workers.recipes import adaptation
-from workers.recipes.base import DatasetSource, Reporter, to_device
-from workers.recipes.data import batches, draw, label_indices, load_inputs
-from workers.recipes.evaluation import classification_metrics
+from graft.report import stats
+from graft.sources import DatasetSource
+from ml import alignment as adaptation
+from ml.data import batches, draw, label_indices, load_inputs
+from ml.metrics import classification_metrics
+from ml.runtime import Reporter, to_device
 from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe, FinetuneResult
-from workers.recipes.report import stats
-from workers.recipes.transfer import RunReporter
+from workers.recipes.study import RunReporter
 
 AdaptationMethod = Literal["source_only", "dann", "coral", "mmd", "mcc", "pseudo_label"]
 DIAGNOSTIC_EXAMPLES = 1000

@@ -24,21 +24,15 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from workers.backbones.networks import TransferModel, count_parameters
-from workers.backbones.spec import ModelSpec
-from workers.backbones.weights import save_weights
-from workers.recipes.base import (
-    BaseModelSource,
-    DatasetSource,
-    Reporter,
-    autocast_dtype,
-    load_upstream,
-    to_device,
-)
-from workers.recipes.data import Inputs, Subset, batches, label_indices, load_inputs
-from workers.recipes.evaluation import classification_metrics
+from graft.sources import BaseModelSource, DatasetSource
+from graft.spec import ModelSpec
+from ml.data import Inputs, Subset, batches, label_indices, load_inputs
+from ml.metrics import classification_metrics
+from ml.networks import TransferModel, count_parameters
+from ml.runtime import Reporter, autocast_dtype, load_upstream, to_device
+from ml.weights import save_weights
 from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe, FinetuneResult
-from workers.recipes.transfer import RunReporter
+from workers.recipes.study import RunReporter
 
 LATENCY_BATCH = 32
 LATENCY_REPEATS = 7
@@ -129,7 +123,7 @@ class DistillationStudy:
 
 
 def _student_model(result: FinetuneResult) -> TransferModel:
-    from workers.backbones.networks import build_model
+    from ml.networks import build_model
 
     model = build_model(result.spec, pretrained=False)
     model.load_state_dict(result.state, strict=True)

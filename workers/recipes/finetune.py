@@ -21,13 +21,25 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
-from workers.backbones.networks import FeatureAdapter, TransferModel, count_parameters
-from workers.backbones.spec import ModelSpec
-from workers.recipes import methods
-from workers.recipes.augment import Augmentation, ImageAugmenter, augmenter_for
-from workers.recipes.base import (
-    BaseModelSource,
-    DatasetSource,
+from graft.defaults import MIN_VALIDATION_PER_CLASS
+from graft.sources import BaseModelSource, DatasetSource
+from graft.spec import ModelSpec
+from ml import methods
+from ml.augment import Augmentation, ImageAugmenter, augmenter_for
+from ml.data import Inputs, Subset, batches, label_indices, load_inputs, stratified_split
+from ml.features import FEATURE_BATCH_SIZE, FeatureCache, extract_features, feature_key
+from ml.metrics import classification_metrics
+from ml.networks import FeatureAdapter, TransferModel, count_parameters
+from ml.norms import BN_SHIFT_THRESHOLD, gaussian_shift, norm_shift, reestimate_norms
+from ml.resume import (
+    Journal,
+    TrainingState,
+    optimizer_state,
+    restore_optimizer,
+    restore_rng,
+    rng_state,
+)
+from ml.runtime import (
     JobPreempted,
     RecipeConfig,
     Reporter,
@@ -38,19 +50,6 @@ from workers.recipes.base import (
     seed_everything,
     stop_signal,
     to_device,
-)
-from workers.recipes.data import Inputs, Subset, batches, label_indices, load_inputs, stratified_split
-from workers.recipes.defaults import MIN_VALIDATION_PER_CLASS
-from workers.recipes.evaluation import classification_metrics
-from workers.recipes.features import FEATURE_BATCH_SIZE, FeatureCache, extract_features, feature_key
-from workers.recipes.norms import BN_SHIFT_THRESHOLD, gaussian_shift, norm_shift, reestimate_norms
-from workers.recipes.resume import (
-    Journal,
-    TrainingState,
-    optimizer_state,
-    restore_optimizer,
-    restore_rng,
-    rng_state,
 )
 
 HEAD_WARMUP_LR = 1e-2

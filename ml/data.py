@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from app.datasets.formats import (
+from graft.formats import (
     ArchiveLimits,
     open_archive,
     read_member,
@@ -21,9 +21,9 @@ from app.datasets.formats import (
     read_text,
     scan_archive,
 )
-from workers.backbones.preprocess import TextPipeline, images_to_tensor, prepare_image
-from workers.backbones.spec import ModelSpec
-from workers.recipes.base import DatasetSource
+from graft.sources import DatasetSource
+from graft.spec import ModelSpec
+from ml.preprocess import TextPipeline, images_to_tensor, prepare_image
 
 # The archive passed the service's limits at upload; reading it again must not apply other ones.
 ALREADY_VALIDATED = ArchiveLimits(

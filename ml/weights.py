@@ -9,8 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from workers.backbones.networks import TransferModel, build_model
-from workers.backbones.spec import SPEC_METADATA_KEY, ModelSpec
+from graft.spec import SPEC_METADATA_KEY, ModelSpec
+from ml.networks import TransferModel, build_model
 
 
 def state_for_saving(tensors: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from workers.backbones.catalog import BUILTIN_MODELS
+from graft.catalog import BUILTIN_MODELS
 
 COMMON_DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.01,

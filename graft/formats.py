@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from app.core.text import unsafe_character
+from graft.text import unsafe_character
 
 TASKS = ("text_classification", "image_classification", "tabular_classification")
 IMAGE_EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from workers.recipes.base import to_device
+from ml.runtime import to_device
 
 FEATURE_BATCH_SIZE = 64
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from workers.backbones.networks import TransferModel
+from ml.networks import TransferModel
 
 LORA_METADATA_KEY = "graft_lora"
 # A feature adapter trained beside a head moves at this fraction of the head's rate. Measured on the text

@@ -8,8 +8,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from workers.recipes.data import Inputs, batches
-from workers.recipes.features import FEATURE_BATCH_SIZE
+from ml.data import Inputs, batches
+from ml.features import FEATURE_BATCH_SIZE
 
 # Above this shift score the stored statistics are replaced by the data's. Measured: printed digits'
 # statistics on handwritten ones (the same white-on-black strokes) 0.017; on the same digits inverted,

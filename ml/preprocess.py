@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from workers.backbones.spec import ModelSpec
+from graft.spec import ModelSpec
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -41,7 +41,7 @@ class InputError(ValueError):
 def load_tokenizer(architecture: str) -> Any:
     from transformers import AutoTokenizer
 
-    from workers.backbones.networks import minilm_package_dir
+    from ml.networks import minilm_package_dir
 
     if architecture != "minilm-l6":
         raise ValueError(f"no tokenizer for {architecture!r}")

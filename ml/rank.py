@@ -16,16 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from workers.recipes import transferability
-from workers.recipes.base import (
-    BaseModelSource,
-    DatasetSource,
-    autocast_dtype,
-    load_upstream_for,
-    pick_device,
-)
-from workers.recipes.data import Subset, label_indices, load_inputs, stratified_split
-from workers.recipes.features import FeatureCache, extract_features, feature_key
+from graft.sources import BaseModelSource, DatasetSource
+from ml import transferability
+from ml.data import Subset, label_indices, load_inputs, stratified_split
+from ml.features import FeatureCache, extract_features, feature_key
+from ml.runtime import autocast_dtype, load_upstream_for, pick_device
 
 
 def sample(labels: torch.Tensor, max_examples: int, seed: int) -> list[int] | None:

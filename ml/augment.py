@@ -2,7 +2,7 @@
 
 Label-safe by design: no flips (they turn a 2 into a backwards 2, a "b" into a "d"), no hue shifts (a
 colour can be the class). Applied to training batches only; validation, evaluation and serving see the
-shared preprocessing alone (workers/backbones/preprocess.py).
+shared preprocessing alone (ml/preprocess.py).
 
 - `light`: a resized crop of 80-100% of the image (aspect 0.9-1.1), shifts of up to 8%, rotations up
   to 10 degrees, scale 0.9-1.1; colour images also a mild brightness, contrast and saturation jitter.

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from workers.backbones.catalog import BUILTIN_MODELS, Modality
+from graft.catalog import BUILTIN_MODELS, Modality
 
 SPEC_METADATA_KEY = "graft_spec"
 

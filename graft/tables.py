@@ -27,8 +27,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.core.db import Base
-from app.core.ids import utcnow
+from graft.db import Base
+from graft.ids import utcnow
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 

@@ -15,11 +15,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from workers.backbones.spec import ModelSpec
-from workers.recipes.base import BaseModelSource, DatasetSource, Reporter, load_upstream
-from workers.recipes.defaults import METHOD_DEFAULTS
+from graft.defaults import METHOD_DEFAULTS
+from graft.report import build_report
+from graft.sources import BaseModelSource, DatasetSource
+from graft.spec import ModelSpec
+from ml.runtime import Reporter, load_upstream
 from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe, FinetuneResult, Hyperparameters
-from workers.recipes.report import build_report
 
 
 class RunReporter:
@@ -149,7 +150,7 @@ def as_is_correct(base: BaseModelSource, source: DatasetSource, classes: list[st
     """Per example of `source`: 1 when the upstream model, with its own head and no training, names its
     class. The head's classes are matched to the dataset's by name. It never trains, so a study computes
     this once and reads every seed's and fold's examples from it."""
-    from workers.recipes.data import batches, label_indices, load_inputs
+    from ml.data import batches, label_indices, load_inputs
 
     model, spec = load_upstream(base)
     model.eval()
@@ -329,7 +330,7 @@ def _report(
 def _cross_validated_study(
     config: FinetuneConfig, reporter: Reporter, seeds: list[int], folds: int, extra: list[ArmRuns]
 ) -> StudyResult:
-    from workers.recipes.data import label_indices, read_labels, stratified_folds
+    from ml.data import label_indices, read_labels, stratified_folds
 
     labels = label_indices(read_labels(config.train), config.classes or config.train.classes)
     n = len(labels)

@@ -7,11 +7,12 @@ from typing import Any
 
 import torch
 
-from workers.backbones.networks import TransferModel
-from workers.backbones.spec import ModelSpec
-from workers.recipes.base import DatasetSource, autocast_dtype, pick_device, to_device
-from workers.recipes.data import batches, label_indices, load_inputs
-from workers.recipes.evaluation import classification_metrics
+from graft.sources import DatasetSource
+from graft.spec import ModelSpec
+from ml.data import batches, label_indices, load_inputs
+from ml.metrics import classification_metrics
+from ml.networks import TransferModel
+from ml.runtime import autocast_dtype, pick_device, to_device
 
 EVAL_BATCH_SIZE = 64
 

@@ -9,8 +9,8 @@ from typing import Any
 from sqlalchemy import Select, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
-from app.core.ids import new_id, utcnow
-from app.tables import Checkpoint, Job, JobEvent
+from graft.ids import new_id, utcnow
+from graft.tables import Checkpoint, Job, JobEvent
 
 
 def get(session: Session, project_id: str, job_id: str) -> Job | None:

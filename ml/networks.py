@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from workers.backbones.spec import ModelSpec
+from graft.spec import ModelSpec
 
 # Built-in weights are on disk; never let a library reach for a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
