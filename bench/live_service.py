@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,29 +26,9 @@ import httpx
 from app.cli import api_command, prestart, worker_command
 from bench.common import ROOT
 from graft.config import Settings
-from tests.helpers import Api
+from tests.helpers import Api, free_port, log_tail, stop
 
 TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def log_tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
-
-
-def end(process: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @dataclass
@@ -59,7 +38,7 @@ class Service:
     api_log: Path
 
     def logs(self) -> str:
-        return f"--- api log ---\n{log_tail(self.api_log)}\n--- worker log ---\n{log_tail(self.worker_log)}"
+        return f"--- api log ---\n{log_tail(self.api_log, 40)}\n--- worker log ---\n{log_tail(self.worker_log, 40)}"
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -120,8 +99,8 @@ def service(home: Path, torch_threads: int) -> Iterator[Service]:
     finally:
         signal.signal(signal.SIGTERM, previous)
         http.close()
-        end(api)
-        end(worker)
+        stop(api, 60)
+        stop(worker, 60)
 
 
 class Graft:

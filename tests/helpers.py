@@ -6,6 +6,9 @@ import csv
 import io
 import json
 import random
+import signal
+import socket
+import subprocess
 import time
 import zipfile
 from collections.abc import Callable, Iterable
@@ -300,3 +303,28 @@ def product_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
         )
         rows.append((text + rng.choice(_EMOJI), label))
     return rows
+
+
+# Service processes started by tests and benchmarks.
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def log_tail(path: Path, lines: int = 60) -> str:
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
-import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,13 +16,7 @@ import pytest
 from app.cli import api_command, prestart, worker_command
 from graft.config import Settings
 from tests.conftest import ADMIN_KEY, Backend, make_settings
-from tests.helpers import Api, new_project, wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.helpers import Api, free_port, log_tail, new_project, stop, wait_for
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -48,22 +40,6 @@ def settings_env(settings: Settings) -> dict[str, str]:
     if settings.bootstrap_api_key:
         env["GRAFT_BOOTSTRAP_API_KEY"] = settings.bootstrap_api_key.get_secret_value()
     return env
-
-
-def log_tail(path: Path, lines: int = 60) -> str:
-    if not path.exists():
-        return ""
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def stop(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @dataclass

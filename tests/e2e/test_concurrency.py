@@ -27,8 +27,8 @@ from PIL import Image
 from app.cli import api_command, prestart
 from graft.config import Settings
 from tests.conftest import ADMIN_KEY, Backend, make_settings
-from tests.e2e.conftest import free_port, log_tail, settings_env, stop
-from tests.helpers import iris_csv, png_bytes, wait_for
+from tests.e2e.conftest import settings_env
+from tests.helpers import free_port, iris_csv, log_tail, png_bytes, stop, wait_for
 
 pytestmark = pytest.mark.e2e
 
