@@ -519,31 +519,41 @@ def hand_text_shift(
 ) -> dict[str, float]:
     """Logistic regression on MiniLM embeddings of the labelled source: as they are; after CORAL (Sun et al.,
     2016: source features whitened, re-coloured with the target's covariance); after centring each domain on
-    its own mean. The regularisation is the best of C in {0.1, 1, 10} on the held-out set: an upper bound
-    for a practitioner who could not measure on the target."""
+    its own mean. The regularisation C in {0.1, 1, 10} is chosen as a practitioner can, by 5-fold
+    cross-validation on the labelled source (the target has no labels). Beside them, as "oracle:" entries
+    that the verdict leaves out, each method at the C that is best on the held-out target set: an upper
+    bound no one without target labels can reach."""
     import scipy.linalg
     from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
 
     embed = minilm_embedder()
     xs, ys = embed([t for t, _ in source]), [label for _, label in source]
     xt, xh, yh = embed(list(target)), embed([t for t, _ in held]), [label for _, label in held]
 
-    def best(train: np.ndarray, test: np.ndarray) -> float:
-        return max(
-            float(LogisticRegression(max_iter=5000, C=c).fit(train, ys).score(test, yh))
-            for c in (0.1, 1.0, 10.0)
-        )
+    grid = (0.1, 1.0, 10.0)
+
+    def chosen(train: np.ndarray, test: np.ndarray) -> float:
+        search = GridSearchCV(LogisticRegression(max_iter=5000), {"C": list(grid)}, cv=5).fit(train, ys)
+        return float(search.score(test, yh))
+
+    def oracle(train: np.ndarray, test: np.ndarray) -> float:
+        return max(float(LogisticRegression(max_iter=5000, C=c).fit(train, ys).score(test, yh)) for c in grid)
 
     eye = np.eye(xs.shape[1])
     cs, ct = np.cov(xs, rowvar=False) + eye, np.cov(xt, rowvar=False) + eye
     whiten = np.real(scipy.linalg.fractional_matrix_power(cs, -0.5))
     colour = np.real(scipy.linalg.fractional_matrix_power(ct, 0.5))
     coral = (xs - xs.mean(0)) @ whiten @ colour + xt.mean(0)
-    return {
-        "as is: source-only logistic regression on MiniLM embeddings": best(xs, xh),
-        "CORAL + logistic regression": best(coral, xh),
-        "each domain centred + logistic regression": best(xs - xs.mean(0), xh - xt.mean(0)),
+    variants = {
+        "as is: source-only logistic regression on MiniLM embeddings": (xs, xh),
+        "CORAL + logistic regression": (coral, xh),
+        "each domain centred + logistic regression": (xs - xs.mean(0), xh - xt.mean(0)),
     }
+    out = {name: chosen(train, test) for name, (train, test) in variants.items()}
+    best_name = max(out, key=out.__getitem__)
+    out[f"{ORACLE}{best_name}, C best on the held-out set"] = oracle(*variants[best_name])
+    return out
 
 
 def hand_text(few: Sequence[tuple[str, str]], held: Sequence[tuple[str, str]]) -> dict[str, float]:
@@ -589,6 +599,10 @@ class Outcome:
             table.setdefault(key, []).append(value)
 
 
+# Hand-written entries chosen with the held-out labels: shown for context, never the bar.
+ORACLE = "oracle: "
+
+
 def sampling_error(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 1e-9) / n)
 
@@ -596,7 +610,8 @@ def sampling_error(p: float, n: int) -> float:
 def verdict(outcome: Outcome) -> tuple[str, str, float, float]:
     """(met or not, the best hand-written reference, its accuracy, the sampling error of Graft's)."""
     graft = outcome.med(outcome.graft, "finetune")
-    best_name = max(outcome.hand, key=lambda k: outcome.med(outcome.hand, k))
+    fair = [k for k in outcome.hand if not k.startswith(ORACLE)]  # what a practitioner could have run
+    best_name = max(fair, key=lambda k: outcome.med(outcome.hand, k))
     best_hand = outcome.med(outcome.hand, best_name)
     floors = [outcome.med(outcome.hand, k) for k in outcome.hand if k.startswith(("scratch", "as is"))]
     floor = max(floors, default=0.0)
@@ -728,7 +743,8 @@ def main() -> None:
         "MiniLM-L6 for text; the hand-written columns are the plain PyTorch references of bench/quality.py. "
         "+- is the sampling error of one run on the held-out set. Target: Graft's finetune within 1 point "
         "of the best hand-written reference and not below the better of hand scratch and as-is by more than "
-        "the sampling error.\n\n"
+        "the sampling error. An `oracle:` reference chose its regularisation on the held-out labels: it is "
+        "shown as an upper bound and is not the bar.\n\n"
         + table(outcomes)
         + "\n\n"
         + augmentation_table(outcomes)

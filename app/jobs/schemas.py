@@ -53,7 +53,10 @@ class _BudgetIn(BaseModel):
         default=None,
         ge=0,
         le=0.5,
-        description="Share of the training data held out (stratified, seeded) when no validation_dataset is given.",
+        description="Share of the training data held out (stratified, seeded) when no validation_dataset is "
+        "given. Default 0.1, or 0 (every label trains) when the job has an evaluation_dataset and 0.1 would "
+        "hold fewer than 20 examples per class, too few to choose an epoch by, and neither model_selection, "
+        "early_stopping nor baseline is given.",
     )
     warmup_ratio: float | None = Field(
         default=None, ge=0, lt=1, description="Share of steps of linear warm-up."
@@ -303,7 +306,8 @@ class TrainingJobCreate(_JobRequest):
 
 
 class AdaptHyperparametersIn(_BudgetIn):
-    """Every field is optional: defaults are the base model's `full` ones (the table above)."""
+    """Every field is optional: defaults are those of the method the backbone means (the table above); with
+    a frozen backbone the adapter and head train at a learning rate of 1e-3."""
 
     adaptation_weight: float | None = Field(
         default=None, ge=0, le=100, description="Weight of the adaptation loss beside the source loss (1.0)."

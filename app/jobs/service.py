@@ -22,13 +22,16 @@ from graft import job_store
 from graft.catalog import BUILTIN_MODELS, LORA_TARGET_MODULES, TASK_MODALITY
 from graft.db import after_commit
 from graft.defaults import (
+    ADAPT_FROZEN_LEARNING_RATE,
     ADAPTER_HIDDEN,
     BACKBONE_METHOD,
     HEAD_WARMUP_EPOCHS,
+    MIN_VALIDATION_PER_CLASS,
     default_backbone,
     default_hyperparameters,
     epochs_for,
     report_folds,
+    split_can_choose,
 )
 from graft.ids import new_id, utcnow
 from graft.queueing import JobQueue
@@ -750,10 +753,12 @@ def _training_job(
             )
         _check_companion(session, principal, body.evaluation_dataset, train, upstream, "evaluation_dataset")
     semi = _semi_supervised(session, principal, body, train, upstream, given, self_supervised)
+    unheld = _unheld_split(body, train, given, upstream.architecture)
+    planned = {**given, **unheld}  # what the budget counts: the labels the run trains on
     hyperparameters = {
         **_budget(
             upstream.architecture,
-            given,
+            planned,
             train,
             held_out=body.validation_dataset is not None,
             learned=body.type == "finetune" and upstream.has_weights,
@@ -773,7 +778,7 @@ def _training_job(
         body.type,
         body.method,
         hyperparameters,
-        _train_examples(upstream.architecture, given, train, held_out=held_out, method=body.method),
+        _train_examples(upstream.architecture, planned, train, held_out=held_out, method=body.method),
         seeds=len(body.seeds) if body.seeds else 1,
         baseline=bool(body.baseline),
         baseline_arms=arms or (),
@@ -785,7 +790,7 @@ def _training_job(
         limits,
         given,
         default_epochs=_default_epochs(
-            upstream.architecture, given, train, held_out=held_out, method=body.method
+            upstream.architecture, planned, train, held_out=held_out, method=body.method
         ),
         default_batch_size=default_hyperparameters(upstream.architecture, body.method)["batch_size"],
     )
@@ -813,7 +818,43 @@ def _training_job(
     what = {"pretrain": "pretraining", "finetune": f"{body.method} fine-tune"}[body.type]
     if self_supervised:
         what = "self-supervised pretraining"
-    return fields, f"Job created: {what} of {start} on {train.id}"
+    created = f"Job created: {what} of {start} on {train.id}"
+    if unheld:
+        default_split = default_hyperparameters(upstream.architecture, body.method)["validation_split"]
+        created += (
+            f"; all {train.num_examples} labelled examples train: a validation split of {default_split:g} "
+            f"would hold about {round(train.num_examples * default_split)}, too few "
+            f"(fewer than {MIN_VALIDATION_PER_CLASS} per class) to choose an epoch by, so the last epoch of the "
+            "schedule is the result"
+        )
+    return fields, created
+
+
+def _unheld_split(
+    body: TrainingJobCreate, train: Dataset, given: dict[str, Any], architecture: str
+) -> dict[str, Any]:
+    """A default validation split too small to choose an epoch by (fewer than MIN_VALIDATION_PER_CLASS
+    examples per class) holds labels out for nothing when the job is measured on an evaluation_dataset:
+    the result is the last epoch anyway, and the job's held-out figures come from the evaluation data. Then
+    the run trains on every label (validation_split 0), as a practitioner with 40 labels would. Without
+    an evaluation dataset the split stays: it is the job's only held-out figure. Not either when the client
+    chose the split, a validation_dataset, the model selection or early stopping, nor for a baseline
+    comparison, whose report follows both arms epoch by epoch on the validation data (with cross-validation
+    its result model trains on every label already)."""
+    counts = dict(train.class_counts or {})
+    if (
+        body.evaluation_dataset is None
+        or body.method == "self_supervised"
+        or body.baseline
+        or body.validation_dataset is not None
+        or not counts
+        or "validation_split" in given
+        or given.get("model_selection", "auto") != "auto"
+        or given.get("early_stopping") is not None
+    ):
+        return {}
+    split = float(default_hyperparameters(architecture, body.method)["validation_split"])
+    return {} if split_can_choose(counts, split) else {"validation_split": 0.0}
 
 
 ADAPTATION_DEFAULTS = {"adaptation_weight": 1.0, "pseudo_label_threshold": 0.9, "mcc_temperature": 2.5}
@@ -847,6 +888,7 @@ def _adapt_job(
             upstream.architecture, given, source, held_out=False, learned=upstream.has_weights, method=method
         ),
         **_adapter_width(backbone),
+        **_adapt_rate(backbone, given),
     }
     transfer = _transfer(upstream, source, None)
     budget = training_budget(
@@ -900,6 +942,14 @@ def _backbone(choice: str | None, architecture: str, learned: bool) -> tuple[str
 
 def _adapter_width(backbone: str) -> dict[str, Any]:
     return {"adapter_hidden": ADAPTER_HIDDEN} if backbone == "frozen" else {}
+
+
+def _adapt_rate(backbone: str, given: dict[str, Any]) -> dict[str, Any]:
+    """An adapt job's adapter and head over frozen features train at ADAPT_FROZEN_LEARNING_RATE unless
+    the client chose the rate."""
+    if backbone != "frozen" or "learning_rate" in given:
+        return {}
+    return {"learning_rate": ADAPT_FROZEN_LEARNING_RATE}
 
 
 STUDENT_OPTIONS = {"layers": ("minilm-l6",), "width": ("cnn-small", "resnet-small"), "hidden": ("mlp",)}

@@ -162,11 +162,16 @@ def test_a_text_adapt_job_freezes_the_pretrained_backbone_by_default(api: Api, s
     full = api.create_job({**request, "backbone": "full"})
     assert full.status_code == 201, full.text
     assert full.json()["method"] == "full" and "adapter_hidden" not in full.json()["hyperparameters"]
+    assert full.json()["hyperparameters"]["learning_rate"] == 5e-5  # the full fine-tune's own rate
     assert api.post(f"/v1/jobs/{full.json()['id']}/cancel").status_code == 200
+    chosen = api.create_job({**request, "hyperparameters": {"learning_rate": 0.02}})
+    assert chosen.json()["hyperparameters"]["learning_rate"] == 0.02  # the client's rate stands
+    assert api.post(f"/v1/jobs/{chosen.json()['id']}/cancel").status_code == 200
     response = api.create_job(request)
     assert response.status_code == 201, response.text
     job = response.json()
     assert job["method"] == "linear_probe" and job["hyperparameters"]["adapter_hidden"] == 256
+    assert job["hyperparameters"]["learning_rate"] == 1e-3  # the adapter's, not the linear probe's 1e-2
     run_in_process(settings, job["id"])
     job = api.get(f"/v1/jobs/{job['id']}").json()
     assert job["status"] == "succeeded", job["error"]

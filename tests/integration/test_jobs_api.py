@@ -248,6 +248,47 @@ def test_small_datasets_get_enough_epochs_by_default(api: Api) -> None:
     assert full["epochs"] == 16 and full["head_warmup_epochs"] == 10  # 4 x the table's 4, and the warm-up
 
 
+def test_a_split_too_small_to_choose_by_is_not_held_out(api: Api) -> None:
+    """With an evaluation_dataset to measure the job on, a default split that would hold fewer than 20
+    validation examples per class chooses nothing (the result is the last epoch anyway): every label
+    trains, and the first event says why. Without one the split stays (the job's only held-out figure), as
+    it does for the client's own split, model selection, early stopping, validation dataset, a large
+    dataset and a baseline comparison."""
+    task = "text_classification"
+    small = api.upload_ok(text_csv(sentiment_rows(40)), "small.csv", task)
+    large = api.upload_ok(text_csv(sentiment_rows(420, seed=2)), "large.csv", task)
+    held = api.upload_ok(text_csv(sentiment_rows(30, seed=4)), "held.csv", task)
+    body = {
+        "base_model": "minilm-l6",
+        "training_dataset": small["id"],
+        "method": "linear_probe",
+        "evaluation_dataset": held["id"],
+    }
+
+    def created(extra: dict[str, Any]) -> dict[str, Any]:
+        response = api.create_job({**body, **extra})
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def split(extra: dict[str, Any]) -> float:
+        return created(extra)["hyperparameters"]["validation_split"]
+
+    job = created({})
+    assert job["hyperparameters"]["validation_split"] == 0.0
+    first = api.get(f"/v1/jobs/{job['id']}/events").json()["data"][0]["message"]
+    assert "all 40 labelled examples train" in first and "would hold about 4" in first, first
+    assert split({"evaluation_dataset": None}) == 0.1
+    assert split({"hyperparameters": {"validation_split": 0.2}}) == 0.2
+    assert split({"hyperparameters": {"model_selection": "best"}}) == 0.1
+    assert split({"hyperparameters": {"early_stopping": {"patience": 2}}}) == 0.1
+    assert split({"validation_dataset": held["id"]}) == 0.1
+    assert split({"training_dataset": large["id"]}) == 0.1  # 42 validation examples, 21 per class
+    assert split({"baseline": True}) == 0.1  # its report follows both arms on the validation data
+    # The epochs count the labels that train: 40 at batch 4 are 10 steps an epoch, 40 epochs for 400 steps
+    # (the 36 a split would leave, 9 steps: 45 epochs).
+    assert created({"hyperparameters": {"batch_size": 4}})["hyperparameters"]["epochs"] == 40
+
+
 def test_small_data_rules_are_hyperparameters_with_named_refusals(api: Api) -> None:
     """resnet-small from scratch takes the rules' defaults; a value outside a rule's choices is a 422
     naming the field; the defaults table in /docs names the new architecture."""

@@ -441,7 +441,7 @@ class FinetuneRecipe:
         )
         self.selection = self._selection(n_val)
         if n_val == 0:
-            self.reporter.event("No validation data: the last epoch is the result", level="warning")
+            self.reporter.event("No validation data: the last epoch of the schedule is the result")
         elif self.selection == "last" and self.hp.model_selection == "auto":
             self.reporter.event(
                 f"{n_val} validation examples for {len(self.classes)} classes are too few to choose an epoch "
