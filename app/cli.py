@@ -106,25 +106,19 @@ def recover_embedded_jobs(settings: Settings) -> None:
     """Embedded mode has exactly one worker, started by `run`: a job left running was interrupted by the
     last stop (not waiting for its lease to expire), so it goes back to the queue; every queued job is sent
     again (a delivery of a job that already started is a no-op, so duplicates are harmless)."""
-    from sqlalchemy import select
-
     from graft import job_store
     from graft.db import make_engine, make_session_factory, session_scope
     from graft.queueing import JobQueue
-    from graft.tables import Job
 
     engine = make_engine(settings.effective_database_url)
     try:
         with session_scope(make_session_factory(engine)) as session:
-            for job_id in session.scalars(select(Job.id).where(Job.status == "running")):
-                job_store.transition(session, job_id, "running", **job_store.requeue_values())
-                job_store.add_event(
-                    session,
-                    job_id,
-                    "The service stopped while this job ran; it was queued again and resumes from its last "
-                    "saved training state",
-                )
-            queued = list(session.scalars(select(Job.id).where(Job.status == "queued").order_by(Job.pk)))
+            job_store.requeue_interrupted(
+                session,
+                "The service stopped while this job ran; it was queued again and resumes from its last saved "
+                "training state",
+            )
+            queued = job_store.queued(session)
     finally:
         engine.dispose()
     queue = JobQueue(settings)

@@ -27,21 +27,13 @@ from graft.formats import inspect_dataset
 from graft.sources import BaseModelSource, DatasetSource
 from graft.spec import ModelSpec
 from graft.storage import sha256_file
+from ml.runtime import QuietReporter
 from ml.weights import save_weights
 from tests.helpers import digits_table_csv, digits_zip, text_csv, write
 from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe, FinetuneResult
 
 NAME = "defaults"
 SEED = 0
-
-
-class QuietReporter:
-    def event(self, message: str, **_: Any) -> None: ...
-    def progress(self, **_: Any) -> None: ...
-    def metrics(self, **_: Any) -> None: ...
-    def checkpoint(self, **_: Any) -> None: ...
-    def should_stop(self) -> bool:
-        return False
 
 
 def dataset(path: Path, task: str, label_column: str | None = None) -> DatasetSource:
@@ -78,7 +70,7 @@ def train(base: BaseModelSource, method: str, data: DatasetSource) -> tuple[Fine
         hyperparameters=resolved(base, method, data),  # type: ignore[arg-type]
     )  # fmt: skip
     started = time.perf_counter()
-    result = FinetuneRecipe(config, QuietReporter()).run()  # type: ignore[arg-type]
+    result = FinetuneRecipe(config, QuietReporter()).run()
     return result, time.perf_counter() - started
 
 

@@ -22,10 +22,11 @@ from typing import Any
 
 from app.jobs.service import DISTILLATION_DEFAULTS, DISTILLATION_EPOCHS_FACTOR, resolve_hyperparameters
 from bench.common import command_line, markdown_table, report, seconds
-from bench.defaults import QuietReporter, builtin, data_size, dataset, train
+from bench.defaults import builtin, data_size, dataset, train
 from graft.sources import BaseModelSource, DatasetSource
 from graft.spec import ModelSpec
 from graft.storage import sha256_file
+from ml.runtime import QuietReporter
 from ml.weights import save_weights
 from tests.helpers import digits_table_csv, digits_zip, unlabelled_csv, write
 from workers.recipes.distill import DistillConfig, run_distillation
@@ -65,7 +66,7 @@ def distil(
         temperature=DISTILLATION_DEFAULTS["temperature"],
         alpha=DISTILLATION_DEFAULTS["alpha"],
     )
-    return run_distillation(config, QuietReporter()).report  # type: ignore[arg-type]
+    return run_distillation(config, QuietReporter()).report
 
 
 def rows_for(case: str, reports: list[dict[str, Any]]) -> list[list[object]]:

@@ -45,6 +45,7 @@ from graft.storage import sha256_file
 from ml.data import stratified_split
 from ml.networks import build_model
 from ml.preprocess import TextPipeline
+from ml.runtime import QuietReporter
 from tests.helpers import text_csv, write
 from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe, Hyperparameters
 
@@ -53,7 +54,7 @@ MODEL = "minilm-l6"
 SEED = 0
 
 
-class TimingReporter:
+class TimingReporter(QuietReporter):
     """A recipe reporter that keeps nothing but when each event happened (and the epochs' metrics)."""
 
     def __init__(self) -> None:

@@ -20,9 +20,10 @@ import bench.quality  # noqa: F401  (bench.defaults and bench.quality import eac
 from app.jobs.service import SEMI_SUPERVISED_DEFAULTS, resolve_hyperparameters
 from bench.cases import few_per_class, handwritten_digits
 from bench.common import command_line, markdown_table, median, report
-from bench.defaults import QuietReporter, dataset
+from bench.defaults import dataset
 from graft.sources import BaseModelSource
 from graft.spec import ModelSpec
+from ml.runtime import QuietReporter
 from tests.helpers import image_zip, write
 from workers.recipes.finetune import FinetuneConfig, Hyperparameters
 from workers.recipes.semi_supervised import SemiSupervisedConfig
@@ -53,7 +54,7 @@ def run(per_class: int, seed: int, folder: Path) -> dict[str, float]:
     out: dict[str, float] = {"held out": float(len(held))}
     for name, config in (("labels alone", labels_only), ("semi-supervised", semi)):
         started = time.perf_counter()
-        result = recipe_for(config, QuietReporter()).run()  # type: ignore[arg-type]
+        result = recipe_for(config, QuietReporter()).run()
         assert result.held_out is not None
         out[name] = float(result.held_out["accuracy"])
         out[f"{name} seconds"] = time.perf_counter() - started

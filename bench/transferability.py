@@ -22,11 +22,12 @@ from typing import Any
 from scipy.stats import kendalltau, spearmanr
 
 from bench.common import command_line, markdown_table, report, seconds
-from bench.defaults import QuietReporter, builtin, dataset, resolved
+from bench.defaults import builtin, dataset, resolved
 from bench.distillation import registered
 from graft.defaults import default_hyperparameters
 from graft.sources import BaseModelSource, DatasetSource
 from ml.rank import rank_models
+from ml.runtime import QuietReporter
 from tests.helpers import DIGIT_NAMES, digit_images, digits_zip, image_zip, write
 from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe, Hyperparameters
 from workers.recipes.self_supervised import SelfSupervisedConfig, SelfSupervisedRecipe
@@ -43,7 +44,7 @@ def fine_tuned_accuracy(base: BaseModelSource, method: str, data: DatasetSource)
             job_id="bench", method=method, base=base, train=data, seed=seed,  # type: ignore[arg-type]
             hyperparameters=resolved(base, method, data),  # type: ignore[arg-type]
         )  # fmt: skip
-        values.append(FinetuneRecipe(config, QuietReporter()).run().metrics["val_accuracy"])  # type: ignore[arg-type]
+        values.append(FinetuneRecipe(config, QuietReporter()).run().metrics["val_accuracy"])
     return statistics.fmean(values)
 
 
@@ -54,7 +55,7 @@ def pretrain(data: DatasetSource) -> Any:
     config = FinetuneConfig(
         job_id="bench", method="full", base=base, train=data, hyperparameters=hyperparameters
     )
-    return FinetuneRecipe(config, QuietReporter()).run()  # type: ignore[arg-type]
+    return FinetuneRecipe(config, QuietReporter()).run()
 
 
 def main() -> None:
@@ -101,7 +102,7 @@ def main() -> None:
                 ),
                 save_checkpoints=False,
             ),
-            QuietReporter(),  # type: ignore[arg-type]
+            QuietReporter(),
         ).run()
         candidates = [
             builtin("efficientnet-lite0"),

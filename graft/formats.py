@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from graft.errors import InvalidData
 from graft.text import unsafe_character
 
 TASKS = ("text_classification", "image_classification", "tabular_classification")
@@ -46,11 +47,12 @@ FLOAT32_MAX = 3.4028234663852886e38
 csv.field_size_limit(MAX_LINE_BYTES)
 
 
-class FormatError(ValueError):
+class FormatError(InvalidData, ValueError):
+    """A dataset file or an input that does not parse; `param` names the file, row or field."""
+
     def __init__(self, message: str, *, param: str = "file") -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
+        super().__init__(message, param=param)
+        self.param: str = param
 
 
 # Below this many uncompressed bytes a compression ratio says nothing: DEFLATE's few bytes of framing

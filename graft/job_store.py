@@ -1,16 +1,33 @@
-"""All SQL of jobs, their events and checkpoints. State changes are conditional updates, so the API
-(cancel) and a worker (claim, finish) never both win a transition."""
+"""Every write to a job's state, and the reads the writers need: one module, one named transition per
+change (create, claim, renew, progress, metrics, checkpoint, save and rewind resume state, succeed, fail,
+cancel, requeue, release). State changes are conditional updates, so the API (cancel), the reaper
+(expired leases) and a worker (claim, finish) never both win a transition; a worker's writes are fenced by
+its lease token (`renew` in the same transaction). No job SQL lives anywhere else."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Select, bindparam, func, select, update
+from sqlalchemy import Select, bindparam, delete, func, null, or_, select, update
 from sqlalchemy.orm import Session
 
 from graft.ids import new_id, utcnow
 from graft.tables import Checkpoint, Job, JobEvent
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 def get(session: Session, project_id: str, job_id: str) -> Job | None:
@@ -23,6 +40,20 @@ def get_any(session: Session, job_id: str) -> Job | None:
 
 def by_idempotency_key(session: Session, project_id: str, key: str) -> Job | None:
     return session.scalar(select(Job).where(Job.project_id == project_id, Job.idempotency_key == key))
+
+
+def new_job(project_id: str, *, seed: int, **fields: Any) -> Job:
+    """A queued job's row (not yet added): `fields` are the kind's columns."""
+    return Job(
+        id=new_id("job"),
+        project_id=project_id,
+        status=JobStatus.QUEUED,
+        seed=seed,
+        cancel_requested=False,
+        attempts=0,
+        created_at=utcnow(),
+        **fields,
+    )
 
 
 def add(session: Session, job: Job) -> None:
@@ -52,25 +83,55 @@ def add_event(
     return event
 
 
-def transition(session: Session, job_id: str, from_status: str, **values: Any) -> bool:
-    """Set `values` only if the job is still in `from_status`; True when this call made the change."""
+def _transition(session: Session, job_id: str, from_status: str, *where: Any, **values: Any) -> bool:
+    """Set `values` only if the job is still in `from_status` (and `where` holds); True when this call
+    made the change."""
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == from_status)
+        .where(Job.id == job_id, Job.status == from_status, *where)
         .values(**values)
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
-def update_fields(session: Session, job_id: str, **values: Any) -> None:
+def _set(session: Session, job_id: str, **values: Any) -> None:
     session.execute(
         update(Job).where(Job.id == job_id).values(**values).execution_options(synchronize_session=False)
     )
 
 
-def cancel_requested(session: Session, job_id: str) -> bool:
-    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+def active_job_using(session: Session, dataset_id: str) -> str | None:
+    """A queued or running job that reads the dataset, if any (it may not be deleted under it)."""
+    return session.scalar(
+        select(Job.id)
+        .where(
+            Job.status.in_(ACTIVE),
+            or_(
+                Job.training_dataset == dataset_id,
+                Job.validation_dataset == dataset_id,
+                Job.target_dataset == dataset_id,
+                Job.evaluation_dataset == dataset_id,
+                Job.unlabeled_dataset == dataset_id,
+            ),
+        )
+        .limit(1)
+    )
+
+
+# ----------------------------------------------------------------------------------- the API's changes
+
+
+def cancel(session: Session, job_id: str) -> str | None:
+    """A queued job is cancelled at once ("cancelled"); a running one is asked to stop ("requested");
+    None when the job had already finished."""
+    if _transition(session, job_id, JobStatus.QUEUED, status=JobStatus.CANCELLED, finished_at=utcnow()):
+        add_event(session, job_id, "Job cancelled before it started")
+        return "cancelled"
+    if _transition(session, job_id, JobStatus.RUNNING, cancel_requested=True):
+        add_event(session, job_id, "Cancellation requested; the job stops within a few steps")
+        return "requested"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- leases
@@ -84,21 +145,19 @@ def claim(session: Session, job_id: str, owner: str) -> int | None:
     """Take a queued job; the new fencing token, or None when the job was not queued (a duplicate
     delivery, a cancelled job) or another worker won the race."""
     now = utcnow()
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "queued")
-        .values(
-            status="running",
-            lease_owner=owner,
-            lease_token=Job.lease_token + 1,
-            heartbeat_at=database_now(session),
-            release_requested=False,
-            attempts=Job.attempts + 1,
-            started_at=func.coalesce(Job.started_at, now),
-        )
-        .execution_options(synchronize_session=False)
+    claimed = _transition(
+        session,
+        job_id,
+        JobStatus.QUEUED,
+        status=JobStatus.RUNNING,
+        lease_owner=owner,
+        lease_token=Job.lease_token + 1,
+        heartbeat_at=database_now(session),
+        release_requested=False,
+        attempts=Job.attempts + 1,
+        started_at=func.coalesce(Job.started_at, now),
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if not claimed:
         return None
     return int(session.scalar(select(Job.lease_token).where(Job.id == job_id)) or 0)
 
@@ -107,24 +166,9 @@ def renew(session: Session, job_id: str, token: int) -> bool:
     """Extend the lease; False when the lease is no longer this token's (nothing is written then). On
     PostgreSQL the row stays locked until the transaction ends, so the reaper cannot requeue the job
     between this check and the writes that follow it."""
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.lease_token == token, Job.status == "running")
-        .values(heartbeat_at=database_now(session))
-        .execution_options(synchronize_session=False)
+    return _transition(
+        session, job_id, JobStatus.RUNNING, Job.lease_token == token, heartbeat_at=database_now(session)
     )
-    return result.rowcount == 1  # type: ignore[attr-defined]
-
-
-def fenced_transition(session: Session, job_id: str, token: int, **values: Any) -> bool:
-    """Leave the running state (finish, requeue) only while holding the lease."""
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.lease_token == token, Job.status == "running")
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    return result.rowcount == 1  # type: ignore[attr-defined]
 
 
 def stop_flags(session: Session, job_id: str) -> tuple[bool, bool]:
@@ -139,20 +183,236 @@ def request_release(session: Session, owner_prefix: str) -> list[str]:
     """Ask the running jobs of one worker (lease owners starting with `owner_prefix`) to checkpoint and go
     back to the queue; the ids asked. One conditional update: a job another worker took meanwhile is not
     touched."""
-    mine = (Job.status == "running", Job.lease_owner.startswith(owner_prefix, autoescape=True))
+    mine = (Job.status == JobStatus.RUNNING, Job.lease_owner.startswith(owner_prefix, autoescape=True))
     session.execute(
         update(Job).where(*mine).values(release_requested=True).execution_options(synchronize_session=False)
     )
     return list(session.scalars(select(Job.id).where(*mine, Job.release_requested.is_(True))))
 
 
+def still_queued(session: Session, job_ids: Sequence[str]) -> list[str]:
+    """Those of `job_ids` that are queued (a released job nobody has claimed again yet)."""
+    return list(session.scalars(select(Job.id).where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED)))
+
+
+# ------------------------------------------------------------------------------- a worker's writes
+# Each runs inside the transaction that renewed the lease (workers/runner.py `write`).
+
+
+def progress(session: Session, job_id: str, values: dict[str, int]) -> None:
+    _set(session, job_id, progress=values)
+
+
+def record_metrics(
+    session: Session, job_id: str, latest: dict[str, float], message: str, data: dict[str, Any]
+) -> None:
+    """The latest epoch's metrics on the job, and a metrics event in its history."""
+    _set(session, job_id, metrics=latest)
+    add_event(session, job_id, message, type="metrics", data=data)
+
+
+def record_checkpoint(session: Session, row: Checkpoint, *, best: bool) -> None:
+    """A checkpoint's row (its file is already whole in storage); once, should a retry follow a commit
+    whose acknowledgement was lost. `best`: the job's best checkpoint now."""
+    if session.scalar(select(Checkpoint.id).where(Checkpoint.id == row.id)) is not None:
+        return
+    session.add(row)
+    session.flush()
+    if best:
+        _set(session, row.job_id, best_checkpoint=row.id)
+
+
+def resume_state(session: Session, job_id: str) -> dict[str, Any]:
+    """Per run of the job, where its saved training state is (empty when none is)."""
+    return dict(session.scalar(select(Job.resume_state).where(Job.id == job_id)) or {})
+
+
+def save_resume_entry(session: Session, job_id: str, run: str, entry: dict[str, Any]) -> str | None:
+    """Point one run's resume state at a new file; the path of the file it replaces, if any."""
+    current = resume_state(session, job_id)
+    previous = (current.get(run) or {}).get("path")
+    current[run] = entry
+    _set(session, job_id, resume_state=current)
+    return previous
+
+
+def rewind(
+    session: Session,
+    job_id: str,
+    kept_epochs: int,
+    owns: Callable[[JobEvent], bool],
+    *,
+    checkpoints: bool,
+    best_epoch: int | None,
+) -> list[str]:
+    """Remove what a run wrote after the epochs its saved state includes: its metrics events of later
+    epochs (`owns` says which events are the run's) and, for the job's primary run (`checkpoints`), the
+    checkpoints of later epochs, the best checkpoint then pointing at `best_epoch`'s. The storage keys of
+    the removed checkpoints' files (to delete once this commits)."""
+    stale = [
+        event.id
+        for event in session.scalars(
+            select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "metrics")
+        )
+        if owns(event) and int((event.data or {}).get("epoch", 0)) > kept_epochs
+    ]
+    if stale:
+        session.execute(delete(JobEvent).where(JobEvent.id.in_(stale)))
+    if not checkpoints:
+        return []
+    later = list(
+        session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.epoch > kept_epochs))
+    )
+    if later:
+        session.execute(delete(Checkpoint).where(Checkpoint.id.in_([row.id for row in later])))
+        best = session.scalar(
+            select(Checkpoint.id).where(
+                Checkpoint.job_id == job_id, Checkpoint.epoch == (-1 if best_epoch is None else best_epoch)
+            )
+        )
+        _set(session, job_id, best_checkpoint=best)
+    return [row.path for row in later]
+
+
+def result_model(session: Session, job_id: str) -> str | None:
+    return session.scalar(select(Job.result_model).where(Job.id == job_id))
+
+
+def succeed(session: Session, job_id: str, **values: Any) -> bool:
+    """running -> succeeded with the job's results (`values`: metrics, result_model, report...); its
+    training state served its purpose and is cleared."""
+    return _transition(
+        session,
+        job_id,
+        JobStatus.RUNNING,
+        status=JobStatus.SUCCEEDED,
+        finished_at=utcnow(),
+        resume_state=null(),  # SQL NULL, not JSON null
+        **values,
+    )
+
+
+def finish(
+    session: Session, job_id: str, status: JobStatus, message: str, error: dict[str, str] | None = None
+) -> bool:
+    """running -> failed or cancelled, the worker's own end of the job, with its event."""
+    assert status in (JobStatus.FAILED, JobStatus.CANCELLED)
+    values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "resume_state": null()}
+    if error is not None:
+        values["error"] = error
+    done = _transition(session, job_id, JobStatus.RUNNING, **values)
+    add_event(session, job_id, message, level="error" if status == JobStatus.FAILED else "info")
+    return done
+
+
+def requeue(
+    session: Session,
+    job_id: str,
+    message: str,
+    *where: Any,
+    level: str = "info",
+    data: dict[str, Any] | None = None,
+    **values: Any,
+) -> bool:
+    """running -> queued (its resume state stays, for the next worker), with its event; `where`: further
+    conditions (the reaper's fence)."""
+    if not _transition(session, job_id, JobStatus.RUNNING, *where, **requeue_values(), **values):
+        return False
+    add_event(session, job_id, message, level=level, data=data)
+    return True
+
+
+def requeue_values() -> dict[str, Any]:
+    """What goes back to its defaults when a job returns to the queue (its resume state stays)."""
+    return {
+        "status": JobStatus.QUEUED,
+        "lease_owner": None,
+        "heartbeat_at": None,
+        "release_requested": False,
+        "dispatched_at": utcnow(),
+    }
+
+
+def requeue_interrupted(session: Session, message: str) -> list[str]:
+    """Every running job back to the queue (embedded mode at start: its one worker is gone)."""
+    ids = list(session.scalars(select(Job.id).where(Job.status == JobStatus.RUNNING)))
+    return [job_id for job_id in ids if requeue(session, job_id, message)]
+
+
+def queued(session: Session) -> list[str]:
+    """Queued jobs, oldest first."""
+    return list(session.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED).order_by(Job.pk)))
+
+
+# -------------------------------------------------------------------------------------- the reaper
+
+
 def expired_leases(session: Session, cutoff: datetime) -> list[Job]:
     """Running jobs whose last heartbeat is older than `cutoff` (or that never had one)."""
-    return list(session.scalars(select(Job).where(Job.status == "running", expired(cutoff)).order_by(Job.pk)))
+    return list(
+        session.scalars(select(Job).where(Job.status == JobStatus.RUNNING, _expired(cutoff)).order_by(Job.pk))
+    )
 
 
-def expired(cutoff: datetime) -> Any:
+def _expired(cutoff: datetime) -> Any:
     return (Job.heartbeat_at < cutoff) | Job.heartbeat_at.is_(None)
+
+
+def end_lost(
+    session: Session, job: Job, cutoff: datetime, status: JobStatus, message: str, **values: Any
+) -> bool:
+    """A job whose worker stopped answering: cancelled (it had been asked) or failed (it lost too many
+    workers), only if nothing changed since it was read (the same lease, still no fresh heartbeat)."""
+    assert status in (JobStatus.FAILED, JobStatus.CANCELLED)
+    fence = (Job.lease_token == job.lease_token, _expired(cutoff))
+    ended = _transition(
+        session,
+        job.id,
+        JobStatus.RUNNING,
+        *fence,
+        status=status,
+        finished_at=utcnow(),
+        lease_owner=None,
+        **values,
+    )
+    if ended:
+        add_event(session, job.id, message, level="error" if status == JobStatus.FAILED else "info")
+    return ended
+
+
+def requeue_lost(
+    session: Session, job: Job, cutoff: datetime, message: str, data: dict[str, Any], losses: int
+) -> bool:
+    """A job whose worker stopped answering back to the queue, fenced as `end_lost`."""
+    fence = (Job.lease_token == job.lease_token, _expired(cutoff))
+    return requeue(session, job.id, message, *fence, level="warning", data=data, worker_losses=losses)
+
+
+def undispatched(session: Session, cutoff: datetime) -> list[str]:
+    """Queued jobs last sent to the broker before `cutoff` (or never), oldest first."""
+    return list(
+        session.scalars(
+            select(Job.id)
+            .where(
+                Job.status == JobStatus.QUEUED,
+                (Job.dispatched_at < cutoff) | (Job.dispatched_at.is_(None) & (Job.created_at < cutoff)),
+            )
+            .order_by(Job.pk)
+        )
+    )
+
+
+def mark_dispatched(session: Session, job_id: str, at: datetime) -> None:
+    _set(session, job_id, dispatched_at=at)
+
+
+def clear_finished_states(session: Session) -> list[str]:
+    """Jobs that ended with a resume state left (the reaper failed or cancelled them, the API cancelled a
+    requeued one): the state is cleared; their ids, for their files to go."""
+    ids = list(session.scalars(select(Job.id).where(Job.status.in_(TERMINAL), Job.resume_state.is_not(None))))
+    for job_id in ids:
+        _set(session, job_id, resume_state=null())
+    return ids
 
 
 def database_now(session: Session) -> Any:
@@ -168,44 +428,13 @@ def database_time(session: Session) -> datetime:
     return utcnow()
 
 
-def requeue_values() -> dict[str, Any]:
-    """What goes back to its defaults when a job returns to the queue (its resume state stays)."""
-    return {
-        "status": "queued",
-        "lease_owner": None,
-        "heartbeat_at": None,
-        "release_requested": False,
-        "dispatched_at": utcnow(),
-    }
-
-
-def undispatched(session: Session, cutoff: datetime) -> list[str]:
-    """Queued jobs last sent to the broker before `cutoff` (or never), oldest first."""
-    return list(
-        session.scalars(
-            select(Job.id)
-            .where(
-                Job.status == "queued",
-                (Job.dispatched_at < cutoff) | (Job.dispatched_at.is_(None) & (Job.created_at < cutoff)),
-            )
-            .order_by(Job.pk)
-        )
-    )
+# ---------------------------------------------------------------------------------------- checkpoints
 
 
 def get_checkpoint(session: Session, project_id: str, checkpoint_id: str) -> Checkpoint | None:
     return session.scalar(
         select(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.project_id == project_id)
     )
-
-
-def add_checkpoint(session: Session, row: Checkpoint) -> None:
-    session.add(row)
-    session.flush()
-
-
-def now() -> datetime:
-    return utcnow()
 
 
 # ------------------------------------------------------------------------------------- async reads

@@ -21,16 +21,17 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from graft.errors import InvalidData
 from graft.spec import ModelSpec
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-class InputError(ValueError):
+class InputError(InvalidData, ValueError):
     """An input the model cannot take; the message says which one and why."""
 
     def __init__(self, message: str, index: int | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, param="inputs", code="invalid_input")
         self.index = index
 
 

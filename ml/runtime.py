@@ -12,8 +12,36 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+from graft.errors import GraftError, MissingInput, OutOfMemory, StorageFull
 from graft.sources import BaseModelSource, DatasetSource
 from graft.spec import ModelSpec
+from graft.storage import is_disk_full
+from ml.resume import Journal
+
+
+class TrainingError(GraftError):
+    """A run failed for a reason none of the kinds below names (the message carries the original error)."""
+
+    status_code = 500
+    code = "training_error"
+
+
+def as_error(exc: BaseException) -> GraftError:
+    """The typed error a failed run records: a GraftError as it is (bad data, an input the model cannot
+    take), a full disk, a file gone from storage, the device out of memory, else a training error."""
+    if isinstance(exc, GraftError):
+        return exc
+    if is_disk_full(exc):
+        return StorageFull(
+            "the storage volume is full (no space left on device); the checkpoints and training state written "
+            "before are intact and nothing was left half-written. Free space, then start a new job from the "
+            "last checkpoint"
+        )
+    if isinstance(exc, FileNotFoundError):
+        return MissingInput(str(exc))
+    if isinstance(exc, torch.OutOfMemoryError):
+        return OutOfMemory(f"the device ran out of memory: {exc}"[:2000])
+    return TrainingError(f"{type(exc).__name__}: {exc}"[:2000])
 
 
 class JobCancelled(Exception):
@@ -34,7 +62,7 @@ def stop_signal(reporter: Reporter) -> Exception | None:
     """Why a run must stop now, if it must: the reporter's `stop_reason` (cancel, release, lease_lost)."""
     if not reporter.should_stop():
         return None
-    reason = getattr(reporter, "stop_reason", "cancel")
+    reason = reporter.stop_reason or "cancel"
     if reason == "release":
         return JobPreempted()
     if reason == "lease_lost":
@@ -106,6 +134,59 @@ class Reporter(Protocol):
     ) -> None: ...
 
     def should_stop(self) -> bool: ...
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why `should_stop` said True: "cancel" (the user asked), "release" (the worker is shutting down)
+        or "lease_lost" (the job is no longer this worker's); None before."""
+        ...
+
+    @property
+    def journal(self) -> Journal | None:
+        """Where this run keeps its training state, to resume from (None: nowhere, it starts over)."""
+        ...
+
+    def journal_for(self, run: str, primary: bool) -> Journal | None:
+        """The journal of one run of a study (None when this reporter keeps none)."""
+        ...
+
+
+class QuietReporter:
+    """A reporter that keeps nothing, never stops and has no journal: the base of reporters that keep only
+    some of it (a benchmark's timings, a test's events)."""
+
+    stop_reason: str | None = None
+    journal: Journal | None = None
+
+    def event(
+        self, message: str, *, level: str = "info", data: dict[str, Any] | None = None, type: str = "message"
+    ) -> None:
+        pass
+
+    def progress(self, *, epoch: int, epochs: int, step: int, total_steps: int) -> None:
+        pass
+
+    def metrics(self, *, epoch: int, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def checkpoint(
+        self,
+        *,
+        epoch: int,
+        step: int,
+        tensors: dict[str, Tensor],
+        spec: ModelSpec,
+        metrics: dict[str, float],
+        metadata: dict[str, str],
+        best: bool,
+    ) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+    def journal_for(self, run: str, primary: bool) -> Journal | None:
+        return None
 
 
 class RecipeConfig(BaseModel):

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, delete, null, select
+from sqlalchemy import Engine, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -31,14 +31,14 @@ from graft import job_store as jobs
 from graft.catalog import BUILTIN_MODELS
 from graft.config import Settings, get_settings
 from graft.db import is_transient, make_engine, make_session_factory, session_scope
-from graft.formats import FormatError
 from graft.ids import new_id, utcnow
+from graft.job_store import JobStatus
 from graft.sources import BaseModelSource, CheckpointRef, DatasetSource, dataset_source
 from graft.spec import ModelSpec
-from graft.storage import Storage, is_disk_full, sha256_file
+from graft.storage import Storage, sha256_file
 from graft.tables import Checkpoint, Dataset, Job, JobEvent, Model
-from ml.resume import TrainingState, load_state, save_state
-from ml.runtime import JobCancelled, JobPreempted, LeaseLost
+from ml.resume import Journal, TrainingState, load_state, save_state
+from ml.runtime import JobCancelled, JobPreempted, LeaseLost, as_error
 
 log = logging.getLogger("graft.worker")
 
@@ -156,6 +156,8 @@ class DatabaseReporter:
     steps stay fast."""
 
     PROGRESS_INTERVAL = 1.0
+    # The job's own reporter keeps no journal: each run of its study gets one from `journal_for`.
+    journal: Journal | None = None
 
     def __init__(
         self, context: WorkerContext, job: Job, lease: Lease, heartbeat: Heartbeat | None = None
@@ -189,23 +191,16 @@ class DatabaseReporter:
             return
         self._last_progress = now
         progress = {"epoch": epoch, "epochs": epochs, "step": step, "total_steps": total_steps}
-        self._write(lambda session: jobs.update_fields(session, self.job_id, progress=progress))
+        self._write(lambda session: jobs.progress(session, self.job_id, progress))
 
     def metrics(self, *, epoch: int, step: int, values: dict[str, float]) -> None:
         latest = {k: v for k, v in values.items() if k != "epoch_seconds"}
         shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k not in ("epoch", "epoch_seconds"))
 
-        def work(session: Session) -> None:
-            jobs.update_fields(session, self.job_id, metrics=latest)
-            jobs.add_event(
-                session,
-                self.job_id,
-                f"Epoch {epoch}: {shown}",
-                type="metrics",
-                data={"epoch": epoch, "step": step, **values},
-            )
-
-        self._write(work)
+        data = {"epoch": epoch, "step": step, **values}
+        self._write(
+            lambda session: jobs.record_metrics(session, self.job_id, latest, f"Epoch {epoch}: {shown}", data)
+        )
 
     def checkpoint(
         self,
@@ -235,26 +230,21 @@ class DatabaseReporter:
             save_weights(temp, tensors, spec, extra=extra)
             size, digest = temp.stat().st_size, sha256_file(temp)
 
+        row = Checkpoint(
+            id=checkpoint_id,
+            job_id=self.job_id,
+            project_id=self.project_id,
+            epoch=epoch,
+            step=step,
+            metrics={k: v for k, v in metrics.items() if k not in ("epoch", "epoch_seconds")},
+            bytes=size,
+            sha256=digest,
+            path=key,
+            created_at=utcnow(),
+        )
+
         def work(session: Session) -> None:
-            if session.scalar(select(Checkpoint.id).where(Checkpoint.id == checkpoint_id)) is not None:
-                return  # an earlier try committed, but its acknowledgement was lost
-            jobs.add_checkpoint(
-                session,
-                Checkpoint(
-                    id=checkpoint_id,
-                    job_id=self.job_id,
-                    project_id=self.project_id,
-                    epoch=epoch,
-                    step=step,
-                    metrics={k: v for k, v in metrics.items() if k not in ("epoch", "epoch_seconds")},
-                    bytes=size,
-                    sha256=digest,
-                    path=key,
-                    created_at=utcnow(),
-                ),
-            )
-            if best:
-                jobs.update_fields(session, self.job_id, best_checkpoint=checkpoint_id)
+            jobs.record_checkpoint(session, row, best=best)
 
         try:
             self._write(work)
@@ -307,35 +297,17 @@ class DatabaseJournal:
         job_id = self.reporter.job_id
 
         def work(session: Session) -> tuple[dict[str, Any] | None, list[str]]:
-            entry = (session.scalar(select(Job.resume_state).where(Job.id == job_id)) or {}).get(self.run)
+            entry = jobs.resume_state(session, job_id).get(self.run)
             # Epochs whose end the state includes: a state saved mid-epoch has not reported that epoch.
             kept = 0 if entry is None else entry["epoch"] - (1 if entry["batch"] else 0)
-            stale = [
-                event.id
-                for event in session.scalars(
-                    select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "metrics")
-                )
-                if self._owns(event) and int((event.data or {}).get("epoch", 0)) > kept
-            ]
-            if stale:
-                session.execute(delete(JobEvent).where(JobEvent.id.in_(stale)))
-            files: list[str] = []
-            if self.primary:
-                later = list(
-                    session.scalars(
-                        select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.epoch > kept)
-                    )
-                )
-                files = [row.path for row in later]
-                if later:
-                    session.execute(delete(Checkpoint).where(Checkpoint.id.in_([row.id for row in later])))
-                    best = session.scalar(
-                        select(Checkpoint.id).where(
-                            Checkpoint.job_id == job_id,
-                            Checkpoint.epoch == (entry or {}).get("best_epoch", -1),
-                        )
-                    )
-                    jobs.update_fields(session, job_id, best_checkpoint=best)
+            files = jobs.rewind(
+                session,
+                job_id,
+                kept,
+                self._owns,
+                checkpoints=self.primary,
+                best_epoch=(entry or {}).get("best_epoch"),
+            )
             return entry, files
 
         entry, files = self.reporter._write(work)
@@ -360,11 +332,7 @@ class DatabaseJournal:
         }
 
         def work(session: Session) -> str | None:
-            current = dict(session.scalar(select(Job.resume_state).where(Job.id == job_id)) or {})
-            previous = (current.get(self.run) or {}).get("path")
-            current[self.run] = entry
-            jobs.update_fields(session, job_id, resume_state=current)
-            return previous
+            return jobs.save_resume_entry(session, job_id, self.run, entry)
 
         try:
             previous = self.reporter._write(work)
@@ -523,7 +491,7 @@ def _register_result(
 
         def work(session: Session) -> None:
             nonlocal kind
-            if session.scalar(select(Job.result_model).where(Job.id == job.id)) == model_id:
+            if jobs.result_model(session, job.id) == model_id:
                 return  # an earlier try committed, but its acknowledgement was lost
             dataset_name = session.scalar(select(Dataset.name).where(Dataset.id == job.training_dataset))
             if kind is None:
@@ -551,17 +519,13 @@ def _register_result(
                     created_at=utcnow(),
                 )
             )
-            finished = jobs.transition(
+            finished = jobs.succeed(
                 session,
                 job.id,
-                "running",
-                status="succeeded",
-                finished_at=utcnow(),
                 result_model=model_id,
                 metrics={**result.metrics, "best_epoch": result.best_epoch},
                 transfer=result.transfer,
                 report=study.report,
-                resume_state=null(),  # SQL NULL, not JSON null
             )
             if not finished:
                 raise RuntimeError(f"job {job.id} left the running state while it trained")
@@ -578,7 +542,7 @@ def _register_result(
         raise  # whether the last commit landed is unknown: the files stay
     except LeaseLost:
         with session_scope(context.session_factory) as session:
-            landed = session.scalar(select(Job.result_model).where(Job.id == job.id)) == model_id
+            landed = jobs.result_model(session, job.id) == model_id
         if landed:  # a retry after a commit whose acknowledgement was lost: the job is done
             return
         context.storage.delete_tree(folder)
@@ -744,7 +708,7 @@ def _run_evaluation(context: WorkerContext, job: Job, reporter: DatabaseReporter
     metrics = evaluate_model(load_model(weights, spec), spec, dataset)
 
     def work(session: Session) -> None:
-        jobs.transition(session, job.id, "running", status="succeeded", finished_at=utcnow(), metrics=metrics)
+        jobs.succeed(session, job.id, metrics=metrics)
         jobs.add_event(
             session,
             job.id,
@@ -755,49 +719,33 @@ def _run_evaluation(context: WorkerContext, job: Job, reporter: DatabaseReporter
 
 
 def _error_for(exc: BaseException) -> dict[str, str]:
-    if isinstance(exc, FormatError):
-        return {"code": "invalid_data", "message": exc.message}
-    if is_disk_full(exc):
-        return {
-            "code": "storage_full",
-            "message": "the storage volume is full (no space left on device); the checkpoints and training state "
-            "written before are intact and nothing was left half-written. Free space, then start a new job "
-            "from the last checkpoint",
-        }
-    if isinstance(exc, FileNotFoundError):
-        return {"code": "missing_input", "message": str(exc)}
-    if type(exc).__name__ == "OutOfMemoryError":
-        return {"code": "out_of_memory", "message": f"the device ran out of memory: {exc}"[:2000]}
-    return {"code": "training_error", "message": f"{type(exc).__name__}: {exc}"[:2000]}
+    error = as_error(exc)
+    return {"code": error.code, "message": error.message}
 
 
 def _finish(
     context: WorkerContext,
     lease: Lease,
-    status: str,
+    status: JobStatus,
     message: str,
     *,
     error: dict[str, str] | None = None,
-    values: dict[str, Any] | None = None,
 ) -> bool:
-    """Leave the running state (fenced by the lease); False when the job was no longer this worker's."""
-    changes: dict[str, Any] = {"status": status, **(values or {})}
-    if status != "queued":
-        changes["finished_at"] = utcnow()
-        changes["resume_state"] = null()  # SQL NULL, not JSON null
-    if error is not None:
-        changes["error"] = error
+    """Leave the running state (fenced by the lease): failed, cancelled, or queued again (its training
+    state kept); False when the job was no longer this worker's."""
 
     def work(session: Session) -> None:
-        jobs.transition(session, lease.job_id, "running", **changes)
-        jobs.add_event(session, lease.job_id, message, level="error" if status == "failed" else "info")
+        if status == JobStatus.QUEUED:
+            jobs.requeue(session, lease.job_id, message)
+        else:
+            jobs.finish(session, lease.job_id, status, message, error)
 
     try:
         write(context, lease, work)
     except LeaseLost:
         log.warning("job %s: lease lost before it could be marked %s", lease.job_id, status)
         return False
-    if status != "queued":
+    if status != JobStatus.QUEUED:
         context.storage.delete_tree(state_folder(lease.job_id))
     return True
 
@@ -812,7 +760,7 @@ def _requeue(context: WorkerContext, lease: Lease) -> None:
     sent again by the worker's main process once it has stopped consuming (workers/tasks.py), so that the
     next worker, not this one, receives it."""
     with session_scope(context.session_factory) as session:
-        saved = session.scalar(select(Job.resume_state).where(Job.id == lease.job_id)) or {}
+        saved = jobs.resume_state(session, lease.job_id)
     where = ", ".join(
         f"{run}: epoch {entry['epoch']}" + (f" batch {entry['batch']}" if entry["batch"] else "")
         for run, entry in saved.items()
@@ -820,9 +768,7 @@ def _requeue(context: WorkerContext, lease: Lease) -> None:
     message = "The worker is shutting down; the job was queued again" + (
         f" and resumes from its saved state ({where})" if where else " (no training state saved yet)"
     )
-    values = jobs.requeue_values()
-    status = values.pop("status")
-    _finish(context, lease, status, message, values=values)
+    _finish(context, lease, JobStatus.QUEUED, message)
 
 
 def execute_job(job_id: str, context: WorkerContext | None = None) -> None:
@@ -843,7 +789,7 @@ def execute_job(job_id: str, context: WorkerContext | None = None) -> None:
             else:
                 _run_training(context, job, reporter)
         except JobCancelled:
-            _finish(context, lease, "cancelled", "Job cancelled")
+            _finish(context, lease, JobStatus.CANCELLED, "Job cancelled")
         except JobPreempted:
             _requeue(context, lease)
         except LeaseLost:
@@ -851,4 +797,4 @@ def execute_job(job_id: str, context: WorkerContext | None = None) -> None:
         except Exception as exc:
             log.exception("job %s failed", job.id)
             error = _error_for(exc)
-            _finish(context, lease, "failed", f"Job failed: {error['message']}", error=error)
+            _finish(context, lease, JobStatus.FAILED, f"Job failed: {error['message']}", error=error)

@@ -66,20 +66,16 @@ def resend_released_jobs(**_: Any) -> None:
     worker. (Should this never run, a killed worker say, the reaper sends them after redispatch_seconds.)"""
     if not _released:
         return
-    from sqlalchemy import select
-
+    from graft import job_store
     from graft.config import get_settings
     from graft.db import make_engine, make_session_factory, session_scope
     from graft.queueing import JobQueue
-    from graft.tables import Job
 
     settings = get_settings()
     engine = make_engine(settings.effective_database_url, pool_size=1)
     try:
         with session_scope(make_session_factory(engine)) as session:
-            queued = list(
-                session.scalars(select(Job.id).where(Job.id.in_(_released), Job.status == "queued"))
-            )
+            queued = job_store.still_queued(session, _released)
     except Exception:
         log.exception("could not read the released jobs; the reaper will send them again")
         return

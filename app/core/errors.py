@@ -14,31 +14,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.reads import DatabaseUnavailable
 from graft.db import is_unreachable
+from graft.errors import GraftError, InvalidData
 from graft.storage import is_disk_full
 
 log = logging.getLogger("graft.api")
 
 DATABASE_RETRY_AFTER_SECONDS = 5
-
-
-class GraftError(Exception):
-    status_code = 400
-    code = "invalid_request"
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        if code is not None:
-            self.code = code
-        self.headers = headers
 
 
 class InvalidRequest(GraftError):
@@ -76,7 +57,7 @@ class UnsupportedMediaType(GraftError):
     code = "unsupported_media_type"
 
 
-class Unprocessable(GraftError):
+class Unprocessable(InvalidData):
     status_code = 422
     code = "invalid_data"
 
@@ -84,11 +65,6 @@ class Unprocessable(GraftError):
 class RateLimited(GraftError):
     status_code = 429
     code = "rate_limited"
-
-
-class StorageFull(GraftError):
-    status_code = 507
-    code = "storage_full"
 
 
 class ServiceUnavailable(GraftError):

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import exists, or_, select
+from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
-from graft.tables import Dataset, Job
-
-ACTIVE_JOB_STATUSES = ("queued", "running")
+from graft.tables import Dataset
 
 
 def get(session: Session, project_id: str, dataset_id: str, *, for_update: bool = False) -> Dataset | None:
@@ -24,23 +22,6 @@ def add(session: Session, row: Dataset) -> None:
 def delete(session: Session, row: Dataset) -> None:
     session.delete(row)
     session.flush()
-
-
-def used_by_active_job(session: Session, dataset_id: str) -> str | None:
-    return session.scalar(
-        select(Job.id)
-        .where(
-            Job.status.in_(ACTIVE_JOB_STATUSES),
-            or_(
-                Job.training_dataset == dataset_id,
-                Job.validation_dataset == dataset_id,
-                Job.target_dataset == dataset_id,
-                Job.evaluation_dataset == dataset_id,
-                Job.unlabeled_dataset == dataset_id,
-            ),
-        )
-        .limit(1)
-    )
 
 
 def any_exist(session: Session, project_id: str) -> bool:

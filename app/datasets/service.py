@@ -11,6 +11,7 @@ from app.core.errors import Conflict, Unprocessable, not_found
 from app.core.security import Principal
 from app.datasets import repository
 from app.datasets.upload import ReceivedUpload
+from graft import job_store
 from graft.config import Settings
 from graft.db import after_commit, after_rollback
 from graft.formats import TASKS, ArchiveLimits, FormatError, detect_format, inspect_dataset
@@ -173,7 +174,7 @@ def get_dataset(
 
 def delete_dataset(session: Session, storage: Storage, principal: Principal, dataset_id: str) -> Dataset:
     row = get_dataset(session, principal, dataset_id, for_update=True)
-    job_id = repository.used_by_active_job(session, row.id)
+    job_id = job_store.active_job_using(session, row.id)
     if job_id is not None:
         raise Conflict(
             f"dataset {row.id} is used by {job_id}, which is queued or running", code="dataset_in_use"

@@ -9,9 +9,9 @@ import shutil
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from app.core.errors import GraftError, StorageFull
 from app.core.security import Principal
 from graft.config import Settings
+from graft.errors import GraftError, StorageFull
 from graft.storage import Storage
 from graft.tables import Checkpoint, Dataset, Model, Upload
 

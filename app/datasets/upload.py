@@ -13,7 +13,8 @@ import anyio
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from app.core.errors import GraftError, InvalidRequest, PayloadTooLarge, StorageFull, UnsupportedMediaType
+from app.core.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from graft.errors import GraftError, StorageFull
 from graft.storage import Storage, is_disk_full
 
 MAX_FIELD_BYTES = 64 * 1024  # a text field of a form; a route may allow more (a model import's config)

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Protocol
 
-from sqlalchemy import null, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -31,8 +30,8 @@ from graft import job_store
 from graft.config import Settings
 from graft.db import after_commit, session_scope
 from graft.ids import utcnow
+from graft.job_store import JobStatus
 from graft.storage import Storage
-from graft.tables import Job
 
 log = logging.getLogger("graft.reaper")
 
@@ -57,25 +56,13 @@ def reap(session: Session, settings: Settings, queue: Sender, *, judge_leases: b
     now = utcnow()
     cutoff = job_store.database_time(session) - timedelta(seconds=settings.lease_seconds)
     for job in job_store.expired_leases(session, cutoff) if judge_leases else []:
-        # Only if nothing changed since it was read: the same lease, still without a fresh heartbeat.
-        fenced = (
-            update(Job)
-            .where(
-                Job.id == job.id,
-                Job.status == "running",
-                Job.lease_token == job.lease_token,
-                job_store.expired(cutoff),
-            )
-            .execution_options(synchronize_session=False)
-        )
+        # Each change only if nothing changed since it was read: the same lease, still no fresh heartbeat.
         last_seen = job.heartbeat_at.isoformat(timespec="seconds") if job.heartbeat_at else "never"
         if job.cancel_requested:
             message = (
                 f"Job cancelled (its worker stopped answering after the request; last heartbeat {last_seen})"
             )
-            values = {"status": "cancelled", "finished_at": now, "lease_owner": None}
-            if session.execute(fenced.values(**values)).rowcount == 1:  # type: ignore[attr-defined]
-                job_store.add_event(session, job.id, message)
+            if job_store.end_lost(session, job, cutoff, JobStatus.CANCELLED, message):
                 result.failed.append(job.id)
             continue
         # Graceful releases (a worker shutting down) do not count: only workers lost.
@@ -85,32 +72,23 @@ def reap(session: Session, settings: Settings, queue: Sender, *, judge_leases: b
                 f"The job lost its worker {losses} times (the last stopped answering at {last_seen}); "
                 f"GRAFT_MAX_ATTEMPTS is {settings.max_attempts}, so it is not tried again"
             )
-            values = {
-                "status": "failed",
-                "finished_at": now,
-                "lease_owner": None,
-                "worker_losses": losses,
-                "error": {"code": "worker_lost", "message": message},
-            }
-            if session.execute(fenced.values(**values)).rowcount == 1:  # type: ignore[attr-defined]
-                job_store.add_event(session, job.id, message, level="error")
+            error = {"code": "worker_lost", "message": message}
+            if job_store.end_lost(
+                session, job, cutoff, JobStatus.FAILED, message, worker_losses=losses, error=error
+            ):
                 result.failed.append(job.id)
             continue
-        values = {**job_store.requeue_values(), "worker_losses": losses}
-        if session.execute(fenced.values(**values)).rowcount == 1:  # type: ignore[attr-defined]
-            job_store.add_event(
-                session,
-                job.id,
-                f"The job's worker ({job.lease_owner}) stopped answering (last heartbeat {last_seen}); the job "
-                f"was queued again (workers lost: {losses} of {settings.max_attempts} allowed)",
-                level="warning",
-                data={"attempts": job.attempts, "worker_losses": losses, "worker": job.lease_owner},
-            )
+        message = (
+            f"The job's worker ({job.lease_owner}) stopped answering (last heartbeat {last_seen}); the job "
+            f"was queued again (workers lost: {losses} of {settings.max_attempts} allowed)"
+        )
+        data = {"attempts": job.attempts, "worker_losses": losses, "worker": job.lease_owner}
+        if job_store.requeue_lost(session, job, cutoff, message, data, losses):
             result.requeued.append(job.id)
     if queue.pending() == 0:
         stale = now - timedelta(seconds=settings.redispatch_seconds)
         for job_id in job_store.undispatched(session, stale):
-            job_store.update_fields(session, job_id, dispatched_at=now)
+            job_store.mark_dispatched(session, job_id, now)
             result.redispatched.append(job_id)
     for job_id in [*result.requeued, *result.redispatched]:
         after_commit(session, lambda job_id=job_id: queue.send(job_id))  # type: ignore[misc]
@@ -127,15 +105,8 @@ def reap(session: Session, settings: Settings, queue: Sender, *, judge_leases: b
 def remove_finished_states(session: Session, storage: Storage) -> list[str]:
     """Training states of jobs that ended without their worker clearing them (the reaper failed or
     cancelled them, the API cancelled a requeued one): nothing resumes them any more."""
-    ids = list(
-        session.scalars(
-            select(Job.id).where(
-                Job.status.in_(("succeeded", "failed", "cancelled")), Job.resume_state.is_not(None)
-            )
-        )
-    )
+    ids = job_store.clear_finished_states(session)
     for job_id in ids:
-        job_store.update_fields(session, job_id, resume_state=null())
         after_commit(session, lambda job_id=job_id: storage.delete_tree(f"checkpoints/{job_id}/state"))  # type: ignore[misc]
     return ids
 

@@ -8,12 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from app.core.errors import UNION_TAGS
 from graft.catalog import LORA_TARGET_MODULES
 from graft.defaults import defaults_table
+from graft.job_store import JobStatus
 from graft.text import SafeStr
-
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-JOB_STATUSES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
-
 
 # Request bodies are strict: a JSON string is not a number ("learning_rate": "0.1"), nor a boolean an
 # integer ("epochs": true), nor "yes" a boolean. Lax parsing would turn a client's mistake into a job it

@@ -18,8 +18,9 @@ from app.core.security import Principal
 from app.datasets import service as datasets
 from app.jobs.schemas import METHOD_KEYS, AdaptJobCreate, DistillJobCreate, JobCreate, TrainingJobCreate
 from app.models import service as models
+from app.models.fit import check_fits
 from graft import job_store
-from graft.catalog import BUILTIN_MODELS, LORA_TARGET_MODULES, TASK_MODALITY
+from graft.catalog import BUILTIN_MODELS, LORA_TARGET_MODULES
 from graft.db import after_commit
 from graft.defaults import (
     ADAPT_FROZEN_LEARNING_RATE,
@@ -33,7 +34,6 @@ from graft.defaults import (
     report_folds,
     split_can_choose,
 )
-from graft.ids import new_id, utcnow
 from graft.queueing import JobQueue
 from graft.spec import SPEC_METADATA_KEY, ModelSpec
 from graft.storage import Storage
@@ -135,25 +135,15 @@ def _check_dataset_fits(
     labelled: bool = True,
     mismatch_param: str = "base_model",
 ) -> None:
-    if labelled and not dataset.labeled:
-        raise Unprocessable(
-            f"dataset {dataset.id} has no labels; training needs a labelled dataset",
-            param=param,
-            code="dataset_unlabeled",
-        )
-    if TASK_MODALITY[dataset.task] != upstream.modality:
-        raise Unprocessable(
-            f"{upstream.base_model} is a {upstream.modality} model and dataset {dataset.id} is {dataset.task}",
-            param=mismatch_param,
-            code="modality_mismatch",
-        )
-    missing = [c for c in upstream.feature_columns if c not in dataset.schema_info.get("feature_columns", [])]
-    if missing:
-        raise Unprocessable(
-            f"dataset {dataset.id} lacks the column '{missing[0]}' that {upstream.base_model} was trained on",
-            param=param,
-            code="columns_mismatch",
-        )
+    check_fits(
+        dataset,
+        upstream.base_model,
+        upstream.modality,
+        upstream.feature_columns,
+        param=param,
+        mismatch_param=mismatch_param,
+        labels_for="training needs a labelled dataset" if labelled else None,
+    )
 
 
 def resolve_hyperparameters(
@@ -314,25 +304,19 @@ def _check_companion(
             param=param,
             code="task_mismatch",
         )
-    _check_dataset_fits(dataset, upstream, param, labelled=labelled)
-    if train.task == "tabular_classification":
-        needed = upstream.feature_columns or train.schema_info["feature_columns"]
-        missing = [c for c in needed if c not in dataset.schema_info.get("feature_columns", [])]
-        if missing:
-            raise Unprocessable(
-                f"dataset {dataset.id} lacks the feature column '{missing[0]}'",
-                param=param,
-                code="columns_mismatch",
-            )
-    if labelled:
-        known = train.classes if classes is None else classes
-        unknown = sorted(set(dataset.classes) - set(known))
-        if unknown:
-            raise Unprocessable(
-                f"dataset {dataset.id} has classes the model cannot predict: {', '.join(unknown[:5])}",
-                param=param,
-                code="classes_mismatch",
-            )
+    columns = upstream.feature_columns
+    if not columns and train.task == "tabular_classification":
+        columns = list(train.schema_info["feature_columns"])  # what the model will be trained on
+    check_fits(
+        dataset,
+        upstream.base_model,
+        upstream.modality,
+        columns,
+        param=param,
+        mismatch_param="base_model",
+        labels_for="training needs a labelled dataset" if labelled else None,
+        classes=(train.classes if classes is None else classes) if labelled else None,
+    )
     return dataset
 
 
@@ -1089,17 +1073,12 @@ def create_job(
         fields, description = _distill_job(session, principal, body, limits)
     else:
         fields, description = _training_job(session, storage, principal, body, limits)
-    job = Job(
-        id=new_id("job"),
-        project_id=principal.project_id,
-        status="queued",
+    job = job_store.new_job(
+        principal.project_id,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
         user_metadata=body.metadata,
         idempotency_key=idempotency_key,
         request_hash=fingerprint,
-        cancel_requested=False,
-        attempts=0,
-        created_at=utcnow(),
         **fields,
     )
     if idempotency_key is not None:
@@ -1141,12 +1120,7 @@ def cancel_job(session: Session, principal: Principal, job_id: str) -> Job:
     """A queued job is cancelled at once and never starts; a running one is asked to stop and does so
     within a few steps (the training loop reads this flag), freeing its worker."""
     job = get_job(session, principal, job_id)
-    now = utcnow()
-    if job_store.transition(session, job.id, "queued", status="cancelled", finished_at=now):
-        job_store.add_event(session, job.id, "Job cancelled before it started")
-    elif job_store.transition(session, job.id, "running", cancel_requested=True):
-        job_store.add_event(session, job.id, "Cancellation requested; the job stops within a few steps")
-    else:
+    if job_store.cancel(session, job.id) is None:
         session.refresh(job)
         raise Conflict(f"job {job.id} is already {job.status}", code="job_not_cancellable")
     session.refresh(job)

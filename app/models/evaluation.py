@@ -9,14 +9,14 @@ from sqlalchemy.orm import Session
 from starlette.requests import Request
 
 from app.core.deps import ServiceContext
-from app.core.errors import InvalidRequest, Unprocessable
+from app.core.errors import InvalidRequest
 from app.core.security import Principal
 from app.datasets import service as datasets
 from app.models import service as models
+from app.models.fit import check_fits
 from graft import job_store as jobs
-from graft.catalog import BUILTIN_MODELS, TASK_MODALITY
+from graft.catalog import BUILTIN_MODELS
 from graft.db import after_commit
-from graft.ids import new_id, utcnow
 from graft.queueing import JobQueue
 from graft.sources import dataset_source
 from graft.tables import Dataset, Job, Model
@@ -27,31 +27,15 @@ def _check(model: Model, dataset: Dataset) -> None:
         raise InvalidRequest(
             f"{model.id} has no classification head to evaluate", param="model", code="model_not_servable"
         )
-    if not dataset.labeled:
-        raise Unprocessable(
-            f"dataset {dataset.id} has no labels to evaluate against",
-            param="dataset",
-            code="dataset_unlabeled",
-        )
-    if TASK_MODALITY[dataset.task] != model.modality:
-        raise Unprocessable(
-            f"{model.id} is a {model.modality} model and dataset {dataset.id} is {dataset.task}",
-            param="dataset",
-            code="modality_mismatch",
-        )
-    unknown = sorted(set(dataset.classes) - set(model.classes))
-    if unknown:
-        raise Unprocessable(
-            f"dataset {dataset.id} has classes the model does not know: {', '.join(unknown[:5])}",
-            param="dataset",
-            code="classes_mismatch",
-        )
-    columns = model.spec.get("input_spec", {}).get("feature_columns", [])
-    missing = [c for c in columns if c not in dataset.schema_info.get("feature_columns", [])]
-    if missing:
-        raise Unprocessable(
-            f"dataset {dataset.id} lacks the column '{missing[0]}'", param="dataset", code="columns_mismatch"
-        )
+    check_fits(
+        dataset,
+        model.id,
+        model.modality,
+        model.spec.get("input_spec", {}).get("feature_columns", []),
+        param="dataset",
+        labels_for="evaluation compares predictions with them",
+        classes=model.classes,
+    )
 
 
 def check(session: Session, principal: Principal, model_id: str, dataset_id: str) -> tuple[Model, Dataset]:
@@ -86,21 +70,16 @@ def queue_evaluation(
     # Still there (a delete in between would otherwise leave the job without its dataset): locked, so a
     # delete waits for this job and then sees it.
     datasets.get_dataset(session, principal, dataset.id, param="dataset", for_update=True)
-    job = Job(
-        id=new_id("job"),
-        project_id=principal.project_id,
+    job = jobs.new_job(
+        principal.project_id,
+        seed=0,
         type="evaluate",
-        status="queued",
         base_model=model.id,
         training_dataset=None,
         validation_dataset=dataset.id,
         method=None,
         hyperparameters={},
-        seed=0,
         baseline=False,
-        cancel_requested=False,
-        attempts=0,
-        created_at=utcnow(),
     )
     jobs.add(session, job)
     jobs.add_event(

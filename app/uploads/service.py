@@ -34,7 +34,6 @@ from app.core.errors import (
     Conflict,
     InvalidRequest,
     PayloadTooLarge,
-    StorageFull,
     Unprocessable,
     UnsupportedMediaType,
     not_found,
@@ -46,6 +45,7 @@ from app.datasets.upload import HEAD_BYTES, ReceivedUpload
 from app.uploads.schemas import DatasetFromUpload, UploadCreate
 from graft.config import Settings
 from graft.db import Database, after_commit, after_rollback
+from graft.errors import StorageFull
 from graft.ids import new_id, utcnow
 from graft.storage import Storage, is_disk_full, sha256_file
 from graft.tables import Dataset, Upload

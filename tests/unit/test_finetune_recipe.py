@@ -16,13 +16,13 @@ from graft.spec import ModelSpec
 from graft.storage import sha256_file
 from ml.data import stratified_split
 from ml.networks import build_model, efficientnet_lite0_pretrained_state, minilm_package_dir
-from ml.runtime import JobCancelled
+from ml.runtime import JobCancelled, QuietReporter
 from ml.weights import save_weights
 from tests.helpers import digits_zip, iris_csv, sentiment_rows, text_csv, write
 from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe, FinetuneResult
 
 
-class ListReporter:
+class ListReporter(QuietReporter):
     def __init__(self, stop_after_steps: int | None = None) -> None:
         self.events: list[str] = []
         self.metrics_seen: list[dict[str, float]] = []

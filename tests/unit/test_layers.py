@@ -62,3 +62,51 @@ def test_a_stray_import_breaks_the_contracts(tmp_path: Path) -> None:
     assert "app.serving -> workers.runner" in result.stdout
     assert "graft.spec -> torch" in result.stdout
     assert "workers.recipes.finetune -> graft.db" in result.stdout
+
+
+JOB_TABLES = {"Job", "JobEvent"}
+STATEMENTS = {"select", "update", "delete", "insert", "exists"}
+
+
+def job_sql_outside_the_store(root: Path) -> list[str]:
+    """file:line of every statement on the jobs' tables (a column of Job or JobEvent, or select/update/
+    delete/insert/exists over them) outside graft/job_store.py and the table definitions."""
+    import ast
+
+    found = []
+    for package in ("app", "workers", "graft", "ml"):
+        for path in sorted((root / package).rglob("*.py")):
+            relative = path.relative_to(root).as_posix()
+            if relative in ("graft/job_store.py", "graft/tables.py"):
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), relative)):
+                column = (
+                    isinstance(node, ast.Attribute)
+                    and isinstance(node.value, ast.Name)
+                    and node.value.id in JOB_TABLES
+                )
+                statement = (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Name)
+                    and node.func.id in STATEMENTS
+                    and any(isinstance(a, ast.Name) and a.id in JOB_TABLES for a in node.args)
+                )
+                if column or statement:
+                    found.append(f"{relative}:{node.lineno}")  # type: ignore[attr-defined]
+    return found
+
+
+def test_every_job_state_change_goes_through_the_job_store(tmp_path: Path) -> None:
+    """One owner of job state (graft/job_store.py): no other module queries or updates the jobs' tables;
+    the same scan finds a planted update and a planted column filter."""
+    assert job_sql_outside_the_store(ROOT) == []
+    write(
+        tmp_path,
+        {
+            "graft/job_store.py": "update(Job).where(Job.id == 1)\n",  # the store itself may
+            "app/reaper.py": "session.execute(update(Job).values(status='failed'))\n",
+            "workers/runner.py": "x = 1\nrows = select(Model).where(Job.status == 'running')\n",
+            "ml/__init__.py": "",
+        },
+    )
+    assert job_sql_outside_the_store(tmp_path) == ["app/reaper.py:1", "workers/runner.py:2"]

@@ -43,7 +43,6 @@ from ml.runtime import (
     JobPreempted,
     RecipeConfig,
     Reporter,
-    autocast_dtype,
     load_upstream_for,
     mlp_from_scratch,
     pick_device,
@@ -51,6 +50,7 @@ from ml.runtime import (
     stop_signal,
     to_device,
 )
+from ml.training import MixedPrecision
 
 HEAD_WARMUP_LR = 1e-2
 # Choosing the best epoch on validation data needs this many validation examples per class on average;
@@ -165,10 +165,11 @@ class FinetuneRecipe:
         self.reporter = reporter
         self.hp = config.hyperparameters
         self.device = pick_device(config.device)
-        self.amp_dtype = autocast_dtype(self.device)
+        self.precision = MixedPrecision(self.device)
+        self.amp_dtype = self.precision.dtype
         self.step = 0
         # Where the run stands; saved to, and restored from, the journal (when the reporter keeps one).
-        self.journal: Journal | None = getattr(reporter, "journal", None)
+        self.journal: Journal | None = reporter.journal
         self.history: list[dict[str, float]] = []
         self.best_score: tuple[float, float] | None = None
         self.best_epoch, self.stale = 0, 0
@@ -239,8 +240,6 @@ class FinetuneRecipe:
         self.optimizer = torch.optim.AdamW(
             self.setup_method.param_groups + self.extra_parameters(), weight_decay=self.hp.weight_decay
         )
-        # fp16 (CUDA cards without bf16) needs loss scaling; bf16 and fp32 do not.
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.steps_per_epoch = math.ceil(len(self.train_inputs) / self.hp.batch_size)
         self.total_steps = self.steps_per_epoch * self.hp.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -512,9 +511,7 @@ class FinetuneRecipe:
     # ------------------------------------------------------------------ training
 
     def _autocast(self) -> Any:
-        if self.amp_dtype is None:
-            return torch.autocast(device_type="cpu", enabled=False)
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return self.precision.autocast()
 
     def _check_cancel(self) -> None:
         signal = stop_signal(self.reporter)
@@ -594,15 +591,9 @@ class FinetuneRecipe:
             loss = self.training_loss(logits.float(), target, indices)
             if extra is not None:
                 loss = loss + extra.float()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(trainable, self.hp.max_grad_norm)
-            if extra_params:
-                nn.utils.clip_grad_norm_(extra_params, self.hp.max_grad_norm)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
+            self.precision.step(
+                loss, self.optimizer, [trainable, extra_params], self.hp.max_grad_norm, self.scheduler
+            )
             self.step += 1
             loss_sum += float(loss.detach()) * len(indices)
             correct += int((logits.detach().argmax(dim=1) == target).sum())
@@ -729,7 +720,7 @@ class FinetuneRecipe:
                 "stale": self.stale,
                 "stopped_early": self.stopped_early,
                 "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
+                "scaler": self.precision.state_dict(),
             }
         )
         state.put("model", self.trained_tensors())
@@ -754,8 +745,7 @@ class FinetuneRecipe:
         self.model.load_state_dict(state.group("model"), strict=False)
         restore_optimizer(self.optimizer, state.group("optimizer"), state.meta["optimizer"])
         self.scheduler.load_state_dict(state.meta["scheduler"])
-        if state.meta["scaler"] and self.scaler.is_enabled():  # empty when saved without loss scaling
-            self.scaler.load_state_dict(state.meta["scaler"])
+        self.precision.load_state_dict(state.meta["scaler"])
         restore_rng(self.generator, state.group("rng"), state.meta["rng"])
         self.restore_extras(state.group("extras"), state.meta["extras"])
         self.step = state.step

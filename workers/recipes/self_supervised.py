@@ -36,7 +36,6 @@ from ml.resume import (
 from ml.runtime import (
     RecipeConfig,
     Reporter,
-    autocast_dtype,
     load_upstream_for,
     mlp_from_scratch,
     pick_device,
@@ -44,6 +43,7 @@ from ml.runtime import (
     stop_signal,
     to_device,
 )
+from ml.training import MixedPrecision
 from workers.recipes.finetune import FinetuneResult, Hyperparameters, set_up, warmup_cosine
 
 PROJECTION_DIM = 128
@@ -105,8 +105,8 @@ class SelfSupervisedRecipe:
         self.reporter = reporter
         self.hp = config.hyperparameters
         self.device = pick_device(config.device)
-        self.amp_dtype = autocast_dtype(self.device)
-        self.journal: Journal | None = getattr(reporter, "journal", None)
+        self.precision = MixedPrecision(self.device)
+        self.journal: Journal | None = reporter.journal
 
     def setup(self) -> None:
         config = self.config
@@ -157,9 +157,7 @@ class SelfSupervisedRecipe:
         )
 
     def _autocast(self) -> Any:
-        return torch.autocast(
-            device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
-        )
+        return self.precision.autocast()
 
     def loss(self, indices: list[int]) -> Tensor:
         if self.modality == "image":
@@ -196,6 +194,7 @@ class SelfSupervisedRecipe:
                 "complete": epoch >= self.hp.epochs,
                 "history": history,
                 "scheduler": self.scheduler.state_dict(),
+                "scaler": self.precision.state_dict(),
             }
         )
         state.put("model", self.model.state_dict())
@@ -211,6 +210,7 @@ class SelfSupervisedRecipe:
         self.auxiliary.load_state_dict(state.group("auxiliary"))
         restore_optimizer(self.optimizer, state.group("optimizer"), state.meta["optimizer"])
         self.scheduler.load_state_dict(state.meta["scheduler"])
+        self.precision.load_state_dict(state.meta.get("scaler"))  # absent from states saved before it
         restore_rng(self.generator, state.group("rng"), state.meta["rng"])
         self.reporter.event(
             f"Resumed from the training state saved after epoch {state.epoch} (step {state.step})",
@@ -237,11 +237,7 @@ class SelfSupervisedRecipe:
                 if len(indices) < self.batch_size:
                     continue
                 loss = self.loss(indices)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(parameters, self.hp.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
+                self.precision.step(loss, self.optimizer, [parameters], self.hp.max_grad_norm, self.scheduler)
                 step += 1
                 losses.append(float(loss.detach()))
                 self.reporter.progress(

@@ -19,6 +19,7 @@ from graft.defaults import METHOD_DEFAULTS
 from graft.report import build_report
 from graft.sources import BaseModelSource, DatasetSource
 from graft.spec import ModelSpec
+from ml.resume import Journal
 from ml.runtime import Reporter, load_upstream
 from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe, FinetuneResult, Hyperparameters
 
@@ -33,8 +34,7 @@ class RunReporter:
         self.runs = runs
         self.primary = primary
         # Where this run keeps its training state, when the job's reporter keeps one (the worker's does).
-        journal_for = getattr(inner, "journal_for", None)
-        self.journal = journal_for(name, primary) if journal_for is not None else None
+        self.journal = inner.journal_for(name, primary)
 
     def event(
         self, message: str, *, level: str = "info", data: dict[str, Any] | None = None, type: str = "message"
@@ -84,7 +84,10 @@ class RunReporter:
 
     @property
     def stop_reason(self) -> str | None:
-        return getattr(self.inner, "stop_reason", None)
+        return self.inner.stop_reason
+
+    def journal_for(self, run: str, primary: bool) -> Journal | None:
+        return self.inner.journal_for(run, primary)
 
 
 def scratch_config(config: FinetuneConfig) -> FinetuneConfig:
