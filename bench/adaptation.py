@@ -27,12 +27,12 @@ from PIL import Image
 from app.jobs.service import ADAPTATION_DEFAULTS, resolve_hyperparameters
 from bench.common import command_line, markdown_table, report, seconds
 from bench.defaults import dataset
+from graft.jobspec import Hyperparameters
 from graft.sources import BaseModelSource, DatasetSource
 from graft.spec import ModelSpec
 from ml.runtime import QuietReporter
 from tests.helpers import digit_images, image_zip, shifted_table_csv, write
 from workers.recipes.adapt import AdaptConfig, run_adaptation
-from workers.recipes.finetune import Hyperparameters
 
 NAME = "adaptation"
 SEEDS = [0, 1, 2]

@@ -23,6 +23,7 @@ from typing import Any
 from app.jobs.service import DISTILLATION_DEFAULTS, DISTILLATION_EPOCHS_FACTOR, resolve_hyperparameters
 from bench.common import command_line, markdown_table, report, seconds
 from bench.defaults import builtin, data_size, dataset, train
+from graft.jobspec import Hyperparameters
 from graft.sources import BaseModelSource, DatasetSource
 from graft.spec import ModelSpec
 from graft.storage import sha256_file
@@ -30,7 +31,6 @@ from ml.runtime import QuietReporter
 from ml.weights import save_weights
 from tests.helpers import digits_table_csv, digits_zip, unlabelled_csv, write
 from workers.recipes.distill import DistillConfig, run_distillation
-from workers.recipes.finetune import Hyperparameters
 
 NAME = "distillation"
 SEEDS = [0, 1, 2]

@@ -39,6 +39,7 @@ from bench.common import (
 )
 from graft.defaults import default_hyperparameters
 from graft.formats import inspect_dataset
+from graft.jobspec import Hyperparameters
 from graft.sources import BaseModelSource, DatasetSource
 from graft.spec import ModelSpec
 from graft.storage import sha256_file
@@ -47,7 +48,7 @@ from ml.networks import build_model
 from ml.preprocess import TextPipeline
 from ml.runtime import QuietReporter
 from tests.helpers import text_csv, write
-from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe, Hyperparameters
+from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe
 
 NAME = "feature_cache"
 MODEL = "minilm-l6"

@@ -21,11 +21,12 @@ from app.jobs.service import SEMI_SUPERVISED_DEFAULTS, resolve_hyperparameters
 from bench.cases import few_per_class, handwritten_digits
 from bench.common import command_line, markdown_table, median, report
 from bench.defaults import dataset
+from graft.jobspec import Hyperparameters
 from graft.sources import BaseModelSource
 from graft.spec import ModelSpec
 from ml.runtime import QuietReporter
 from tests.helpers import image_zip, write
-from workers.recipes.finetune import FinetuneConfig, Hyperparameters
+from workers.recipes.finetune import FinetuneConfig
 from workers.recipes.semi_supervised import SemiSupervisedConfig
 from workers.recipes.study import recipe_for
 

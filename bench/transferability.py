@@ -25,11 +25,12 @@ from bench.common import command_line, markdown_table, report, seconds
 from bench.defaults import builtin, dataset, resolved
 from bench.distillation import registered
 from graft.defaults import default_hyperparameters
+from graft.jobspec import Hyperparameters
 from graft.sources import BaseModelSource, DatasetSource
 from ml.rank import rank_models
 from ml.runtime import QuietReporter
 from tests.helpers import DIGIT_NAMES, digit_images, digits_zip, image_zip, write
-from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe, Hyperparameters
+from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe
 from workers.recipes.self_supervised import SelfSupervisedConfig, SelfSupervisedRecipe
 
 NAME = "transferability"

@@ -14,7 +14,9 @@ from typing import Any
 from sqlalchemy import Select, bindparam, delete, func, null, or_, select, update
 from sqlalchemy.orm import Session
 
+from graft import jobspec
 from graft.ids import new_id, utcnow
+from graft.jobspec import JobSpec
 from graft.tables import Checkpoint, Job, JobEvent
 
 
@@ -42,8 +44,9 @@ def by_idempotency_key(session: Session, project_id: str, key: str) -> Job | Non
     return session.scalar(select(Job).where(Job.project_id == project_id, Job.idempotency_key == key))
 
 
-def new_job(project_id: str, *, seed: int, **fields: Any) -> Job:
-    """A queued job's row (not yet added): `fields` are the kind's columns."""
+def new_job(project_id: str, spec: JobSpec, *, seed: int, **fields: Any) -> Job:
+    """A queued job's row (not yet added): its kind's spec, the listing columns drawn from it, and
+    `fields` (what the API found: the transfer plan; the client's metadata and idempotency key)."""
     return Job(
         id=new_id("job"),
         project_id=project_id,
@@ -52,8 +55,17 @@ def new_job(project_id: str, *, seed: int, **fields: Any) -> Job:
         cancel_requested=False,
         attempts=0,
         created_at=utcnow(),
+        spec=jobspec.dump(spec),
+        **jobspec.columns(spec),
         **fields,
     )
+
+
+def spec_of(job: Job) -> JobSpec:
+    """The job's spec as its kind's planner resolved it."""
+    if job.spec is None:
+        raise ValueError(f"job {job.id} has no spec")
+    return jobspec.parse(job.spec)
 
 
 def add(session: Session, job: Job) -> None:

@@ -176,6 +176,9 @@ class Job(Base):
     student: Mapped[dict[str, Any] | None] = mapped_column(JSONType)  # distill: the student architecture
     method: Mapped[str | None] = mapped_column(String(32))
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    # The kind's typed, versioned spec (graft/jobspec.py): what the worker reads. The columns above are
+    # drawn from it for listing and for the guards on datasets and models.
+    spec: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     seed: Mapped[int] = mapped_column(BigInteger)
     # Transfer options as requested, and what the worker found.
     head: Mapped[str | None] = mapped_column(String(8))

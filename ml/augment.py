@@ -17,12 +17,11 @@ shared preprocessing alone (ml/preprocess.py).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-Augmentation = Literal["auto", "none", "light", "strong"]
 SMALL_DATASET = 10_000
 MIN_AUGMENTED_STEPS = 100
 

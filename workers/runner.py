@@ -1,5 +1,5 @@
-"""Running one job on a worker: claim it in the database, build the recipe's config from the rows,
-report through the database while it trains, register the result, and always end in a final state.
+"""Running one job on a worker: claim it in the database, hand its spec to its kind's handler
+(workers/handlers.py), report through the database while it trains, and always end in a final state.
 
 The broker delivers at least once; the guarantees come from the database. A job is claimed with a lease:
 a fencing token and a heartbeat (a thread renews it). Every write of the worker renews the lease in the
@@ -23,20 +23,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from graft import job_store as jobs
-from graft.catalog import BUILTIN_MODELS
 from graft.config import Settings, get_settings
 from graft.db import is_transient, make_engine, make_session_factory, session_scope
 from graft.ids import new_id, utcnow
 from graft.job_store import JobStatus
-from graft.sources import BaseModelSource, CheckpointRef, DatasetSource, dataset_source
 from graft.spec import ModelSpec
 from graft.storage import Storage, sha256_file
-from graft.tables import Checkpoint, Dataset, Job, JobEvent, Model
+from graft.tables import Checkpoint, Job, JobEvent
 from ml.resume import Journal, TrainingState, load_state, save_state
 from ml.runtime import JobCancelled, JobPreempted, LeaseLost, as_error
 
@@ -369,355 +367,6 @@ def _claim(context: WorkerContext, job_id: str) -> tuple[Job, Lease] | None:
         return job, Lease(job_id, token, owner)
 
 
-def _dataset_source(context: WorkerContext, session: Session, dataset_id: str) -> DatasetSource:
-    row = session.scalar(select(Dataset).where(Dataset.id == dataset_id))
-    if row is None:
-        raise FileNotFoundError(f"dataset {dataset_id} was deleted")
-    return dataset_source(row, context.storage)
-
-
-def _model_row(session: Session, project_id: str, model_id: str) -> Model:
-    row = session.scalar(select(Model).where(Model.id == model_id, Model.project_id == project_id))
-    if row is None:
-        raise FileNotFoundError(f"model {model_id} no longer exists")
-    return row
-
-
-def _baseline_arms(context: WorkerContext, session: Session, job: Job) -> list[Any]:
-    """The arms the job's baseline named beside scratch, with the upstream each trains from."""
-    from workers.recipes.study import Arm
-
-    arms: list[Any] = []
-    for name in job.baseline_arms or []:
-        if name == "scratch":
-            continue
-        if name == "as_is":
-            arms.append(Arm(name=name, kind="as_is"))
-            continue
-        model_id = name
-        if name == "parent":
-            row = _model_row(session, job.project_id, job.base_model)
-            assert row.base_model is not None
-            model_id = row.base_model
-        builtin = BUILTIN_MODELS.get(model_id)
-        if builtin is not None:
-            base = BaseModelSource(id=builtin.id, spec=ModelSpec.for_builtin(builtin.id), pretrained=True)
-        else:
-            row = _model_row(session, job.project_id, model_id)
-            base = BaseModelSource(
-                id=row.id,
-                spec=ModelSpec.model_validate(row.spec),
-                weights_path=context.storage.path(row.weights_path),
-                weights_sha256=row.weights_sha256,
-            )
-        arms.append(Arm(name=name, kind="parent" if name == "parent" else "model", base=base))
-    return arms
-
-
-def _base_source(context: WorkerContext, session: Session, job: Job, depth: int = 0) -> BaseModelSource:
-    """The job's upstream model; a checkpoint it starts from goes on top of the model beneath it."""
-    if job.from_checkpoint is not None:
-        checkpoint = session.scalar(
-            select(Checkpoint).where(
-                Checkpoint.id == job.from_checkpoint, Checkpoint.project_id == job.project_id
-            )
-        )
-        source_job = jobs.get_any(session, checkpoint.job_id) if checkpoint is not None else None
-        if checkpoint is None or source_job is None or depth > 20:
-            raise FileNotFoundError(f"checkpoint {job.from_checkpoint} no longer exists")
-        beneath = _base_source(context, session, source_job, depth + 1)
-        reference = CheckpointRef(path=context.storage.path(checkpoint.path), sha256=checkpoint.sha256)
-        return beneath.model_copy(
-            update={"id": checkpoint.id, "checkpoints": [*beneath.checkpoints, reference]}
-        )
-    builtin = BUILTIN_MODELS.get(job.base_model)
-    if builtin is not None:
-        pretrained = builtin.pretrained and job.initialization != "random"
-        return BaseModelSource(id=builtin.id, spec=ModelSpec.for_builtin(builtin.id), pretrained=pretrained)
-    row = _model_row(session, job.project_id, job.base_model)
-    return BaseModelSource(
-        id=row.id,
-        spec=ModelSpec.model_validate(row.spec),
-        weights_path=context.storage.path(row.weights_path),
-        weights_sha256=row.weights_sha256,
-    )
-
-
-def _save(
-    context: WorkerContext, key: str, tensors: dict[str, Any], spec: ModelSpec, extra: dict[str, str]
-) -> tuple[int, str]:
-    from ml.weights import save_weights
-
-    with context.storage.atomic_path(key) as temp:
-        save_weights(temp, tensors, spec, extra=extra)
-        return temp.stat().st_size, sha256_file(temp)
-
-
-@dataclass
-class StudyOutcome:
-    result: Any  # a FinetuneResult: the model to register
-    report: dict[str, Any] | None
-
-
-def _register_result(
-    context: WorkerContext,
-    job: Job,
-    reporter: DatabaseReporter,
-    study: Any,
-    *,
-    kind: str | None = None,
-    name: str | None = None,
-) -> None:
-    """Save the model's weights (and a LoRA adapter on its own), then register the model and mark the job
-    succeeded in one transaction."""
-    from ml.methods import lora_metadata
-
-    result = study.result
-    model_id = new_id("mdl")
-    folder = f"models/{model_id}"
-    lineage = {"job_id": job.id, "base_model": job.base_model}
-    try:
-        size, digest = _save(context, f"{folder}/model.safetensors", result.state, result.spec, lineage)
-        adapter_key = None
-        if result.adapter is not None:
-            adapter_key = f"{folder}/adapter.safetensors"
-            _save(
-                context,
-                adapter_key,
-                result.adapter,
-                result.spec,
-                {**lineage, **lora_metadata(result.adapter_config)},
-            )
-
-        def work(session: Session) -> None:
-            nonlocal kind
-            if jobs.result_model(session, job.id) == model_id:
-                return  # an earlier try committed, but its acknowledgement was lost
-            dataset_name = session.scalar(select(Dataset.name).where(Dataset.id == job.training_dataset))
-            if kind is None:
-                kind = "pretrained" if job.type == "pretrain" else "finetuned"
-            verb = "pretrained" if kind == "pretrained" else f"{job.method} fine-tuned"
-            session.add(
-                Model(
-                    id=model_id,
-                    project_id=job.project_id,
-                    name=name or f"{job.base_model} {verb} on {dataset_name or job.training_dataset}",
-                    kind=kind,
-                    architecture=result.spec.architecture,
-                    modality=result.spec.modality,
-                    classes=list(result.spec.classes),
-                    metrics={**result.metrics, "best_epoch": result.best_epoch},
-                    spec=result.spec.model_dump(),
-                    num_parameters=result.num_parameters,
-                    job_id=job.id,
-                    base_model=job.base_model,
-                    training_dataset=job.training_dataset,
-                    weights_path=f"{folder}/model.safetensors",
-                    weights_bytes=size,
-                    weights_sha256=digest,
-                    adapter_path=adapter_key,
-                    created_at=utcnow(),
-                )
-            )
-            finished = jobs.succeed(
-                session,
-                job.id,
-                result_model=model_id,
-                metrics={**result.metrics, "best_epoch": result.best_epoch},
-                transfer=result.transfer,
-                report=study.report,
-            )
-            if not finished:
-                raise RuntimeError(f"job {job.id} left the running state while it trained")
-            jobs.add_event(
-                session,
-                job.id,
-                f"Job succeeded; registered model {model_id} from epoch {result.best_epoch}",
-                data={"model": model_id, "best_epoch": result.best_epoch},
-            )
-
-        reporter._write(work)
-        context.storage.delete_tree(state_folder(job.id))
-    except DBAPIError:
-        raise  # whether the last commit landed is unknown: the files stay
-    except LeaseLost:
-        with session_scope(context.session_factory) as session:
-            landed = jobs.result_model(session, job.id) == model_id
-        if landed:  # a retry after a commit whose acknowledgement was lost: the job is done
-            return
-        context.storage.delete_tree(folder)
-        raise
-    except BaseException:
-        context.storage.delete_tree(folder)
-        raise
-
-
-def _run_self_supervised(context: WorkerContext, job: Job, reporter: DatabaseReporter) -> None:
-    from workers.recipes.finetune import Hyperparameters
-    from workers.recipes.self_supervised import SelfSupervisedConfig, SelfSupervisedRecipe
-    from workers.recipes.study import RunReporter
-
-    with session_scope(context.session_factory) as session:
-        assert job.training_dataset is not None
-        config = SelfSupervisedConfig(
-            job_id=job.id,
-            seed=job.seed,
-            base=_base_source(context, session, job),
-            train=_dataset_source(context, session, job.training_dataset),
-            hyperparameters=Hyperparameters.model_validate(job.hyperparameters),
-        )
-    result = SelfSupervisedRecipe(config, RunReporter(reporter, "self-supervised", 0, 1, primary=True)).run()
-    _register_result(
-        context,
-        job,
-        reporter,
-        StudyOutcome(result=result, report=None),
-        kind="pretrained",
-        name=f"{job.base_model} self-supervised on {job.training_dataset}",
-    )
-
-
-def _run_training(context: WorkerContext, job: Job, reporter: DatabaseReporter) -> None:
-    from workers.recipes.finetune import FinetuneConfig, Hyperparameters
-    from workers.recipes.study import run_study
-
-    if job.method == "self_supervised":
-        _run_self_supervised(context, job, reporter)
-        return
-
-    with session_scope(context.session_factory) as session:
-        assert job.training_dataset is not None and job.method is not None
-        config = FinetuneConfig(
-            job_id=job.id,
-            seed=job.seed,
-            method=job.method,  # type: ignore[arg-type]
-            base=_base_source(context, session, job),
-            train=_dataset_source(context, session, job.training_dataset),
-            validation=_dataset_source(context, session, job.validation_dataset)
-            if job.validation_dataset
-            else None,
-            evaluation=_dataset_source(context, session, job.evaluation_dataset)
-            if job.evaluation_dataset
-            else None,
-            hyperparameters=Hyperparameters.model_validate(job.hyperparameters),
-            head=job.head,  # type: ignore[arg-type]
-            feature_cache_dir=context.storage.path("cache"),
-        )
-        if job.unlabeled_dataset:
-            from workers.recipes.semi_supervised import SemiSupervisedConfig
-
-            hp = job.hyperparameters
-            config = SemiSupervisedConfig(
-                **dict(config),
-                unlabeled=_dataset_source(context, session, job.unlabeled_dataset),
-                unlabeled_weight=hp["unlabeled_weight"],
-                confidence_threshold=hp["confidence_threshold"],
-                unlabeled_ratio=hp["unlabeled_ratio"],
-            )
-        arms = _baseline_arms(context, session, job)
-    folds = int(job.hyperparameters.get("cross_validation_folds") or 0)
-    study = run_study(config, reporter, seeds=job.seeds, baseline=job.baseline, folds=folds, arms=arms)
-    _register_result(context, job, reporter, study)
-
-
-def _run_adaptation(context: WorkerContext, job: Job, reporter: DatabaseReporter) -> None:
-    from workers.recipes.adapt import AdaptConfig, run_adaptation
-    from workers.recipes.finetune import Hyperparameters
-
-    hp = job.hyperparameters
-    with session_scope(context.session_factory) as session:
-        assert job.training_dataset is not None and job.target_dataset is not None and job.methods
-        config = AdaptConfig(
-            job_id=job.id,
-            seed=job.seed,
-            method=job.method or "full",  # type: ignore[arg-type]
-            base=_base_source(context, session, job),
-            train=_dataset_source(context, session, job.training_dataset),
-            target=_dataset_source(context, session, job.target_dataset),
-            evaluation=_dataset_source(context, session, job.evaluation_dataset)
-            if job.evaluation_dataset
-            else None,
-            hyperparameters=Hyperparameters.model_validate(hp),
-            adaptation_weight=hp["adaptation_weight"],
-            pseudo_label_threshold=hp["pseudo_label_threshold"],
-            mcc_temperature=hp["mcc_temperature"],
-            adapter=hp.get("adapter_hidden"),
-            feature_cache_dir=context.storage.path("cache"),
-        )
-    study = run_adaptation(config, reporter, methods=job.methods, seeds=job.seeds)
-    method = study.primary.method
-    _register_result(
-        context,
-        job,
-        reporter,
-        StudyOutcome(result=study.primary.result, report=study.report),
-        kind="adapted",
-        name=f"{job.base_model} adapted with {method} from {job.training_dataset} to {job.target_dataset}",
-    )
-
-
-def _run_distillation(context: WorkerContext, job: Job, reporter: DatabaseReporter) -> None:
-    from workers.recipes.distill import DistillConfig, run_distillation
-    from workers.recipes.finetune import Hyperparameters
-
-    hp = job.hyperparameters
-    student = dict(job.student or {})
-    architecture = student.pop("architecture")
-    builtin = BUILTIN_MODELS[architecture]
-    spec = ModelSpec.for_builtin(architecture).model_copy(update={"options": student})
-    with session_scope(context.session_factory) as session:
-        assert job.training_dataset is not None
-        config = DistillConfig(
-            job_id=job.id,
-            seed=job.seed,
-            method=job.method or "full",  # type: ignore[arg-type]
-            base=BaseModelSource(id=f"{architecture} student", spec=spec, pretrained=builtin.pretrained),
-            teacher=_base_source(context, session, job),
-            train=_dataset_source(context, session, job.training_dataset),
-            validation=_dataset_source(context, session, job.evaluation_dataset)
-            if job.evaluation_dataset
-            else None,
-            hyperparameters=Hyperparameters.model_validate(hp),
-            temperature=hp["temperature"],
-            alpha=hp["alpha"],
-            adapter=hp.get("adapter_hidden"),
-            feature_cache_dir=context.storage.path("cache"),
-        )
-    study = run_distillation(config, reporter)
-    _register_result(
-        context,
-        job,
-        reporter,
-        study,
-        kind="distilled",
-        name=f"{architecture} student distilled from {job.base_model} on {job.training_dataset}",
-    )
-
-
-def _run_evaluation(context: WorkerContext, job: Job, reporter: DatabaseReporter) -> None:
-    from ml.evaluate import evaluate_model
-    from ml.weights import load_model
-
-    with session_scope(context.session_factory) as session:
-        assert job.validation_dataset is not None
-        row = _model_row(session, job.project_id, job.base_model)
-        spec = ModelSpec.model_validate(row.spec)
-        weights = context.storage.path(row.weights_path)
-        dataset = _dataset_source(context, session, job.validation_dataset)
-    reporter.event(f"Evaluating {row.id} on {dataset.id}")
-    metrics = evaluate_model(load_model(weights, spec), spec, dataset)
-
-    def work(session: Session) -> None:
-        jobs.succeed(session, job.id, metrics=metrics)
-        jobs.add_event(
-            session,
-            job.id,
-            f"Evaluation done: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}",
-        )
-
-    reporter._write(work)
-
-
 def _error_for(exc: BaseException) -> dict[str, str]:
     error = as_error(exc)
     return {"code": error.code, "message": error.message}
@@ -772,6 +421,8 @@ def _requeue(context: WorkerContext, lease: Lease) -> None:
 
 
 def execute_job(job_id: str, context: WorkerContext | None = None) -> None:
+    from workers.handlers import handle
+
     context = context or worker_context()
     claimed = _claim(context, job_id)
     if claimed is None:
@@ -780,14 +431,7 @@ def execute_job(job_id: str, context: WorkerContext | None = None) -> None:
     with Heartbeat(context, lease) as heartbeat:
         reporter = DatabaseReporter(context, job, lease, heartbeat)
         try:
-            if job.type == "evaluate":
-                _run_evaluation(context, job, reporter)
-            elif job.type == "adapt":
-                _run_adaptation(context, job, reporter)
-            elif job.type == "distill":
-                _run_distillation(context, job, reporter)
-            else:
-                _run_training(context, job, reporter)
+            handle(context, job, jobs.spec_of(job), reporter)
         except JobCancelled:
             _finish(context, lease, JobStatus.CANCELLED, "Job cancelled")
         except JobPreempted:

@@ -9,6 +9,34 @@ from app.core.errors import UNION_TAGS
 from graft.catalog import LORA_TARGET_MODULES
 from graft.defaults import defaults_table
 from graft.job_store import JobStatus
+from graft.jobspec import (
+    AdaptationMethod,
+    Augmentation,
+    Backbone,
+    BatchNormStatistics,
+    BatchSize,
+    EarlyStopping,
+    Epochs,
+    Folds,
+    GradNorm,
+    HeadWarmupEpochs,
+    LayerLrDecay,
+    LearningRate,
+    LoraAlpha,
+    LoraDropout,
+    LoraRank,
+    LossWeight,
+    ModelSelection,
+    Share,
+    Student,
+    Temperature,
+    Threshold,
+    UnfreezeBlocks,
+    UnlabeledRatio,
+    ValidationSplit,
+    WarmupRatio,
+    WeightDecay,
+)
 from graft.text import SafeStr
 
 # Request bodies are strict: a JSON string is not a number ("learning_rate": "0.1"), nor a boolean an
@@ -17,12 +45,8 @@ from graft.text import SafeStr
 STRICT_REQUEST = ConfigDict(extra="forbid", strict=True)
 
 
-class EarlyStoppingIn(BaseModel):
+class EarlyStoppingIn(EarlyStopping):
     model_config = ConfigDict(**STRICT_REQUEST, allow_inf_nan=False)
-
-    metric: Literal["val_loss", "val_accuracy"] = "val_loss"
-    patience: int = Field(default=3, ge=1, le=100, description="Epochs without improvement before stopping.")
-    min_delta: float = Field(default=0.0, ge=0, le=1, description="The smallest change that counts as one.")
 
 
 METHOD_KEYS: dict[str, tuple[str, ...]] = {
@@ -39,31 +63,25 @@ class _BudgetIn(BaseModel):
 
     model_config = ConfigDict(**STRICT_REQUEST, allow_inf_nan=False)
 
-    epochs: int | None = Field(
-        default=None, ge=1, le=1000, description="Passes over the training data (at most)."
-    )
-    batch_size: int | None = Field(default=None, ge=1, le=4096)
-    learning_rate: float | None = Field(default=None, gt=0, le=1, description="Peak learning rate (AdamW).")
-    weight_decay: float | None = Field(default=None, ge=0, le=1)
-    validation_split: float | None = Field(
+    epochs: Epochs | None = Field(default=None, description="Passes over the training data (at most).")
+    batch_size: BatchSize | None = None
+    learning_rate: LearningRate | None = Field(default=None, description="Peak learning rate (AdamW).")
+    weight_decay: WeightDecay | None = None
+    validation_split: ValidationSplit | None = Field(
         default=None,
-        ge=0,
-        le=0.5,
         description="Share of the training data held out (stratified, seeded) when no validation_dataset is "
         "given. Default 0.1, or 0 (every label trains) when the job has an evaluation_dataset and 0.1 would "
         "hold fewer than 20 examples per class, too few to choose an epoch by, and neither model_selection, "
         "early_stopping nor baseline is given.",
     )
-    warmup_ratio: float | None = Field(
-        default=None, ge=0, lt=1, description="Share of steps of linear warm-up."
-    )
-    max_grad_norm: float | None = Field(default=None, gt=0, le=1e6, description="Gradient clipping norm.")
+    warmup_ratio: WarmupRatio | None = Field(default=None, description="Share of steps of linear warm-up.")
+    max_grad_norm: GradNorm | None = Field(default=None, description="Gradient clipping norm.")
     freeze_batch_norm: bool | None = Field(
         default=None,
         description="Keep every batch norm's running statistics (its scale and shift still train). Default: "
         "true when fine-tuning learned weights, false when pretraining or starting from random weights.",
     )
-    batch_norm_statistics: Literal["auto", "target", "source"] | None = Field(
+    batch_norm_statistics: BatchNormStatistics | None = Field(
         default=None,
         description="Learned weights with batch norms: where their statistics come from. `target`: "
         "re-estimated on the training data before training (AdaBN), `source`: the upstream's, `auto` (the "
@@ -71,24 +89,22 @@ class _BudgetIn(BaseModel):
         "statistics (a shift score, the mean symmetric KL divergence per channel, above 0.05; the job's events "
         "give it); linear_probe, partial and lora keep the upstream's, so their frozen part computes what it did.",
     )
-    augmentation: Literal["auto", "none", "light", "strong"] | None = Field(
+    augmentation: Augmentation | None = Field(
         default=None,
         description="Images, methods that train the backbone: label-safe augmentation of training batches "
         "only (resized crops, shifts, small rotations, colour jitter on colour images; never flips). `light`: "
         "crops of 80-100%, 8% shifts, 10 degrees; `strong`: 60-100%, 12%, 15 degrees and shear. `auto` (the "
         "default): `light` up to 10,000 training images trained for at least 100 steps, else `none`.",
     )
-    cross_validation_folds: int | None = Field(
+    cross_validation_folds: Folds | None = Field(
         default=None,
-        ge=0,
-        le=10,
         description="finetune with baseline: estimate the gain by k-fold cross-validation over all the "
         "training labels (both arms train on k-1 folds and predict the held-out one; the job's model then "
         "trains on every label). 0: compare on the validation data. Default: 5 folds (fewer when a class "
         "has fewer than 5 examples) when the validation data would hold fewer than 20 examples per class "
         "and neither validation_split, a validation_dataset nor an evaluation_dataset is given; else 0.",
     )
-    model_selection: Literal["auto", "best", "last"] | None = Field(
+    model_selection: ModelSelection | None = Field(
         default=None,
         description="Which epoch is the result. `best`: the best on the validation data; `last`: the end of "
         "the schedule (warm-up, cosine decay to zero). `auto` (the default): `best` when the validation data "
@@ -100,20 +116,16 @@ class _BudgetIn(BaseModel):
 class HyperparametersIn(_BudgetIn):
     """Every field is optional; what is left out takes the default for the base model and method."""
 
-    unlabeled_weight: float | None = Field(
-        default=None, ge=0, le=100, description="With unlabeled_dataset: weight of the unlabelled loss (1.0)."
+    unlabeled_weight: LossWeight | None = Field(
+        default=None, description="With unlabeled_dataset: weight of the unlabelled loss (1.0)."
     )
-    confidence_threshold: float | None = Field(
+    confidence_threshold: Threshold | None = Field(
         default=None,
-        gt=0,
-        lt=1,
         description="With unlabeled_dataset: the probability a prediction on the weak view needs to become a "
         "target of the strong view (0.95).",
     )
-    unlabeled_ratio: int | None = Field(
+    unlabeled_ratio: UnlabeledRatio | None = Field(
         default=None,
-        ge=1,
-        le=16,
         description="With unlabeled_dataset: unlabelled examples drawn per labelled one in each step (3).",
     )
 
@@ -121,24 +133,18 @@ class HyperparametersIn(_BudgetIn):
         default=None,
         description="Stop when the metric has not improved for `patience` epochs (needs validation data).",
     )
-    unfreeze_blocks: int | None = Field(
-        default=None, ge=0, le=100, description="partial: top blocks that train."
+    unfreeze_blocks: UnfreezeBlocks | None = Field(
+        default=None, description="partial: top blocks that train."
     )
-    layer_lr_decay: float | None = Field(
+    layer_lr_decay: LayerLrDecay | None = Field(
         default=None,
-        gt=0,
-        le=1,
         description="partial, full: the k-th block from the top trains at lr * decay^k.",
     )
-    lora_rank: int | None = Field(default=None, ge=1, le=256, description="lora: adapter rank.")
-    lora_alpha: float | None = Field(default=None, gt=0, le=4096, description="lora: scaling numerator.")
-    lora_dropout: float | None = Field(
-        default=None, ge=0, lt=1, description="lora: dropout on the adapter input."
-    )
-    head_warmup_epochs: int | None = Field(
+    lora_rank: LoraRank | None = Field(default=None, description="lora: adapter rank.")
+    lora_alpha: LoraAlpha | None = Field(default=None, description="lora: scaling numerator.")
+    lora_dropout: LoraDropout | None = Field(default=None, description="lora: dropout on the adapter input.")
+    head_warmup_epochs: HeadWarmupEpochs | None = Field(
         default=None,
-        ge=0,
-        le=1000,
         description="full, partial, lora: epochs fitting a new head on the frozen backbone's features first "
         "(0: none).",
     )
@@ -305,21 +311,16 @@ class AdaptHyperparametersIn(_BudgetIn):
     """Every field is optional: defaults are those of the method the backbone means (the table above); with
     a frozen backbone the adapter and head train at a learning rate of 1e-3."""
 
-    adaptation_weight: float | None = Field(
-        default=None, ge=0, le=100, description="Weight of the adaptation loss beside the source loss (1.0)."
+    adaptation_weight: LossWeight | None = Field(
+        default=None, description="Weight of the adaptation loss beside the source loss (1.0)."
     )
-    pseudo_label_threshold: float | None = Field(
+    pseudo_label_threshold: Threshold | None = Field(
         default=None,
-        gt=0,
-        lt=1,
         description="pseudo_label: the confidence a target prediction needs to be trained on (0.9).",
     )
-    mcc_temperature: float | None = Field(
-        default=None, gt=0, le=100, description="mcc: softmax temperature of the class confusion (2.5)."
+    mcc_temperature: Temperature | None = Field(
+        default=None, description="mcc: softmax temperature of the class confusion (2.5)."
     )
-
-
-AdaptationMethod = Literal["dann", "coral", "mmd", "mcc", "pseudo_label"]
 
 
 def _default_methods() -> list[AdaptationMethod]:
@@ -380,7 +381,7 @@ class AdaptJobCreate(_JobRequest):
         description="Repeat every method per seed (adversarial "
         "training is unstable: the report shows the spread).",
     )
-    backbone: Literal["frozen", "partial", "full"] | None = Field(
+    backbone: Backbone | None = Field(
         default=None,
         description="What trains. frozen: the backbone's features come once from the feature cache and a "
         "residual feature adapter (each domain's features standardised with its own statistics) and the head "
@@ -402,46 +403,18 @@ class AdaptJobCreate(_JobRequest):
 class DistillHyperparametersIn(_BudgetIn):
     """Every field is optional: defaults are the student architecture's `full` ones (the table above)."""
 
-    temperature: float | None = Field(
-        default=None, gt=0, le=100, description="Softens teacher and student outputs in the KL term (4.0)."
+    temperature: Temperature | None = Field(
+        default=None, description="Softens teacher and student outputs in the KL term (4.0)."
     )
-    alpha: float | None = Field(
+    alpha: Share | None = Field(
         default=None,
-        ge=0,
-        le=1,
         description="Weight of cross-entropy on the labels; 1 - alpha weighs T^2 * KL to the teacher (0.5). "
         "Unlabelled transfer data train on the teacher alone.",
     )
 
 
-class StudentIn(BaseModel):
+class StudentIn(Student):
     model_config = ConfigDict(**STRICT_REQUEST)
-
-    architecture: Literal["minilm-l6", "efficientnet-lite0", "resnet-small", "cnn-small", "mlp"] = Field(
-        description="A built-in architecture of the teacher's modality."
-    )
-    layers: int | None = Field(
-        default=None,
-        ge=1,
-        le=6,
-        description="minilm-l6: keep this many transformer layers (the bottom ones of the pretrained encoder).",
-    )
-    width: int | None = Field(
-        default=None,
-        ge=4,
-        le=256,
-        description="cnn-small, resnet-small: channels of the first block (32; then 2x and 4x).",
-    )
-    hidden: list[int] | None = Field(
-        default=None, min_length=1, max_length=4, description="mlp: hidden layer sizes ([128, 128])."
-    )
-
-    @field_validator("hidden")
-    @classmethod
-    def _hidden_sizes(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and any(not 1 <= size <= 4096 for size in value):
-            raise ValueError("hidden sizes are between 1 and 4096")
-        return value
 
 
 class DistillJobCreate(_JobRequest):
@@ -480,7 +453,7 @@ class DistillJobCreate(_JobRequest):
         description="Labelled data to compare teacher and students on. Default: a held-out share of labelled "
         "transfer data.",
     )
-    backbone: Literal["frozen", "partial", "full"] | None = Field(
+    backbone: Backbone | None = Field(
         default=None,
         description="What of the student trains. frozen: its pretrained backbone's features come from the "
         "feature cache and a residual feature adapter and the head learn the teacher's outputs over them "

@@ -8,7 +8,7 @@ import math
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -34,10 +34,33 @@ from graft.defaults import (
     report_folds,
     split_can_choose,
 )
+from graft.jobspec import (
+    AdaptHyperparameters,
+    AdaptSpec,
+    Backbone,
+    DistillHyperparameters,
+    DistillSpec,
+    FinetuneHyperparameters,
+    JobSpec,
+    Student,
+    TrainingMethod,
+    TrainingSpec,
+)
 from graft.queueing import JobQueue
 from graft.spec import SPEC_METADATA_KEY, ModelSpec
 from graft.storage import Storage
 from graft.tables import Checkpoint, Dataset, Job
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A kind's planner's answer: the job's resolved spec, its first event, and the transfer plan (which
+    head, which classes) the report starts from."""
+
+    spec: JobSpec
+    description: str
+    transfer: dict[str, Any] | None = None
+
 
 # The most training one job may ask for, counted in passes over its training examples: every run the job
 # makes (its arms, for each seed) times the epochs, plus the head warm-up epochs of the runs that fit a new
@@ -718,7 +741,7 @@ def _transfer(upstream: Upstream, train: Dataset, head: str | None) -> dict[str,
 
 def _training_job(
     session: Session, storage: Storage, principal: Principal, body: TrainingJobCreate, limits: BudgetLimits
-) -> tuple[dict[str, Any], str]:
+) -> Plan:
     upstream = _upstream(session, storage, principal, body)
     self_supervised = body.method == "self_supervised"
     train = _training_dataset(
@@ -781,23 +804,22 @@ def _training_job(
     initialization = body.initialization
     if body.type == "pretrain" and initialization is None:
         initialization = "pretrained" if upstream.has_weights else "random"
-    fields = {
-        "type": body.type,
-        "base_model": upstream.base_model,
-        "training_dataset": train.id,
-        "validation_dataset": body.validation_dataset,
-        "evaluation_dataset": body.evaluation_dataset,
-        "unlabeled_dataset": body.unlabeled_dataset,
-        "method": body.method,
-        "hyperparameters": hyperparameters,
-        "head": body.head,
-        "initialization": initialization,
-        "from_checkpoint": body.from_checkpoint,
-        "baseline": bool(body.baseline),
-        "baseline_arms": arms,
-        "seeds": body.seeds,
-        "transfer": transfer,
-    }
+    spec = TrainingSpec(
+        kind=body.type,
+        base_model=upstream.base_model,
+        from_checkpoint=body.from_checkpoint,
+        initialization=initialization,
+        method=body.method,
+        training_dataset=train.id,
+        validation_dataset=body.validation_dataset,
+        evaluation_dataset=body.evaluation_dataset,
+        unlabeled_dataset=body.unlabeled_dataset,
+        head=body.head,
+        baseline=bool(body.baseline),
+        baseline_arms=arms,
+        seeds=body.seeds,
+        hyperparameters=FinetuneHyperparameters.model_validate(hyperparameters),
+    )
     start = f"checkpoint {body.from_checkpoint}" if body.from_checkpoint else upstream.base_model
     what = {"pretrain": "pretraining", "finetune": f"{body.method} fine-tune"}[body.type]
     if self_supervised:
@@ -811,7 +833,7 @@ def _training_job(
             f"(fewer than {MIN_VALIDATION_PER_CLASS} per class) to choose an epoch by, so the last epoch of the "
             "schedule is the result"
         )
-    return fields, created
+    return Plan(spec, created, transfer)
 
 
 def _unheld_split(
@@ -848,9 +870,7 @@ DISTILLATION_DEFAULTS = {"temperature": 4.0, "alpha": 0.5}
 DISTILLATION_EPOCHS_FACTOR = 3
 
 
-def _adapt_job(
-    session: Session, principal: Principal, body: AdaptJobCreate, limits: BudgetLimits
-) -> tuple[dict[str, Any], str]:
+def _adapt_job(session: Session, principal: Principal, body: AdaptJobCreate, limits: BudgetLimits) -> Plan:
     upstream = _model_upstream(session, principal, body.base_model)
     source = _training_dataset(session, principal, body.source_dataset, upstream, "source_dataset")
     target = _check_companion(
@@ -892,25 +912,27 @@ def _adapt_job(
         default_batch_size=default_hyperparameters(upstream.architecture, method)["batch_size"],
         methods_param=True,
     )
-    fields = {
-        "type": "adapt",
-        "base_model": upstream.base_model,
-        "training_dataset": source.id,
-        "target_dataset": target.id,
-        "evaluation_dataset": body.evaluation_dataset,
-        "method": method,
-        "methods": list(body.methods),
-        "hyperparameters": hyperparameters,
-        "seeds": body.seeds,
-        "transfer": transfer,
-    }
-    return fields, (
+    spec = AdaptSpec(
+        kind="adapt",
+        base_model=upstream.base_model,
+        source_dataset=source.id,
+        target_dataset=target.id,
+        evaluation_dataset=body.evaluation_dataset,
+        backbone=backbone,
+        method=method,
+        methods=list(body.methods),
+        seeds=body.seeds,
+        hyperparameters=AdaptHyperparameters.model_validate(hyperparameters),
+    )
+    return Plan(
+        spec,
         f"Job created: adapt {upstream.base_model} from {source.id} to {target.id} with "
-        f"{', '.join(body.methods)} beside source_only ({backbone} backbone)"
+        f"{', '.join(body.methods)} beside source_only ({backbone} backbone)",
+        transfer,
     )
 
 
-def _backbone(choice: str | None, architecture: str, learned: bool) -> tuple[str, str]:
+def _backbone(choice: str | None, architecture: str, learned: bool) -> tuple[Backbone, TrainingMethod]:
     """The backbone an adapt or distill job trains ("frozen", "partial" or "full") and the training method
     it means. A frozen backbone needs learned weights: random features would stay random."""
     backbone = choice or (default_backbone(architecture) if learned else "full")
@@ -921,7 +943,7 @@ def _backbone(choice: str | None, architecture: str, learned: bool) -> tuple[str
             param="backbone",
             code="invalid_request",
         )
-    return backbone, BACKBONE_METHOD[backbone]
+    return cast(Backbone, backbone), cast(TrainingMethod, BACKBONE_METHOD[backbone])
 
 
 def _adapter_width(backbone: str) -> dict[str, Any]:
@@ -941,7 +963,7 @@ STUDENT_OPTIONS = {"layers": ("minilm-l6",), "width": ("cnn-small", "resnet-smal
 
 def _distill_job(
     session: Session, principal: Principal, body: DistillJobCreate, limits: BudgetLimits
-) -> tuple[dict[str, Any], str]:
+) -> Plan:
     teacher = _model_upstream(session, principal, body.teacher, param="teacher")
     if not teacher.classes:
         raise Unprocessable(
@@ -1030,17 +1052,18 @@ def _distill_job(
         default_epochs=min(default_epochs * DISTILLATION_EPOCHS_FACTOR, 1000),
         default_batch_size=default_hyperparameters(student.architecture, method)["batch_size"],
     )
-    fields = {
-        "type": "distill",
-        "base_model": teacher.base_model,
-        "training_dataset": train.id,
-        "evaluation_dataset": body.evaluation_dataset,
-        "method": method,
-        "student": student.model_dump(exclude_none=True),
-        "hyperparameters": hyperparameters,
-    }
-    return (
-        fields,
+    spec = DistillSpec(
+        kind="distill",
+        teacher=teacher.base_model,
+        student=Student.model_validate(student.model_dump(exclude_none=True)),
+        training_dataset=train.id,
+        evaluation_dataset=body.evaluation_dataset,
+        backbone=backbone,
+        method=method,
+        hyperparameters=DistillHyperparameters.model_validate(hyperparameters),
+    )
+    return Plan(
+        spec,
         f"Job created: distil {teacher.base_model} into a {student.architecture} student on {train.id} "
         f"({backbone} backbone)",
     )
@@ -1068,18 +1091,19 @@ def create_job(
 
     limits = BudgetLimits(epoch_passes=max_epoch_passes, optimizer_steps=max_optimizer_steps)
     if isinstance(body, AdaptJobCreate):
-        fields, description = _adapt_job(session, principal, body, limits)
+        plan = _adapt_job(session, principal, body, limits)
     elif isinstance(body, DistillJobCreate):
-        fields, description = _distill_job(session, principal, body, limits)
+        plan = _distill_job(session, principal, body, limits)
     else:
-        fields, description = _training_job(session, storage, principal, body, limits)
+        plan = _training_job(session, storage, principal, body, limits)
     job = job_store.new_job(
         principal.project_id,
+        plan.spec,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
+        transfer=plan.transfer,
         user_metadata=body.metadata,
         idempotency_key=idempotency_key,
         request_hash=fingerprint,
-        **fields,
     )
     if idempotency_key is not None:
         try:
@@ -1093,7 +1117,7 @@ def create_job(
             return _replay(existing, fingerprint), False
     else:
         job_store.add(session, job)
-    job_store.add_event(session, job.id, description)
+    job_store.add_event(session, job.id, plan.description)
     job_id = job.id
     after_commit(session, lambda: queue.send(job_id))
     return job, True

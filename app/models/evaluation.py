@@ -17,6 +17,7 @@ from app.models.fit import check_fits
 from graft import job_store as jobs
 from graft.catalog import BUILTIN_MODELS
 from graft.db import after_commit
+from graft.jobspec import EvaluateSpec
 from graft.queueing import JobQueue
 from graft.sources import dataset_source
 from graft.tables import Dataset, Job, Model
@@ -71,15 +72,7 @@ def queue_evaluation(
     # delete waits for this job and then sees it.
     datasets.get_dataset(session, principal, dataset.id, param="dataset", for_update=True)
     job = jobs.new_job(
-        principal.project_id,
-        seed=0,
-        type="evaluate",
-        base_model=model.id,
-        training_dataset=None,
-        validation_dataset=dataset.id,
-        method=None,
-        hyperparameters={},
-        baseline=False,
+        principal.project_id, EvaluateSpec(kind="evaluate", model=model.id, dataset=dataset.id), seed=0
     )
     jobs.add(session, job)
     jobs.add_event(

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from app.jobs.service import resolve_hyperparameters
+from graft.jobspec import Hyperparameters
 from graft.report import render_png
 from graft.sources import BaseModelSource, DatasetSource
 from graft.spec import ModelSpec
@@ -17,7 +18,6 @@ from ml import alignment as adaptation
 from tests.helpers import shifted_table_csv, write
 from tests.unit.test_finetune_recipe import ListReporter, source
 from workers.recipes.adapt import AdaptationStudy, AdaptConfig, run_adaptation
-from workers.recipes.finetune import Hyperparameters
 
 TABULAR = "tabular_classification"
 

@@ -12,6 +12,7 @@ import torch
 from app.jobs.service import ADAPTATION_DEFAULTS, resolve_hyperparameters
 from bench.common import review_rows
 from graft.defaults import ADAPTER_HIDDEN
+from graft.jobspec import Hyperparameters
 from graft.sources import BaseModelSource, DatasetSource
 from graft.spec import ModelSpec
 from ml.data import load_inputs
@@ -22,7 +23,7 @@ from tests.helpers import product_rows, text_csv, write
 from tests.unit.test_finetune_recipe import ListReporter, source
 from workers.recipes.adapt import AdaptConfig, AdaptRecipe, run_adaptation
 from workers.recipes.distill import DistillConfig, run_distillation
-from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe, Hyperparameters
+from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe
 
 TEXT = "text_classification"
 MINILM = BaseModelSource(id="minilm-l6", spec=ModelSpec.for_builtin("minilm-l6"), pretrained=True)

@@ -52,6 +52,7 @@ def test_a_stray_import_breaks_the_contracts(tmp_path: Path) -> None:
             "graft/spec.py": "import torch\n",  # the core must not load torch
             "ml/networks.py": "import torch\nimport graft.spec\n",
             "workers/runner.py": "import graft.db\n",
+            "workers/handlers.py": "import graft.db\n",
             "workers/recipes/finetune.py": "import ml.networks\nimport graft.db\n",  # a recipe on the database
             "app/serving.py": "import workers.runner\n",  # the API on the worker
         },

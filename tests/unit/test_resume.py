@@ -170,7 +170,7 @@ def test_the_state_file_holds_no_pickle(iris: DatasetSource, tmp_path: Path) -> 
 
 
 def test_self_supervised_pretraining_resumes_from_its_last_epoch(iris: DatasetSource, tmp_path: Path) -> None:
-    from workers.recipes.finetune import Hyperparameters
+    from graft.jobspec import Hyperparameters
     from workers.recipes.self_supervised import SelfSupervisedConfig, SelfSupervisedRecipe
 
     def recipe(reporter: JournalReporter) -> SelfSupervisedRecipe:

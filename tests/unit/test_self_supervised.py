@@ -7,12 +7,12 @@ from pathlib import Path
 import torch
 
 from graft.defaults import default_hyperparameters
+from graft.jobspec import Hyperparameters
 from graft.sources import BaseModelSource
 from graft.spec import ModelSpec
 from ml.networks import minilm_pretrained_state
 from tests.helpers import sentiment_rows, text_csv, write
 from tests.unit.test_finetune_recipe import ListReporter, source
-from workers.recipes.finetune import Hyperparameters
 from workers.recipes.self_supervised import (
     SelfSupervisedConfig,
     SelfSupervisedRecipe,

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from app.jobs.service import SEMI_SUPERVISED_DEFAULTS, resolve_hyperparameters
+from graft.jobspec import Hyperparameters
 from graft.sources import BaseModelSource, DatasetSource
 from graft.spec import ModelSpec
 from tests.helpers import digits_zip, shifted_table_csv, write
 from tests.unit.test_finetune_recipe import ListReporter, source
-from workers.recipes.finetune import Hyperparameters
 from workers.recipes.semi_supervised import SemiSupervisedConfig, SemiSupervisedRecipe
 from workers.recipes.study import recipe_for
 

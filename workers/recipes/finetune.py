@@ -18,14 +18,15 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import Field
 from torch import Tensor, nn
 
 from graft.defaults import MIN_VALIDATION_PER_CLASS
+from graft.jobspec import EarlyStopping, Hyperparameters
 from graft.sources import BaseModelSource, DatasetSource
 from graft.spec import ModelSpec
 from ml import methods
-from ml.augment import Augmentation, ImageAugmenter, augmenter_for
+from ml.augment import ImageAugmenter, augmenter_for
 from ml.data import Inputs, Subset, batches, label_indices, load_inputs, stratified_split
 from ml.features import FEATURE_BATCH_SIZE, FeatureCache, extract_features, feature_key
 from ml.metrics import classification_metrics
@@ -58,35 +59,6 @@ HEAD_WARMUP_LR = 1e-2
 # schedule (warm-up then cosine decay to zero, which converges) is the result.
 MIN_SELECTION_EXAMPLES_PER_CLASS = MIN_VALIDATION_PER_CLASS
 Method = Literal["full", "linear_probe", "partial", "lora"]
-
-
-class EarlyStopping(BaseModel):
-    metric: Literal["val_loss", "val_accuracy"] = "val_loss"
-    patience: int = Field(default=3, ge=1)
-    min_delta: float = Field(default=0.0, ge=0)
-
-
-class Hyperparameters(BaseModel):
-    epochs: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
-    learning_rate: float = Field(gt=0)
-    weight_decay: float = Field(ge=0)
-    validation_split: float = Field(ge=0, lt=1)
-    warmup_ratio: float = Field(ge=0, lt=1)
-    max_grad_norm: float = Field(gt=0)
-    early_stopping: EarlyStopping | None = None
-    unfreeze_blocks: int | None = Field(default=None, ge=0)
-    layer_lr_decay: float | None = Field(default=None, gt=0, le=1)
-    lora_rank: int | None = Field(default=None, ge=1)
-    lora_alpha: float | None = Field(default=None, gt=0)
-    lora_dropout: float | None = Field(default=None, ge=0, lt=1)
-    lora_target_modules: list[str] | str | None = None
-    head_warmup_epochs: int | None = Field(default=None, ge=0)
-    freeze_batch_norm: bool | None = None
-    batch_norm_statistics: Literal["auto", "target", "source"] = "auto"
-    augmentation: Augmentation = "auto"
-    model_selection: Literal["auto", "best", "last"] = "auto"
-    cross_validation_folds: int = Field(default=0, ge=0)  # read by the study (transfer.py), not the run
 
 
 class FinetuneConfig(RecipeConfig):

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from graft.jobspec import Hyperparameters
 from graft.sources import BaseModelSource, DatasetSource
 from ml.data import batches, load_inputs
 from ml.networks import TransferModel, count_parameters
@@ -44,7 +45,7 @@ from ml.runtime import (
     to_device,
 )
 from ml.training import MixedPrecision
-from workers.recipes.finetune import FinetuneResult, Hyperparameters, set_up, warmup_cosine
+from workers.recipes.finetune import FinetuneResult, set_up, warmup_cosine
 
 PROJECTION_DIM = 128
 TEMPERATURE = {"image": 0.2, "text": 0.05}

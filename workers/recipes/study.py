@@ -16,12 +16,13 @@ import torch
 from torch import Tensor
 
 from graft.defaults import METHOD_DEFAULTS
+from graft.jobspec import Hyperparameters
 from graft.report import build_report
 from graft.sources import BaseModelSource, DatasetSource
 from graft.spec import ModelSpec
 from ml.resume import Journal
 from ml.runtime import Reporter, load_upstream
-from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe, FinetuneResult, Hyperparameters
+from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe, FinetuneResult
 
 
 class RunReporter:
