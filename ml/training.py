@@ -1,17 +1,26 @@
-"""The training-loop parts every recipe shares: mixed precision with its loss scaler, and the optimiser step
-that goes with it (zero the gradients, scaled backward, unscale, clip each parameter group on its own,
-step, update the scale, advance the schedule). A recipe that trains calls `MixedPrecision.step`; none
-writes its own backward pass, so none can drift (a loss in fp16 without loss scaling underflows)."""
+"""The training-loop parts every recipe shares, so that none writes its own and none can drift:
+
+- mixed precision with its loss scaler, and the optimiser step that goes with it (zero the gradients,
+  scaled backward, unscale, clip each parameter group on its own, step, update the scale, advance the
+  schedule): a loss in fp16 without loss scaling underflows;
+- AdamW with the warm-up and cosine schedule (`optimizer_and_schedule`);
+- the loop's training state under named keys (`Loop.state`, `Loop.restore`: optimiser, schedule, loss
+  scaler, generator beside the model's tensors);
+- the recipe interface (`Recipe`: setup, restore, train) and running one from its journal (`run_recipe`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from ml.runtime import autocast_dtype
+from ml.resume import TrainingState, optimizer_state, restore_optimizer, restore_rng, rng_state
+from ml.runtime import Reporter, autocast_dtype
 
 
 class MixedPrecision:
@@ -57,3 +66,114 @@ class MixedPrecision:
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         if state and self.scaler.is_enabled():  # empty when saved without loss scaling
             self.scaler.load_state_dict(state)
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    """The learning-rate factor of each step: linear warm-up over `warmup_ratio` of the steps, then cosine
+    decay to zero at `total_steps` (a schedule that converges, so the last epoch is a result)."""
+    warmup = max(1, int(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def optimizer_and_schedule(
+    groups: Any,
+    *,
+    weight_decay: float,
+    total_steps: int,
+    warmup_ratio: float,
+    learning_rate: float | None = None,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over `groups` (parameters, or groups carrying their own `lr`) with the warm-up and cosine
+    schedule over `total_steps`."""
+    options: dict[str, Any] = {"weight_decay": weight_decay}
+    if learning_rate is not None:
+        options["lr"] = learning_rate
+    optimizer = torch.optim.AdamW(groups, **options)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_ratio))
+
+
+# The named parts of every recipe's training state (ml/resume.py): the trained weights, the optimiser's
+# moments, the random generator; in its meta the same names, and the schedule and the loss scaler.
+MODEL, OPTIMIZER, RNG, SCHEDULER, SCALER = "model", "optimizer", "rng", "scheduler", "scaler"
+
+
+@dataclass
+class Loop:
+    """What every recipe's loop trains with, saved and restored together under the named keys."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    precision: MixedPrecision
+    generator: torch.Generator
+
+    def state(self, model_tensors: dict[str, Tensor], **meta: Any) -> TrainingState:
+        """A training state holding the model's trained tensors and the loop's own parts; `meta` (epoch,
+        batch, step, complete, history, and what the recipe adds) goes beside them."""
+        state = TrainingState(
+            meta={**meta, SCHEDULER: self.scheduler.state_dict(), SCALER: self.precision.state_dict()}
+        )
+        state.put(MODEL, model_tensors)
+        optimizer_tensors, state.meta[OPTIMIZER] = optimizer_state(self.optimizer)
+        state.put(OPTIMIZER, optimizer_tensors)
+        rng_tensors, state.meta[RNG] = rng_state(self.generator)
+        state.put(RNG, rng_tensors)
+        return state
+
+    def restore(self, state: TrainingState) -> None:
+        """Put the optimiser, schedule, loss scaler and generator back as `state` saved them (the model's
+        tensors are the recipe's to load: `state.group(MODEL)`)."""
+        restore_optimizer(self.optimizer, state.group(OPTIMIZER), state.meta[OPTIMIZER])
+        self.scheduler.load_state_dict(state.meta[SCHEDULER])
+        self.precision.load_state_dict(state.meta.get(SCALER))  # absent from states saved before it
+        restore_rng(self.generator, state.group(RNG), state.meta[RNG])
+
+
+class Recipe(Protocol):
+    """The interface every runnable recipe has: `setup` (model, data, optimiser), `restore` (continue from
+    a saved training state, after setup), `train` (to the end; it saves its state to the journal as it
+    goes) and the reporter it reports through, whose journal holds the run's state."""
+
+    reporter: Reporter
+
+    def setup(self) -> None: ...
+
+    def restore(self, state: TrainingState) -> None: ...
+
+    def train(self) -> Any: ...
+
+
+def run_recipe(recipe: Recipe) -> Any:
+    """Run a recipe from the start or from the state its journal holds: setup (its messages dropped on a
+    resume, which the attempt that first ran it wrote), restore, train; the result is `train`'s."""
+    journal = recipe.reporter.journal
+    saved = journal.load() if journal is not None else None
+    if saved is None:
+        recipe.setup()
+    else:
+        reporter, recipe.reporter = recipe.reporter, SilentEvents(recipe.reporter)  # type: ignore[assignment]
+        try:
+            recipe.setup()
+        finally:
+            recipe.reporter = reporter
+        recipe.restore(saved)
+    return recipe.train()
+
+
+class SilentEvents:
+    """A reporter that drops messages and passes everything else on."""
+
+    def __init__(self, inner: Reporter) -> None:
+        self.inner = inner
+
+    def event(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)

@@ -35,10 +35,7 @@ from ml.norms import BN_SHIFT_THRESHOLD, gaussian_shift, norm_shift, reestimate_
 from ml.resume import (
     Journal,
     TrainingState,
-    optimizer_state,
-    restore_optimizer,
     restore_rng,
-    rng_state,
 )
 from ml.runtime import (
     JobPreempted,
@@ -51,7 +48,7 @@ from ml.runtime import (
     stop_signal,
     to_device,
 )
-from ml.training import MixedPrecision
+from ml.training import MODEL, Loop, MixedPrecision, optimizer_and_schedule, run_recipe
 
 HEAD_WARMUP_LR = 1e-2
 # Choosing the best epoch on validation data needs this many validation examples per class on average;
@@ -104,18 +101,6 @@ class FinetuneResult:
     validation_positions: list[int] = field(default_factory=list)
     # The result model on the evaluation dataset: its metrics and, per example, whether it was right.
     held_out: dict[str, Any] | None = None
-
-
-def warmup_cosine(total_steps: int, warmup_ratio: float) -> Any:
-    warmup = max(1, int(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
 
 
 def monitored(metrics: dict[str, float], stopping: EarlyStopping | None) -> tuple[float, float]:
@@ -209,14 +194,15 @@ class FinetuneRecipe:
             if self.fresh_adapter:
                 self.set_adapter_statistics(self.train_features)
 
-        self.optimizer = torch.optim.AdamW(
-            self.setup_method.param_groups + self.extra_parameters(), weight_decay=self.hp.weight_decay
-        )
         self.steps_per_epoch = math.ceil(len(self.train_inputs) / self.hp.batch_size)
         self.total_steps = self.steps_per_epoch * self.hp.epochs
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(self.total_steps, self.hp.warmup_ratio)
+        self.optimizer, self.scheduler = optimizer_and_schedule(
+            self.setup_method.param_groups + self.extra_parameters(),
+            weight_decay=self.hp.weight_decay,
+            total_steps=self.total_steps,
+            warmup_ratio=self.hp.warmup_ratio,
         )
+        self.loop = Loop(self.optimizer, self.scheduler, self.precision, self.generator)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.reporter.event(
             f"Training {trainable:,} of {count_parameters(self.model):,} parameters",
@@ -680,30 +666,22 @@ class FinetuneRecipe:
         when the worker is stopping, in the middle of one."""
         if self.journal is None:
             return
-        state = TrainingState(
-            meta={
-                "epoch": epoch,
-                "batch": batch,
-                "step": self.step,
-                "complete": self.done or (batch == 0 and epoch >= self.hp.epochs),
-                "history": self.history,
-                "best_epoch": self.best_epoch,
-                "best_score": list(self.best_score) if self.best_score is not None else None,
-                "stale": self.stale,
-                "stopped_early": self.stopped_early,
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.precision.state_dict(),
-            }
+        state = self.loop.state(
+            self.trained_tensors(),
+            epoch=epoch,
+            batch=batch,
+            step=self.step,
+            complete=self.done or (batch == 0 and epoch >= self.hp.epochs),
+            history=self.history,
+            best_epoch=self.best_epoch,
+            best_score=list(self.best_score) if self.best_score is not None else None,
+            stale=self.stale,
+            stopped_early=self.stopped_early,
         )
-        state.put("model", self.trained_tensors())
         # At the end of an epoch that improved, the best weights are the model's: stored once.
         state.meta["best_is_model"] = batch == 0 and self.best_epoch == epoch
         if not state.meta["best_is_model"]:
             state.put("best", self.best_state)
-        optimizer_tensors, state.meta["optimizer"] = optimizer_state(self.optimizer)
-        state.put("optimizer", optimizer_tensors)
-        rng_tensors, state.meta["rng"] = rng_state(self.generator)
-        state.put("rng", rng_tensors)
         if batch > 0:
             assert self.epoch_generator_state is not None
             state.tensors["epoch_generator"] = self.epoch_generator_state
@@ -714,11 +692,8 @@ class FinetuneRecipe:
 
     def restore(self, state: TrainingState) -> None:
         """Continue from a saved state (called after setup, which rebuilt the model, data and optimiser)."""
-        self.model.load_state_dict(state.group("model"), strict=False)
-        restore_optimizer(self.optimizer, state.group("optimizer"), state.meta["optimizer"])
-        self.scheduler.load_state_dict(state.meta["scheduler"])
-        self.precision.load_state_dict(state.meta["scaler"])
-        restore_rng(self.generator, state.group("rng"), state.meta["rng"])
+        self.model.load_state_dict(state.group(MODEL), strict=False)
+        self.loop.restore(state)
         self.restore_extras(state.group("extras"), state.meta["extras"])
         self.step = state.step
         self.history = [dict(h) for h in state.meta["history"]]
@@ -727,7 +702,7 @@ class FinetuneRecipe:
         self.best_score = (float(score[0]), float(score[1])) if score is not None else None
         self.stale = int(state.meta["stale"])
         self.stopped_early = bool(state.meta["stopped_early"])
-        best = state.group("model") if state.meta.get("best_is_model") else state.group("best")
+        best = state.group(MODEL) if state.meta.get("best_is_model") else state.group("best")
         self.best_state = {k: v.to(self.device) for k, v in best.items()}
         self.done = state.complete
         if state.batch > 0:
@@ -820,34 +795,5 @@ class FinetuneRecipe:
         }
 
     def run(self) -> FinetuneResult:
-        saved = self.journal.load() if self.journal is not None else None
-        set_up(self, resuming=saved is not None)
-        if saved is not None:
-            self.restore(saved)
-        return self.train()
-
-
-def set_up(trainer: Any, *, resuming: bool) -> None:
-    """Run a trainer's setup; on a resume its messages are dropped (the attempt that first ran it wrote
-    them), so the job's history holds them once."""
-    if not resuming:
-        trainer.setup()
-        return
-    reporter, trainer.reporter = trainer.reporter, SilentEvents(trainer.reporter)
-    try:
-        trainer.setup()
-    finally:
-        trainer.reporter = reporter
-
-
-class SilentEvents:
-    """A reporter that drops messages and passes everything else on."""
-
-    def __init__(self, inner: Reporter) -> None:
-        self.inner = inner
-
-    def event(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+        result: FinetuneResult = run_recipe(self)
+        return result

@@ -29,10 +29,6 @@ from ml.networks import TransferModel, count_parameters
 from ml.resume import (
     Journal,
     TrainingState,
-    optimizer_state,
-    restore_optimizer,
-    restore_rng,
-    rng_state,
 )
 from ml.runtime import (
     RecipeConfig,
@@ -44,12 +40,13 @@ from ml.runtime import (
     stop_signal,
     to_device,
 )
-from ml.training import MixedPrecision
-from workers.recipes.finetune import FinetuneResult, set_up, warmup_cosine
+from ml.training import MODEL, Loop, MixedPrecision, optimizer_and_schedule, run_recipe
+from workers.recipes.finetune import FinetuneResult
 
 PROJECTION_DIM = 128
 TEMPERATURE = {"image": 0.2, "text": 0.05}
 SWAP_NOISE = 0.3
+AUXILIARY = "auxiliary"  # the training state's name for the projection head or the decoder
 
 
 class SelfSupervisedConfig(RecipeConfig):
@@ -136,16 +133,20 @@ class SelfSupervisedRecipe:
         parameters = [p for p in self.model.parameters() if p.requires_grad] + list(
             self.auxiliary.parameters()
         )
-        self.optimizer = torch.optim.AdamW(
-            parameters, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay
-        )
         # A contrastive batch needs at least two examples; the last, smaller batch is dropped.
         self.batch_size = min(self.hp.batch_size, len(self.inputs))
         self.steps_per_epoch = max(1, len(self.inputs) // self.batch_size)
         self.total_steps = self.steps_per_epoch * self.hp.epochs
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(self.total_steps, self.hp.warmup_ratio)
+        self.optimizer, self.scheduler = optimizer_and_schedule(
+            parameters,
+            learning_rate=self.hp.learning_rate,
+            weight_decay=self.hp.weight_decay,
+            total_steps=self.total_steps,
+            warmup_ratio=self.hp.warmup_ratio,
         )
+        self.loop = Loop(self.optimizer, self.scheduler, self.precision, self.generator)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
         objective = {
             "image": "contrastive (SimCLR: two augmented views, NT-Xent)",
             "text": "contrastive (SimCSE: two dropout views, NT-Xent)",
@@ -183,51 +184,40 @@ class SelfSupervisedRecipe:
             reconstruction = self.auxiliary(self.model.features(noisy))
         return F.mse_loss(reconstruction.float(), target)
 
-    def _save_state(self, epoch: int, step: int, history: list[dict[str, float]]) -> None:
+    def _save_state(self, epoch: int) -> None:
         """At an epoch's end: what the next attempt needs to go on from here (as fine-tuning runs do)."""
         if self.journal is None:
             return
-        state = TrainingState(
-            meta={
-                "epoch": epoch,
-                "batch": 0,
-                "step": step,
-                "complete": epoch >= self.hp.epochs,
-                "history": history,
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.precision.state_dict(),
-            }
+        state = self.loop.state(
+            self.model.state_dict(),
+            epoch=epoch,
+            batch=0,
+            step=self.step,
+            complete=epoch >= self.hp.epochs,
+            history=self.history,
         )
-        state.put("model", self.model.state_dict())
-        state.put("auxiliary", self.auxiliary.state_dict())
-        optimizer_tensors, state.meta["optimizer"] = optimizer_state(self.optimizer)
-        state.put("optimizer", optimizer_tensors)
-        rng_tensors, state.meta["rng"] = rng_state(self.generator)
-        state.put("rng", rng_tensors)
+        state.put(AUXILIARY, self.auxiliary.state_dict())
         self.journal.save(state)
 
-    def _restore(self, state: TrainingState) -> tuple[int, list[dict[str, float]]]:
-        self.model.load_state_dict(state.group("model"))
-        self.auxiliary.load_state_dict(state.group("auxiliary"))
-        restore_optimizer(self.optimizer, state.group("optimizer"), state.meta["optimizer"])
-        self.scheduler.load_state_dict(state.meta["scheduler"])
-        self.precision.load_state_dict(state.meta.get("scaler"))  # absent from states saved before it
-        restore_rng(self.generator, state.group("rng"), state.meta["rng"])
+    def restore(self, state: TrainingState) -> None:
+        self.model.load_state_dict(state.group(MODEL))
+        self.auxiliary.load_state_dict(state.group(AUXILIARY))
+        self.loop.restore(state)
+        self.step = state.step
+        self.history = [dict(h) for h in state.meta["history"]]
         self.reporter.event(
             f"Resumed from the training state saved after epoch {state.epoch} (step {state.step})",
             data={"epoch": state.epoch, "batch": 0, "step": state.step, "resumed": True},
         )
-        return state.step, [dict(h) for h in state.meta["history"]]
 
     def run(self) -> FinetuneResult:
-        saved = self.journal.load() if self.journal is not None else None
-        history: list[dict[str, float]] = []
-        set_up(self, resuming=saved is not None)
-        if saved is None:
-            step = 0
+        result: FinetuneResult = run_recipe(self)
+        return result
+
+    def train(self) -> FinetuneResult:
+        history = self.history
+        if not history:
             self.reporter.progress(epoch=0, epochs=self.hp.epochs, step=0, total_steps=self.total_steps)
-        else:
-            step, history = self._restore(saved)
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         for epoch in range(len(history) + 1, self.hp.epochs + 1):
             started = time.perf_counter()
@@ -239,10 +229,10 @@ class SelfSupervisedRecipe:
                     continue
                 loss = self.loss(indices)
                 self.precision.step(loss, self.optimizer, [parameters], self.hp.max_grad_norm, self.scheduler)
-                step += 1
+                self.step += 1
                 losses.append(float(loss.detach()))
                 self.reporter.progress(
-                    epoch=epoch, epochs=self.hp.epochs, step=step, total_steps=self.total_steps
+                    epoch=epoch, epochs=self.hp.epochs, step=self.step, total_steps=self.total_steps
                 )
                 signal = stop_signal(self.reporter)
                 if signal is not None:
@@ -253,18 +243,18 @@ class SelfSupervisedRecipe:
                 "epoch_seconds": time.perf_counter() - started,
             }
             history.append(metrics)
-            self.reporter.metrics(epoch=epoch, step=step, values=metrics)
+            self.reporter.metrics(epoch=epoch, step=self.step, values=metrics)
             if self.config.save_checkpoints:
                 self.reporter.checkpoint(
                     epoch=epoch,
-                    step=step,
+                    step=self.step,
                     tensors=self.model.state_dict(),
                     spec=self.spec,
                     metrics=metrics,
                     metadata={"method": "full", "objective": self.modality},
                     best=True,
                 )
-            self._save_state(epoch, step, history)
+            self._save_state(epoch)
         state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         return FinetuneResult(
             spec=self.spec,
