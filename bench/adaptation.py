@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from app.jobs.service import ADAPTATION_DEFAULTS, resolve_hyperparameters
 from bench.common import command_line, markdown_table, report, seconds
 from bench.defaults import dataset
+from graft.defaults import ADAPTATION_DEFAULTS, resolve_hyperparameters
 from graft.jobspec import Hyperparameters
 from graft.sources import BaseModelSource, DatasetSource
 from graft.spec import ModelSpec

@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.jobs.service import resolve_hyperparameters
 from bench.common import command_line, markdown_table, report, review_rows, seconds
 from graft.catalog import BUILTIN_MODELS
-from graft.defaults import default_hyperparameters
+from graft.defaults import default_hyperparameters, resolve_hyperparameters
 from graft.formats import inspect_dataset
 from graft.sources import BaseModelSource, DatasetSource
 from graft.spec import ModelSpec

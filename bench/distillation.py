@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.jobs.service import DISTILLATION_DEFAULTS, DISTILLATION_EPOCHS_FACTOR, resolve_hyperparameters
 from bench.common import command_line, markdown_table, report, seconds
 from bench.defaults import builtin, data_size, dataset, train
+from graft.defaults import DISTILLATION_DEFAULTS, DISTILLATION_EPOCHS_FACTOR, resolve_hyperparameters
 from graft.jobspec import Hyperparameters
 from graft.sources import BaseModelSource, DatasetSource
 from graft.spec import ModelSpec

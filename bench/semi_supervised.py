@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import bench.quality  # noqa: F401  (bench.defaults and bench.quality import each other)
-from app.jobs.service import SEMI_SUPERVISED_DEFAULTS, resolve_hyperparameters
 from bench.cases import few_per_class, handwritten_digits
 from bench.common import command_line, markdown_table, median, report
 from bench.defaults import dataset
+from graft.defaults import SEMI_SUPERVISED_DEFAULTS, resolve_hyperparameters
 from graft.jobspec import Hyperparameters
 from graft.sources import BaseModelSource
 from graft.spec import ModelSpec

@@ -192,3 +192,34 @@ def defaults_table() -> str:
         "`lora_alpha` 16, `lora_dropout` 0.1, `lora_target_modules` per backbone (minilm-l6: query, value; "
         "efficientnet-lite0: the 1x1 convolutions; cnn-small: its convolutions)."
     )
+
+
+# finetune with an unlabeled_dataset: the semi-supervised loss.
+SEMI_SUPERVISED_DEFAULTS = {"unlabeled_weight": 1.0, "confidence_threshold": 0.95, "unlabeled_ratio": 3}
+
+
+# adapt and distill: their own settings beside the method's defaults.
+ADAPTATION_DEFAULTS = {"adaptation_weight": 1.0, "pseudo_label_threshold": 0.9, "mcc_temperature": 2.5}
+DISTILLATION_DEFAULTS = {"temperature": 4.0, "alpha": 0.5}
+# A student matching soft targets needs longer than fine-tuning needs to fit labels: unless the client
+# chose the epochs, distillation runs this many times the architecture's (data-scaled) default.
+DISTILLATION_EPOCHS_FACTOR = 3
+
+
+def resolve_hyperparameters(
+    architecture: str,
+    method: str,
+    given: dict[str, Any],
+    *,
+    train_examples: int | None = None,
+    fine_tunes_learned_weights: bool = False,
+) -> dict[str, Any]:
+    """Defaults for the architecture and method, what the client sent on top. Unless the client chose the
+    epochs, a small dataset gets enough of them for a reasonable number of steps. Fine-tuning learned
+    weights keeps their batch-norm statistics; pretraining and training from scratch learn them."""
+    resolved = default_hyperparameters(architecture, method, learned=fine_tunes_learned_weights)
+    resolved.update({key: value for key, value in given.items() if value is not None})
+    if "epochs" not in given and train_examples is not None:
+        resolved["epochs"] = epochs_for(resolved["epochs"], resolved["batch_size"], train_examples)
+    resolved.setdefault("freeze_batch_norm", fine_tunes_learned_weights)
+    return resolved

@@ -15,17 +15,17 @@ from pydantic import TypeAdapter
 
 from app.core.errors import Unprocessable
 from app.jobs import service
-from app.jobs.schemas import JobCreate
-from app.jobs.service import (
-    DISTILLATION_EPOCHS_FACTOR,
+from app.jobs.planners.common import (
     MAX_EPOCH_PASSES,
     MAX_OPTIMIZER_STEPS,
     BudgetLimits,
     JobKind,
-    resolve_hyperparameters,
+    check_budget,
     training_budget,
 )
+from app.jobs.schemas import JobCreate
 from graft.catalog import BUILTIN_MODELS, LORA_TARGET_MODULES
+from graft.defaults import DISTILLATION_EPOCHS_FACTOR, resolve_hyperparameters
 from tests.helpers import Api, digits_zip, iris_csv, sentiment_rows, text_csv, unlabelled_csv
 
 TABULAR = "tabular_classification"
@@ -261,7 +261,7 @@ def test_the_limits_can_be_set_by_the_caller() -> None:
     )  # fmt: skip
     assert budget.epoch_passes == 3 * 10 + 3 * 10 and budget.optimizer_steps == 60 * 4
     with pytest.raises(Unprocessable) as refused_here:
-        service.check_budget(
+        check_budget(
             budget,
             BudgetLimits(epoch_passes=50),
             {},
@@ -270,7 +270,7 @@ def test_the_limits_can_be_set_by_the_caller() -> None:
             methods_param=True,
         )
     assert refused_here.value.param == "methods"
-    service.check_budget(budget, BudgetLimits(epoch_passes=60), {}, default_epochs=10, default_batch_size=32)
+    check_budget(budget, BudgetLimits(epoch_passes=60), {}, default_epochs=10, default_batch_size=32)
     keyword = inspect.signature(service.create_job).parameters["max_epoch_passes"]
     assert keyword.kind is inspect.Parameter.KEYWORD_ONLY and keyword.default == MAX_EPOCH_PASSES == 2000
 

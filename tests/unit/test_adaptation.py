@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.jobs.service import resolve_hyperparameters
+from graft.defaults import resolve_hyperparameters
 from graft.jobspec import Hyperparameters
 from graft.report import render_png
 from graft.sources import BaseModelSource, DatasetSource

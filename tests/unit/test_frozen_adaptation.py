@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.jobs.service import ADAPTATION_DEFAULTS, resolve_hyperparameters
 from bench.common import review_rows
-from graft.defaults import ADAPTER_HIDDEN
+from graft.defaults import ADAPTATION_DEFAULTS, ADAPTER_HIDDEN, resolve_hyperparameters
 from graft.jobspec import Hyperparameters
 from graft.sources import BaseModelSource, DatasetSource
 from graft.spec import ModelSpec

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.jobs.service import SEMI_SUPERVISED_DEFAULTS, resolve_hyperparameters
+from graft.defaults import SEMI_SUPERVISED_DEFAULTS, resolve_hyperparameters
 from graft.jobspec import Hyperparameters
 from graft.sources import BaseModelSource, DatasetSource
 from graft.spec import ModelSpec

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from app.jobs.service import resolve_hyperparameters
+from graft.defaults import resolve_hyperparameters
 from graft.sources import BaseModelSource, DatasetSource
 from graft.spec import ModelSpec
 from ml.augment import ImageAugmenter
