@@ -115,6 +115,7 @@ Benchmarks of Graft's training path. Run one from the repository root, or all wi
 .venv/bin/python -m bench.adaptation
 .venv/bin/python -m bench.distillation
 .venv/bin/python -m bench.transferability
+.venv/bin/python -m bench.job_creation
 ```
 
 - `bench.feature_cache`: a `linear_probe` job's training (the recipe, with its feature cache starting
@@ -131,6 +132,8 @@ Benchmarks of Graft's training path. Run one from the repository root, or all wi
 - `bench.adaptation`: adapt jobs' methods beside source_only on two domain-shift pairs, three seeds.
 - `bench.distillation`: teacher, student trained alone and distilled student.
 - `bench.transferability`: the transferability scores against the accuracy fine-tuning really reached.
+- `bench.job_creation`: many clients creating jobs at once against one uvicorn worker, on SQLite and on
+  PostgreSQL, against the service at an earlier revision run alternately.
 
 Each script prints its tables and rewrites its own section below (between its `<!-- bench:... -->`
 markers), leaving the rest of this file alone. Figures depend on the machine (CPU, cores, threads, disk),
