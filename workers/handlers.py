@@ -384,7 +384,7 @@ def distill(context: WorkerContext, job: Job, spec: DistillSpec, reporter: Datab
 
 def evaluate(context: WorkerContext, job: Job, spec: EvaluateSpec, reporter: DatabaseReporter) -> None:
     """evaluate: a registered model's metrics on a labelled dataset."""
-    from ml.evaluate import evaluate_model
+    from ml.metrics import evaluate_model
     from ml.weights import load_model
 
     with session_scope(context.session_factory) as session:

@@ -231,7 +231,7 @@ class ModelServer:
     ) -> dict[str, Any]:
         """Scores of the model on a labelled dataset (a ml.runtime.DatasetSource, whose images hold
         `pixels` in all); `on_batch` is called after every batch (and may raise to stop)."""
-        from ml.evaluate import evaluate_model
+        from ml.metrics import evaluate_model
 
         loaded = self._load(row)
         with loaded.lock:
