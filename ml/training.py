@@ -6,6 +6,7 @@
 - AdamW with the warm-up and cosine schedule (`optimizer_and_schedule`);
 - the loop's training state under named keys (`Loop.state`, `Loop.restore`: optimiser, schedule, loss
   scaler, generator beside the model's tensors);
+- after every optimiser step, progress and the stop checks (`after_step`);
 - the recipe interface (`Recipe`: setup, restore, train) and running one from its journal (`run_recipe`).
 """
 
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ml.resume import TrainingState, optimizer_state, restore_optimizer, restore_rng, rng_state
-from ml.runtime import Reporter, autocast_dtype
+from ml.runtime import JobPreempted, Reporter, autocast_dtype, stop_signal
 
 
 class MixedPrecision:
@@ -133,6 +134,30 @@ class Loop:
         self.scheduler.load_state_dict(state.meta[SCHEDULER])
         self.precision.load_state_dict(state.meta.get(SCALER))  # absent from states saved before it
         restore_rng(self.generator, state.group(RNG), state.meta[RNG])
+
+
+def after_step(
+    reporter: Reporter,
+    *,
+    epoch: int,
+    epochs: int,
+    step: int,
+    total_steps: int,
+    check: bool = True,
+    on_preempt: Callable[[], None] | None = None,
+) -> None:
+    """What follows every optimiser step of every recipe: report the progress and, when `check`, stop if
+    the run must (cancelled, lease lost, or the worker releasing it: then `on_preempt` first saves what the
+    next attempt resumes from)."""
+    reporter.progress(epoch=epoch, epochs=epochs, step=step, total_steps=total_steps)
+    if not check:
+        return
+    signal = stop_signal(reporter)
+    if signal is None:
+        return
+    if isinstance(signal, JobPreempted) and on_preempt is not None:
+        on_preempt()
+    raise signal
 
 
 class Recipe(Protocol):

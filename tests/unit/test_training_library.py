@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
 from ml.resume import TrainingState
+from ml.runtime import JobCancelled, JobPreempted
 from ml.training import (
     MODEL,
     OPTIMIZER,
@@ -19,6 +21,7 @@ from ml.training import (
     SCHEDULER,
     Loop,
     MixedPrecision,
+    after_step,
     optimizer_and_schedule,
     run_recipe,
     warmup_cosine,
@@ -162,3 +165,27 @@ def test_a_recipe_runs_from_its_journal() -> None:
     resumed = _Recipe(_Journal(TrainingState(meta={"epoch": 2, "step": 7})))
     assert run_recipe(resumed) == "result"
     assert resumed.restored == [7] and resumed.reporter.events == []
+
+
+class _Stopping(ListReporter):
+    def __init__(self, reason: str | None) -> None:
+        super().__init__()
+        self.stop_reason = reason
+
+    def should_stop(self) -> bool:
+        return self.stop_reason is not None
+
+
+def test_after_each_step_progress_then_the_stop_checks() -> None:
+    saved: list[str] = []
+    steps = {"epoch": 1, "epochs": 3, "step": 4, "total_steps": 12}
+    after_step(_Stopping(None), **steps, on_preempt=lambda: saved.append("state"))  # nothing to stop for
+    releasing = _Stopping("release")
+    after_step(releasing, **steps, check=False)  # the last batch: the epoch's end saves instead
+    assert releasing.progress_seen == [4] and saved == []
+    with pytest.raises(JobPreempted):
+        after_step(releasing, **steps, on_preempt=lambda: saved.append("state"))
+    assert saved == ["state"]  # a released run saves what the next attempt resumes from
+    with pytest.raises(JobCancelled):
+        after_step(_Stopping("cancel"), **steps, on_preempt=lambda: saved.append("again"))
+    assert saved == ["state"]  # a cancelled one saves nothing

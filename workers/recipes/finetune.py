@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -38,7 +39,6 @@ from ml.resume import (
     restore_rng,
 )
 from ml.runtime import (
-    JobPreempted,
     RecipeConfig,
     Reporter,
     load_upstream_for,
@@ -48,7 +48,7 @@ from ml.runtime import (
     stop_signal,
     to_device,
 )
-from ml.training import MODEL, Loop, MixedPrecision, optimizer_and_schedule, run_recipe
+from ml.training import MODEL, Loop, MixedPrecision, after_step, optimizer_and_schedule, run_recipe
 
 HEAD_WARMUP_LR = 1e-2
 # Choosing the best epoch on validation data needs this many validation examples per class on average;
@@ -556,15 +556,17 @@ class FinetuneRecipe:
             loss_sum += float(loss.detach()) * len(indices)
             correct += int((logits.detach().argmax(dim=1) == target).sum())
             count += len(indices)
-            self.reporter.progress(
-                epoch=epoch, epochs=self.hp.epochs, step=self.step, total_steps=self.total_steps
+            after_step(
+                self.reporter,
+                epoch=epoch,
+                epochs=self.hp.epochs,
+                step=self.step,
+                total_steps=self.total_steps,
+                check=position + 1 < len(order),  # after the last batch, the epoch's end saves the state
+                on_preempt=partial(
+                    self._save_state, epoch, batch=position + 1, partial=[loss_sum, correct, count]
+                ),
             )
-            if position + 1 < len(order):
-                try:
-                    self._check_cancel()
-                except JobPreempted:
-                    self._save_state(epoch, batch=position + 1, partial=[loss_sum, correct, count])
-                    raise
         return loss_sum / max(count, 1), correct / max(count, 1)
 
     @torch.no_grad()

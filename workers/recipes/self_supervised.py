@@ -37,10 +37,9 @@ from ml.runtime import (
     mlp_from_scratch,
     pick_device,
     seed_everything,
-    stop_signal,
     to_device,
 )
-from ml.training import MODEL, Loop, MixedPrecision, optimizer_and_schedule, run_recipe
+from ml.training import MODEL, Loop, MixedPrecision, after_step, optimizer_and_schedule, run_recipe
 from workers.recipes.finetune import FinetuneResult
 
 PROJECTION_DIM = 128
@@ -231,12 +230,14 @@ class SelfSupervisedRecipe:
                 self.precision.step(loss, self.optimizer, [parameters], self.hp.max_grad_norm, self.scheduler)
                 self.step += 1
                 losses.append(float(loss.detach()))
-                self.reporter.progress(
-                    epoch=epoch, epochs=self.hp.epochs, step=self.step, total_steps=self.total_steps
+                # A worker shutting down: the next attempt resumes from the last epoch's end.
+                after_step(
+                    self.reporter,
+                    epoch=epoch,
+                    epochs=self.hp.epochs,
+                    step=self.step,
+                    total_steps=self.total_steps,
                 )
-                signal = stop_signal(self.reporter)
-                if signal is not None:
-                    raise signal  # a worker shutting down: the next attempt resumes from the last epoch
             metrics = {
                 "epoch": float(epoch),
                 "train_loss": sum(losses) / max(len(losses), 1),
