@@ -187,30 +187,32 @@ async def load(
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30, limits=limits) as http:
         stop_at = time.perf_counter() + seconds
 
+        async def timed(
+            request: Any, latencies: list[float], expected: int, what: str
+        ) -> httpx.Response | None:
+            """The response, its latency recorded; None (and an error counted) on a socket error or another
+            status than `expected`."""
+            started = time.perf_counter()
+            try:
+                response = await request
+            except httpx.HTTPError as exc:
+                outcome.error(type(exc).__name__)
+                return None
+            latencies.append((time.perf_counter() - started) * 1000)
+            if response.status_code != expected:
+                outcome.error(f"{what} {response.status_code}")
+                return None
+            return response
+
         async def client(index: int) -> None:
             rng = random.Random(index)
             while time.perf_counter() < stop_at:
                 body = {**rng.choice(requests), "seed": rng.randrange(2**32)}
-                started = time.perf_counter()
-                try:
-                    response = await http.post("/v1/jobs", json=body)
-                except httpx.HTTPError as exc:
-                    outcome.error(type(exc).__name__)
-                    continue
-                outcome.create_ms.append((time.perf_counter() - started) * 1000)
-                if response.status_code != 201:
-                    outcome.error(f"POST {response.status_code}")
+                created = await timed(http.post("/v1/jobs", json=body), outcome.create_ms, 201, "POST")
+                if created is None:
                     continue
                 outcome.created += 1
-                started = time.perf_counter()
-                try:
-                    polled = await http.get(f"/v1/jobs/{response.json()['id']}")
-                except httpx.HTTPError as exc:
-                    outcome.error(type(exc).__name__)
-                    continue
-                outcome.poll_ms.append((time.perf_counter() - started) * 1000)
-                if polled.status_code != 200:
-                    outcome.error(f"GET {polled.status_code}")
+                await timed(http.get(f"/v1/jobs/{created.json()['id']}"), outcome.poll_ms, 200, "GET")
 
         async def probe() -> None:
             while time.perf_counter() < stop_at:

@@ -156,6 +156,11 @@ class TrainingSpec(_Spec):
     seeds: list[int] | None = None
     hyperparameters: FinetuneHyperparameters
 
+    @property
+    def upstream(self) -> str:
+        """The model the job starts from (beneath its checkpoint, if it starts from one)."""
+        return self.base_model
+
 
 class AdaptSpec(_Spec):
     """Domain adaptation: labelled source data, unlabelled target data, one run per method."""
@@ -171,6 +176,10 @@ class AdaptSpec(_Spec):
     seeds: list[int] | None = None
     hyperparameters: AdaptHyperparameters
 
+    @property
+    def upstream(self) -> str:
+        return self.base_model
+
 
 class DistillSpec(_Spec):
     """Knowledge distillation of a teacher into a student architecture."""
@@ -184,6 +193,10 @@ class DistillSpec(_Spec):
     method: TrainingMethod
     hyperparameters: DistillHyperparameters
 
+    @property
+    def upstream(self) -> str:
+        return self.teacher
+
 
 class EvaluateSpec(_Spec):
     """A registered model measured on a labelled dataset."""
@@ -191,6 +204,10 @@ class EvaluateSpec(_Spec):
     kind: Literal["evaluate"]
     model: str
     dataset: str
+
+    @property
+    def upstream(self) -> str:
+        return self.model
 
 
 JobSpec = Annotated[TrainingSpec | AdaptSpec | DistillSpec | EvaluateSpec, Field(discriminator="kind")]
@@ -224,15 +241,19 @@ def columns(spec: TrainingSpec | AdaptSpec | DistillSpec | EvaluateSpec) -> dict
     if isinstance(spec, EvaluateSpec):
         return {
             "type": spec.kind,
-            "base_model": spec.model,
+            "base_model": spec.upstream,
             "validation_dataset": spec.dataset,
             "hyperparameters": {},
         }
-    common = {"type": spec.kind, "method": spec.method, "hyperparameters": resolved(spec.hyperparameters)}
+    common = {
+        "type": spec.kind,
+        "base_model": spec.upstream,
+        "method": spec.method,
+        "hyperparameters": resolved(spec.hyperparameters),
+    }
     if isinstance(spec, AdaptSpec):
         return {
             **common,
-            "base_model": spec.base_model,
             "training_dataset": spec.source_dataset,
             "target_dataset": spec.target_dataset,
             "evaluation_dataset": spec.evaluation_dataset,
@@ -242,14 +263,12 @@ def columns(spec: TrainingSpec | AdaptSpec | DistillSpec | EvaluateSpec) -> dict
     if isinstance(spec, DistillSpec):
         return {
             **common,
-            "base_model": spec.teacher,
             "training_dataset": spec.training_dataset,
             "evaluation_dataset": spec.evaluation_dataset,
             "student": spec.student.model_dump(exclude_none=True),
         }
     return {
         **common,
-        "base_model": spec.base_model,
         "training_dataset": spec.training_dataset,
         "validation_dataset": spec.validation_dataset,
         "evaluation_dataset": spec.evaluation_dataset,

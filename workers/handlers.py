@@ -86,13 +86,7 @@ def _upstream(
         return beneath.model_copy(
             update={"id": checkpoint.id, "checkpoints": [*beneath.checkpoints, reference]}
         )
-    model_id = (
-        spec.teacher
-        if isinstance(spec, DistillSpec)
-        else spec.model
-        if isinstance(spec, EvaluateSpec)
-        else spec.base_model
-    )
+    model_id = spec.upstream
     source = _model_source(context, session, project_id, model_id)
     if isinstance(spec, TrainingSpec) and spec.initialization == "random" and model_id in BUILTIN_MODELS:
         return source.model_copy(update={"pretrained": False})
@@ -215,7 +209,7 @@ def _register_result(
                 data={"model": model_id, "best_epoch": result.best_epoch},
             )
 
-        reporter._write(work)
+        reporter.write(work)
         context.storage.delete_tree(state_folder(job.id))
     except DBAPIError:
         raise  # whether the last commit landed is unknown: the files stay
@@ -253,7 +247,7 @@ def _self_supervised(
         StudyOutcome(result=result, report=None),
         kind="pretrained",
         name=f"{spec.base_model} self-supervised on {spec.training_dataset}",
-        upstream=spec.base_model,
+        upstream=spec.upstream,
         training_dataset=spec.training_dataset,
     )
 
@@ -305,7 +299,7 @@ def train(context: WorkerContext, job: Job, spec: TrainingSpec, reporter: Databa
         study,
         kind=kind,
         name=f"{spec.base_model} {verb} on {{dataset}}",
-        upstream=spec.base_model,
+        upstream=spec.upstream,
         training_dataset=spec.training_dataset,
     )
 
@@ -340,7 +334,7 @@ def adapt(context: WorkerContext, job: Job, spec: AdaptSpec, reporter: DatabaseR
         StudyOutcome(result=study.primary.result, report=study.report),
         kind="adapted",
         name=f"{spec.base_model} adapted with {method} from {spec.source_dataset} to {spec.target_dataset}",
-        upstream=spec.base_model,
+        upstream=spec.upstream,
         training_dataset=spec.source_dataset,
     )
 
@@ -377,7 +371,7 @@ def distill(context: WorkerContext, job: Job, spec: DistillSpec, reporter: Datab
         study,
         kind="distilled",
         name=f"{architecture} student distilled from {spec.teacher} on {spec.training_dataset}",
-        upstream=spec.teacher,
+        upstream=spec.upstream,
         training_dataset=spec.training_dataset,
     )
 
@@ -403,7 +397,7 @@ def evaluate(context: WorkerContext, job: Job, spec: EvaluateSpec, reporter: Dat
             f"Evaluation done: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}",
         )
 
-    reporter._write(work)
+    reporter.write(work)
 
 
 HANDLERS: dict[type[Any], Callable[[WorkerContext, Job, Any, DatabaseReporter], None]] = {

@@ -169,13 +169,13 @@ class DatabaseReporter:
         self._last_cancel_check = 0.0
         self.stop_reason: str | None = None
 
-    def _write(self, work: Callable[[Session], T]) -> T:
+    def write(self, work: Callable[[Session], T]) -> T:
         return write(self.context, self.lease, work)
 
     def event(
         self, message: str, *, level: str = "info", data: dict[str, Any] | None = None, type: str = "message"
     ) -> None:
-        self._write(
+        self.write(
             lambda session: jobs.add_event(session, self.job_id, message, level=level, data=data, type=type)
         )
 
@@ -189,14 +189,14 @@ class DatabaseReporter:
             return
         self._last_progress = now
         progress = {"epoch": epoch, "epochs": epochs, "step": step, "total_steps": total_steps}
-        self._write(lambda session: jobs.progress(session, self.job_id, progress))
+        self.write(lambda session: jobs.progress(session, self.job_id, progress))
 
     def metrics(self, *, epoch: int, step: int, values: dict[str, float]) -> None:
         latest = {k: v for k, v in values.items() if k != "epoch_seconds"}
         shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k not in ("epoch", "epoch_seconds"))
 
         data = {"epoch": epoch, "step": step, **values}
-        self._write(
+        self.write(
             lambda session: jobs.record_metrics(session, self.job_id, latest, f"Epoch {epoch}: {shown}", data)
         )
 
@@ -245,7 +245,7 @@ class DatabaseReporter:
             jobs.record_checkpoint(session, row, best=best)
 
         try:
-            self._write(work)
+            self.write(work)
         except DBAPIError:
             raise  # whether the last commit landed is unknown: the file stays
         except BaseException:
@@ -308,7 +308,7 @@ class DatabaseJournal:
             )
             return entry, files
 
-        entry, files = self.reporter._write(work)
+        entry, files = self.reporter.write(work)
         for key in files:
             self._storage.delete(key)
         if entry is None:
@@ -333,7 +333,7 @@ class DatabaseJournal:
             return jobs.save_resume_entry(session, job_id, self.run, entry)
 
         try:
-            previous = self.reporter._write(work)
+            previous = self.reporter.write(work)
         except DBAPIError:
             raise  # whether the last commit landed is unknown: the file stays
         except BaseException:
