@@ -15,7 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from app import __version__, health
 from app.core.auth import Authenticator, AuthMiddleware, KeyCache
 from app.core.deps import SECURITY_SCHEME, ServiceContext
-from app.core.errors import install_error_handlers
+from app.core.errors import CatchAll, install_error_handlers
 from app.core.limits import RequestGuard
 from app.core.ratelimit import make_limiter
 from app.core.reads import make_reader
@@ -149,6 +149,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ],
             expose_headers=["Retry-After", "Upload-Offset"],
         )
+    # Outermost: an unexpected error becomes a 500 that leaves the client's connection usable.
+    app.add_middleware(CatchAll)  # type: ignore[arg-type]
     # Job-status polling first: routes are matched in this order.
     for module in (jobs, datasets, uploads, models, transferability, projects, health):
         app.include_router(module.router)

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     )
     worker_queue: str = Field(default="gpu", min_length=1)
     worker_concurrency: int = Field(default=1, ge=1)
+    # A worker's pool process keeps its peak memory after a large job (PyTorch's allocator and the data it
+    # read); one whose resident memory passes this after a job is replaced by a fresh one (0: never).
+    worker_max_memory_mb: int = Field(default=3072, ge=0)
     # Archive limits (zip bombs and file floods are rejected before anything is extracted).
     max_archive_members: int = Field(default=50_000, gt=0)
     max_archive_uncompressed_bytes: int = Field(default=8 * GIB, gt=0)
@@ -89,6 +92,9 @@ class Settings(BaseSettings):
     # included) and optimiser steps in all.
     max_epoch_passes: int = Field(default=2000, ge=1)
     max_optimizer_steps: int = Field(default=2_000_000, ge=1)
+    # And its estimated compute (graft/compute.py), in hours of the reference machine (2 CPU cores): every
+    # pass of every network its runs make. A GPU worker runs a job many times faster: raise it there.
+    max_job_hours: float = Field(default=24.0, gt=0)
     # Training: how often (seconds) a running job looks for a cancel request.
     cancel_poll_seconds: float = Field(default=1.0, gt=0)
     # Durable jobs: a worker renews its job's lease every heartbeat; a lease not renewed for lease_seconds

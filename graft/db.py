@@ -4,7 +4,9 @@ session scope."""
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -56,14 +58,38 @@ def _sqlite_begin(connection: Any) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def finite_json(value: Any) -> str:
+    """What the JSON columns store: standard JSON, with NaN and the infinities as null. PostgreSQL's JSONB
+    refuses them (the write fails) and SQLite would store a `NaN` that no client's JSON parser reads; a
+    metric that is not a number is better stored as no number."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(value), allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
 def make_engine(url: str, *, pool_size: int = 5) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, json_serializer=finite_json
+        )
         event.listen(engine, "connect", _sqlite_takes_control)
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size, json_serializer=finite_json
+    )
 
 
 def make_session_factory(engine: Engine, *, read_only: bool = False) -> sessionmaker[Session]:

@@ -84,8 +84,10 @@ LORA_DEFAULTS: dict[str, Any] = {
 }
 
 
-# Methods that move the backbone first fit a new head on its frozen features for this many epochs.
+# Methods that move the backbone first fit a new head on its frozen features for this many epochs, at this
+# rate (a linear probe's: the head alone trains).
 HEAD_WARMUP_EPOCHS = 10
+HEAD_WARMUP_LEARNING_RATE = 1e-2
 # Small datasets get more epochs (up to 4x the default), so that training takes at least this many steps.
 # 100 left every small image case under-trained (bench/quality.py: resnet-small from scratch on 80 colour
 # glyphs 0.39 at 100 steps, 0.74 at 400; on 100 noisy digits 0.83 and 0.88).
@@ -129,6 +131,22 @@ def default_hyperparameters(architecture: str, method: str, *, learned: bool = F
 # measure a gain on (one example moves accuracy by points); the recipe and the report share it.
 MIN_VALIDATION_PER_CLASS = 20
 MAX_FOLDS = 5
+
+
+def validation_count(class_size: int, validation_split: float) -> int:
+    """How many examples of a class of `class_size` the seeded split holds out for validation (the split
+    itself is ml.data.stratified_split, which asks this): the share rounded, at least one from a class of
+    4 or more, never a whole class; classes under 2 stay in training."""
+    if validation_split <= 0 or class_size < 2:
+        return 0
+    held = round(class_size * validation_split)
+    return min(max(held, 1 if class_size >= 4 else 0), class_size - 1)
+
+
+def split_sizes(class_counts: dict[str, int], validation_split: float) -> tuple[int, int]:
+    """(training, validation) examples of the seeded split of a dataset with these class counts."""
+    validation = sum(validation_count(count, validation_split) for count in class_counts.values())
+    return sum(class_counts.values()) - validation, validation
 
 
 def split_can_choose(class_counts: dict[str, int], validation_split: float) -> bool:
@@ -192,6 +210,32 @@ def defaults_table() -> str:
         "`lora_alpha` 16, `lora_dropout` 0.1, `lora_target_modules` per backbone (minilm-l6: query, value; "
         "efficientnet-lite0: the 1x1 convolutions; cnn-small: its convolutions)."
     )
+
+
+# What the scratch arm of a study shares with the transferred arm: the budget, the data and the selection.
+SCRATCH_SHARES = (
+    "epochs",
+    "batch_size",
+    "weight_decay",
+    "validation_split",
+    "warmup_ratio",
+    "max_grad_norm",
+    "early_stopping",
+    "augmentation",
+    "model_selection",
+)
+
+
+def scratch_hyperparameters(transferred: dict[str, Any], architecture: str) -> dict[str, Any]:
+    """The scratch arm's hyperparameters: the same architecture with random weights, trained in full for the
+    same epochs on the same data, with the same augmentation and model selection, at the architecture's
+    from-scratch learning rate (a fine-tuning rate, lower, would handicap it)."""
+    return {
+        **{key: transferred[key] for key in SCRATCH_SHARES if key in transferred},
+        "learning_rate": METHOD_DEFAULTS[(architecture, "full")]["learning_rate"],
+        "layer_lr_decay": 1.0,
+        "freeze_batch_norm": False,  # random weights have no statistics worth keeping
+    }
 
 
 # finetune with an unlabeled_dataset: the semi-supervised loss.

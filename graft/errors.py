@@ -35,10 +35,25 @@ class InvalidData(GraftError):
 
 
 class MissingInput(GraftError):
-    """A file a job needs is no longer in storage."""
+    """A stored file (a dataset's, a model's weights, a checkpoint) is no longer in storage: removed from
+    the volume by hand, or lost in a restore. A job that needs it fails with this code; a request gets a
+    409 (the object exists, its file does not), and the operator finds the key in the log."""
 
-    status_code = 404
+    status_code = 409
     code = "missing_input"
+
+
+class TrainingDiverged(GraftError):
+    """A run's loss became NaN or infinite: nothing it would go on to learn means anything."""
+
+    status_code = 422
+    code = "training_diverged"
+
+
+class NonFiniteOutput(InvalidData):
+    """A model computed NaN or infinity (its weights or the inputs hold values it cannot compute with)."""
+
+    code = "non_finite_output"
 
 
 class StorageFull(GraftError):

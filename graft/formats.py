@@ -44,6 +44,10 @@ MAX_LINE_BYTES = 16 * 1024 * 1024
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 MAX_FEATURES = 10_000
 FLOAT32_MAX = 3.4028234663852886e38
+# The largest magnitude a table value may have. Training and serving work in float32, which ends at 3.4e38:
+# a column of values near that overflows as soon as it is summed or standardised (its mean, its spread),
+# and the run's loss becomes NaN. No measurement needs more than this (nanosecond timestamps are 1.7e18).
+MAX_TABLE_MAGNITUDE = 1e30
 csv.field_size_limit(MAX_LINE_BYTES)
 
 
@@ -89,6 +93,8 @@ class DatasetInfo:
     class_counts: dict[str, int]
     schema_info: dict[str, Any] = field(default_factory=dict)
     pixels: int | None = None  # images: the pixels of all of them, from their headers
+    # What the data holds, for people and for pricing jobs: images' sizes, texts' mean length.
+    profile: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------ detection
@@ -378,7 +384,18 @@ def inspect_text(
     limits = limits or ArchiveLimits()
     rows = iter_text(path, fmt, text_column, label_column, limits)
     _, text_col, label_col = next(rows)
-    return _summarise(fmt, rows, label_col, {"text_column": text_col}, limits)
+    characters = 0
+
+    def counted() -> Iterator[tuple[str, str, str | None]]:
+        nonlocal characters
+        for where, text, label in rows:
+            characters += len(text)
+            yield where, text, label
+
+    info = _summarise(fmt, counted(), label_col, {"text_column": text_col}, limits)
+    # What a job's plan prices a text at (its tokens follow its length).
+    info.profile = {"mean_text_chars": round(characters / info.num_examples, 1)}
+    return info
 
 
 def read_text(path: Path, fmt: str, schema_info: dict[str, Any]) -> tuple[list[str], list[str] | None]:
@@ -415,8 +432,13 @@ def _number(value: Any, where: str, column: str) -> float:
         raise FormatError(f"{where}, column '{column}': missing value")
     else:
         raise FormatError(f"{where}, column '{column}': {type(value).__name__} is not a number")
-    if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
-        raise FormatError(f"{where}, column '{column}': value must be finite (within float32 range)")
+    if not math.isfinite(number):
+        raise FormatError(f"{where}, column '{column}': value must be finite (not NaN or infinity)")
+    if abs(number) > MAX_TABLE_MAGNITUDE:
+        raise FormatError(
+            f"{where}, column '{column}': {number:g} is beyond the largest magnitude a value may have "
+            f"({MAX_TABLE_MAGNITUDE:g}); rescale the column (a unit of 10^k, or its logarithm)"
+        )
     return number
 
 
@@ -697,6 +719,53 @@ def read_member(archive: zipfile.ZipFile, name: str) -> bytes:
         raise FormatError(f"file '{name}': cannot be read from the archive ({exc})") from None
 
 
+# A network whose input follows the data (resnet-small) reads a dataset's images at their median shorter side,
+# between these bounds, rounded to a multiple of 4 (a 16 px digit is read at 16 px, not upsampled to 64: as
+# sharp, and 16x less compute).
+MIN_SIDE, MAX_SIDE = 16, 128
+GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+# Shorter sides further apart than this (largest over smallest) are worth a warning: the images far from the
+# median are read at a size far from their own.
+WIDE_SIDE_SPREAD = 4.0
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """The input a network built for a dataset's images takes."""
+
+    side: int  # height and width, px
+    channels: int  # 1 when every image looked at is grey
+    stem_stride: int  # how much a resnet-small's stem shrinks it (to about 32 px for its stages)
+
+
+def geometry_of(median_side: float, grey: bool) -> ImageGeometry:
+    side = int(min(MAX_SIDE, max(MIN_SIDE, 4 * round(median_side / 4))))
+    stem_stride = 1 if side <= 48 else 2 if side <= 96 else 4
+    return ImageGeometry(side=side, channels=1 if grey else 3, stem_stride=stem_stride)
+
+
+def image_sizes(sides: list[int], grey: bool) -> dict[str, Any]:
+    """What an image dataset records of its images' sizes (shown with the dataset, used by job plans): the
+    spread of the shorter sides, whether all are grey, and the size a network that follows the data reads
+    them at."""
+    ordered = sorted(sides)
+    median = float(np.median(ordered)) if ordered else 32.0
+    geometry = geometry_of(median, grey)
+    found: dict[str, Any] = {
+        "shorter_side": {"min": ordered[0], "median": median, "max": ordered[-1]} if ordered else None,
+        "grey": grey,
+        "read_at": geometry.side,
+    }
+    if ordered and ordered[-1] > WIDE_SIDE_SPREAD * max(ordered[0], 1):
+        found["warning"] = (
+            f"the images' shorter sides range from {ordered[0]} to {ordered[-1]} px: a network whose input follows "
+            f"the data (resnet-small) reads every image at {geometry.side} px, so the largest are scaled "
+            f"{ordered[-1] / geometry.side:.0f}x down and the smallest up; resize them to one size, or split "
+            "the dataset, if detail at one scale matters"
+        )
+    return found
+
+
 def inspect_images(path: Path, limits: ArchiveLimits) -> DatasetInfo:
     with open_archive(path) as archive:
         scanned = scan_archive(archive, limits)
@@ -708,11 +777,15 @@ def inspect_images(path: Path, limits: ArchiveLimits) -> DatasetInfo:
             counts = Counter(label for _, label in scanned.entries if label is not None)
             classes, class_counts = _check_classes(counts, None)
         total_pixels = 0
+        sides: list[int] = []
+        grey = True
         for name, _label in scanned.entries:
             image = _open_image(read_member(archive, name), name, limits)
             # Summed from the header, before this member's integrity check: an archive over the limit is
             # refused at the member that passes it, having only header-checked the members before it.
             total_pixels += image.width * image.height
+            sides.append(min(image.size))
+            grey = grey and image.mode in GREY_MODES
             if total_pixels > limits.max_archive_pixels:
                 raise FormatError(
                     f"file '{name}': with this image the archive holds more than "
@@ -726,6 +799,7 @@ def inspect_images(path: Path, limits: ArchiveLimits) -> DatasetInfo:
         classes=classes,
         class_counts=class_counts,
         schema_info={"layout": scanned.layout, "root": scanned.root},
+        profile={"image_sizes": image_sizes(sides, grey)},
         # What reading the archive will decode, which the API's cost estimates use.
         pixels=total_pixels,
     )

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from graft import jobspec
 from graft.ids import new_id, utcnow
 from graft.jobspec import JobSpec
+from graft.plan import JobPlan
 from graft.tables import Checkpoint, Job, JobEvent
 
 
@@ -44,9 +45,10 @@ def by_idempotency_key(session: Session, project_id: str, key: str) -> Job | Non
     return session.scalar(select(Job).where(Job.project_id == project_id, Job.idempotency_key == key))
 
 
-def new_job(project_id: str, spec: JobSpec, *, seed: int, **fields: Any) -> Job:
-    """A queued job's row (not yet added): its kind's spec, the listing columns drawn from it, and
-    `fields` (what the API found: the transfer plan; the client's metadata and idempotency key)."""
+def new_job(project_id: str, spec: JobSpec, *, seed: int, plan: JobPlan | None = None, **fields: Any) -> Job:
+    """A queued job's row (not yet added): its kind's spec, the plan of its runs, the listing columns drawn
+    from the spec, and `fields` (what the API found: the transfer plan; the client's metadata and
+    idempotency key)."""
     return Job(
         id=new_id("job"),
         project_id=project_id,
@@ -56,6 +58,7 @@ def new_job(project_id: str, spec: JobSpec, *, seed: int, **fields: Any) -> Job:
         attempts=0,
         created_at=utcnow(),
         spec=jobspec.dump(spec),
+        plan=plan.model_dump(mode="json") if plan is not None else None,
         **jobspec.columns(spec),
         **fields,
     )
@@ -140,9 +143,13 @@ def cancel(session: Session, job_id: str) -> str | None:
     if _transition(session, job_id, JobStatus.QUEUED, status=JobStatus.CANCELLED, finished_at=utcnow()):
         add_event(session, job_id, "Job cancelled before it started")
         return "cancelled"
-    if _transition(session, job_id, JobStatus.RUNNING, cancel_requested=True):
+    if _transition(
+        session, job_id, JobStatus.RUNNING, Job.cancel_requested.is_(False), cancel_requested=True
+    ):
         add_event(session, job_id, "Cancellation requested; the job stops within a few steps")
         return "requested"
+    if session.scalar(select(Job.id).where(Job.id == job_id, Job.status == JobStatus.RUNNING)) is not None:
+        return "requested"  # asked before: the same answer, and nothing more written
     return None
 
 
@@ -468,6 +475,7 @@ _JOB_COLUMNS = (
     Job.student,
     Job.method,
     Job.hyperparameters,
+    Job.plan,
     Job.head,
     Job.initialization,
     Job.from_checkpoint,

@@ -78,6 +78,9 @@ class Hyperparameters(BaseModel):
     augmentation: Augmentation = "auto"
     model_selection: ModelSelection = "auto"
     cross_validation_folds: Folds = 0  # read by the study (workers/recipes/study.py), not by one run
+    # Resolved by a job's plan (graft/plan.py) for the runs that use it, not asked for: the rate at which a
+    # head is fitted on the frozen backbone before the backbone moves.
+    head_warmup_learning_rate: LearningRate | None = None
 
 
 class FinetuneHyperparameters(Hyperparameters):
@@ -92,6 +95,8 @@ class AdaptHyperparameters(Hyperparameters):
     pseudo_label_threshold: Threshold
     mcc_temperature: Temperature
     adapter_hidden: AdapterWidth | None = None  # a frozen backbone's feature adapter
+    # Resolved by the plan for its dann runs: the rate of the domain discriminator.
+    discriminator_learning_rate: LearningRate | None = None
 
 
 class DistillHyperparameters(Hyperparameters):
@@ -161,6 +166,11 @@ class TrainingSpec(_Spec):
         """The model the job starts from (beneath its checkpoint, if it starts from one)."""
         return self.base_model
 
+    @property
+    def checkpoint_base(self) -> str:
+        """The model beneath the job's checkpoints (whose network they hold)."""
+        return self.upstream
+
 
 class AdaptSpec(_Spec):
     """Domain adaptation: labelled source data, unlabelled target data, one run per method."""
@@ -180,6 +190,11 @@ class AdaptSpec(_Spec):
     def upstream(self) -> str:
         return self.base_model
 
+    @property
+    def checkpoint_base(self) -> str:
+        """The model beneath the job's checkpoints (whose network they hold)."""
+        return self.upstream
+
 
 class DistillSpec(_Spec):
     """Knowledge distillation of a teacher into a student architecture."""
@@ -197,6 +212,11 @@ class DistillSpec(_Spec):
     def upstream(self) -> str:
         return self.teacher
 
+    @property
+    def checkpoint_base(self) -> str:
+        """The network the job's checkpoints hold: the student's built-in architecture, not the teacher."""
+        return self.student.architecture
+
 
 class EvaluateSpec(_Spec):
     """A registered model measured on a labelled dataset."""
@@ -208,6 +228,11 @@ class EvaluateSpec(_Spec):
     @property
     def upstream(self) -> str:
         return self.model
+
+    @property
+    def checkpoint_base(self) -> str:
+        """The model beneath the job's checkpoints (whose network they hold)."""
+        return self.upstream
 
 
 JobSpec = Annotated[TrainingSpec | AdaptSpec | DistillSpec | EvaluateSpec, Field(discriminator="kind")]

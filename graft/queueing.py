@@ -54,6 +54,8 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True,
         task_acks_late=True,
         worker_prefetch_multiplier=1,
+        # In KiB; checked after each job, so a job always finishes in the process that started it.
+        worker_max_memory_per_child=settings.worker_max_memory_mb * 1024 or None,
         task_default_queue=settings.worker_queue,
         task_routes={RUN_JOB: {"queue": settings.worker_queue}},
         worker_hijack_root_logger=False,

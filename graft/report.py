@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 CURVE_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
@@ -265,14 +265,36 @@ def arm_comparisons(
     return found
 
 
-def render_png(report: dict[str, Any]) -> bytes:
-    """The report drawn headless, by its kind."""
+# The per-class panel draws at most this many classes (those where the arms differ most): a thousand bars
+# and labels took half a minute to draw and showed nothing anyone can read.
+MAX_DRAWN_CLASSES = 20
+
+
+def render_png(report: dict[str, Any], on_batch: Callable[[], None] | None = None) -> bytes:
+    """The report drawn headless, by its kind. `on_batch` is called between the parts of the drawing (it
+    may raise to stop: its client went away)."""
+    step = on_batch or (lambda: None)
     kind = report.get("kind", "transfer")
     if kind == "adaptation":
-        return _render_adaptation(report)
+        return _render_adaptation(report, step)
     if kind == "distillation":
-        return _render_distillation(report)
-    return _render_transfer(report)
+        return _render_distillation(report, step)
+    return _render_transfer(report, step)
+
+
+def drawn_classes(per_class: dict[str, dict[str, float | None]]) -> list[str]:
+    """The classes the per-class panel shows, in the report's order: all of them up to MAX_DRAWN_CLASSES,
+    else those whose recall differs most between the arms."""
+    labels = list(per_class)
+    if len(labels) <= MAX_DRAWN_CLASSES:
+        return labels
+
+    def difference(label: str) -> float:
+        entry = per_class[label]
+        return abs((entry["transferred"] or 0.0) - (entry["scratch"] or 0.0))
+
+    chosen = set(sorted(labels, key=lambda label: (-difference(label), label))[:MAX_DRAWN_CLASSES])
+    return [label for label in labels if label in chosen]
 
 
 def _png(figure: Any) -> bytes:
@@ -294,7 +316,7 @@ def _pyplot() -> Any:
     return plt
 
 
-def _render_adaptation(report: dict[str, Any]) -> bytes:
+def _render_adaptation(report: dict[str, Any], step: Callable[[], None]) -> bytes:
     """Target accuracy (with evaluation labels) and the domain discrepancy per method, with seed spread."""
     plt = _pyplot()
     methods = list(report["methods"])
@@ -307,6 +329,7 @@ def _render_adaptation(report: dict[str, Any]) -> bytes:
     figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.6), dpi=100)
     colours = ["#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b"]
     for axis, (key, title, limits) in zip(axes, panels, strict=True):
+        step()
         means = [report["methods"][m][key]["mean"] for m in methods]
         spread = [report["methods"][m][key]["std"] for m in methods]
         axis.bar(range(len(methods)), means, yerr=spread, capsize=4, color=colours[: len(methods)])
@@ -315,10 +338,11 @@ def _render_adaptation(report: dict[str, Any]) -> bytes:
         if limits is not None:
             axis.set_ylim(*limits)
     figure.suptitle(report["summary"][:140] + ("…" if len(report["summary"]) > 140 else ""), fontsize=9)
+    step()
     return _png(figure)
 
 
-def _render_distillation(report: dict[str, Any]) -> bytes:
+def _render_distillation(report: dict[str, Any], step: Callable[[], None]) -> bytes:
     """Accuracy, parameters and latency of teacher, scratch student and distilled student."""
     plt = _pyplot()
     arms = [a for a in ("teacher", "scratch_student", "distilled_student") if report.get(a)]
@@ -333,6 +357,7 @@ def _render_distillation(report: dict[str, Any]) -> bytes:
         ),
         strict=True,
     ):
+        step()
         axis.bar(range(len(arms)), [report[a][key] or 0.0 for a in arms], color=[colours[a] for a in arms])
         axis.set_xticks(range(len(arms)), [a.replace("_", " ") for a in arms])
         axis.set(title=title)
@@ -341,10 +366,11 @@ def _render_distillation(report: dict[str, Any]) -> bytes:
         "Distillation"
         + (f": {recovered * 100:.0f}% of the teacher-student gap recovered" if recovered is not None else "")
     )
+    step()
     return _png(figure)
 
 
-def _render_transfer(report: dict[str, Any]) -> bytes:
+def _render_transfer(report: dict[str, Any], step: Callable[[], None]) -> bytes:
     """Learning curves of both arms and the per-class comparison."""
     import matplotlib
 
@@ -356,6 +382,7 @@ def _render_transfer(report: dict[str, Any]) -> bytes:
     figure, (accuracy_ax, loss_ax, class_ax) = plt.subplots(1, 3, figsize=(16, 4.8), dpi=100)
     for arm, colour in colours.items():
         for seed_index, curve in enumerate(report["learning_curves"][arm]):
+            step()
             epochs = [row["epoch"] for row in curve]
             label = arm if seed_index == 0 else None
             accuracy_ax.plot(
@@ -387,7 +414,8 @@ def _render_transfer(report: dict[str, Any]) -> bytes:
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     accuracy_ax.legend()
     loss_ax.legend(fontsize=8)
-    labels = list(report["per_class"])
+    step()
+    labels = drawn_classes(report["per_class"])
     width = 0.4
     for offset, arm in ((-width / 2, "transferred"), (width / 2, "scratch")):
         values = [report["per_class"][label][arm] or 0.0 for label in labels]
@@ -398,11 +426,21 @@ def _render_transfer(report: dict[str, Any]) -> bytes:
         rotation=45 if len(labels) > 6 else 0,
         ha="right" if len(labels) > 6 else "center",
     )
-    class_ax.set(title="Per-class accuracy (recall)", ylim=(0, 1.05))
+    total = len(report["per_class"])
+    class_ax.set(
+        title="Per-class accuracy (recall)"
+        + (
+            f": the {len(labels)} of {total} classes where the arms differ most"
+            if len(labels) < total
+            else ""
+        ),
+        ylim=(0, 1.05),
+    )
     class_ax.legend()
     gain = report["gain"]["val_accuracy"]["mean"]
     figure.suptitle(
         f"Transfer gain {gain * 100:+.1f} points (spread {report['spread'] * 100:.1f})"
         + ("  — NEGATIVE TRANSFER" if report["negative_transfer"] else "")
     )
+    step()
     return _png(figure)

@@ -25,6 +25,7 @@ class DatasetSource(BaseModel):
     labeled: bool
     classes: list[str] = Field(default_factory=list)
     schema_info: dict[str, Any] = Field(default_factory=dict)
+    profile: dict[str, Any] = Field(default_factory=dict)
     sha256: str = ""
 
 
@@ -45,6 +46,11 @@ class BaseModelSource(BaseModel):
     # Checkpoints put on top, oldest first: a job started from a checkpoint of a job that itself started
     # from one (a head-only checkpoint needs the weights beneath it).
     checkpoints: list[CheckpointRef] = Field(default_factory=list)
+
+    @property
+    def learned(self) -> bool:
+        """Whether its weights are learned ones (package weights, a weights file, a checkpoint), not random."""
+        return self.pretrained or self.weights_path is not None or bool(self.checkpoints)
 
     def identity(self) -> dict[str, Any]:
         """What determines this model's weights (for the feature cache)."""
@@ -73,14 +79,15 @@ def package_version(architecture: str) -> str:
 
 
 def dataset_source(row: Dataset, storage: Storage) -> DatasetSource:
-    """A stored dataset as the training and evaluation code reads it."""
+    """A stored dataset as the training and evaluation code reads it (MissingInput when its file is gone)."""
     return DatasetSource(
         id=row.id,
-        path=storage.path(row.path),
+        path=storage.existing(row.path, f"the file of dataset {row.id}"),
         task=row.task,
         format=row.format,
         labeled=row.labeled,
         classes=list(row.classes),
         schema_info=dict(row.schema_info),
+        profile=dict(row.profile or {}),
         sha256=row.sha256,
     )

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from graft.errors import MissingInput
+
+log = logging.getLogger("graft.storage")
 
 
 class Storage:
@@ -60,6 +65,18 @@ class Storage:
 
     def exists(self, key: str) -> bool:
         return self.path(key).exists()
+
+    def existing(self, key: str, what: str) -> Path:
+        """The path of a stored file that must be there (`what` names it for people: "the weights file of
+        model mdl_..."); MissingInput when it is not, logged with its key for the operator."""
+        path = self.path(key)
+        if not path.is_file():
+            log.error("stored file missing: %s (%s)", key, what)
+            raise MissingInput(
+                f"{what} is missing from the service's storage; it cannot be used until the operator restores "
+                "it (the missing key is in the service's log)"
+            )
+        return path
 
 
 def is_disk_full(exc: BaseException) -> bool:

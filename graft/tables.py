@@ -98,6 +98,9 @@ class Dataset(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # Image datasets: the pixels of all images together (from their headers), for cost estimates.
     pixels: Mapped[int | None] = mapped_column(BigInteger)
+    # What the data holds (graft.formats.DatasetInfo.profile): images' sizes, texts' mean length; None for a
+    # dataset uploaded before profiles were.
+    profile: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
 
 
 class Upload(Base):
@@ -179,6 +182,9 @@ class Job(Base):
     # The kind's typed, versioned spec (graft/jobspec.py): what the worker reads. The columns above are
     # drawn from it for listing and for the guards on datasets and models.
     spec: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # The plan of its runs (graft/plan.py), priced and checked by the API, run by the worker; None for a job
+    # stored before plans were (the worker plans it from its spec when it starts).
+    plan: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     seed: Mapped[int] = mapped_column(BigInteger)
     # Transfer options as requested, and what the worker found.
     head: Mapped[str | None] = mapped_column(String(8))

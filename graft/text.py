@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, StringConstraints
 
 _UNSAFE = re.compile("[\x00\ud800-\udfff]")
 
@@ -27,3 +27,5 @@ def _check(value: str) -> str:
 
 
 SafeStr = Annotated[str, AfterValidator(_check)]
+# An id, or a short name standing for one (a baseline arm): 1 to 64 characters.
+SafeId = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_check)]

@@ -6,15 +6,18 @@ from __future__ import annotations
 import io
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from graft.defaults import validation_count
 from graft.formats import (
+    GREY_MODES,
     ArchiveLimits,
+    ImageGeometry,
+    geometry_of,
     open_archive,
     read_member,
     read_tabular,
@@ -97,26 +100,19 @@ class ImageInputs(Inputs):
         return images_to_tensor([self._image(i) for i in indices], self.input_spec)
 
 
-@dataclass(frozen=True)
-class ImageGeometry:
-    """The input a network built for a dataset's images takes."""
-
-    side: int  # height and width, px
-    channels: int  # 1 when every image looked at is grey
-    stem_stride: int  # how much a resnet-small's stem shrinks it (to about 32 px for its stages)
-
-
-MIN_SIDE, MAX_SIDE = 16, 128
 GEOMETRY_SAMPLE = 256
-GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
 def image_geometry(source: DatasetSource) -> ImageGeometry:
-    """The typical size and colour of a dataset's images, from the headers of up to 256 of them, evenly
-    spread: the median shorter side, between 16 and 128 px, rounded to a multiple of 4 (a 16 px digit is
-    read at 16 px, not upsampled to 64: as sharp, and 16x less compute); grey when all are grey."""
+    """The typical size and colour of a dataset's images: the median shorter side, between 16 and 128 px,
+    rounded to a multiple of 4; grey when all are grey. From what the upload recorded of every image (the
+    numbers a job's plan was made with), or, for a dataset uploaded before it recorded them, from the
+    headers of up to 256 of its images, evenly spread."""
     from PIL import Image
 
+    recorded = source.profile.get("image_sizes")
+    if recorded and recorded.get("shorter_side"):
+        return geometry_of(float(recorded["shorter_side"]["median"]), bool(recorded["grey"]))
     with open_archive(source.path) as archive:
         names = [name for name, _ in scan_archive(archive, ALREADY_VALIDATED).entries]
         step = max(1, len(names) // GEOMETRY_SAMPLE)
@@ -125,10 +121,7 @@ def image_geometry(source: DatasetSource) -> ImageGeometry:
             with Image.open(io.BytesIO(read_member(archive, name))) as image:
                 sides.append(min(image.size))
                 grey = grey and image.mode in GREY_MODES
-    median = float(np.median(sides)) if sides else 32.0
-    side = int(min(MAX_SIDE, max(MIN_SIDE, 4 * round(median / 4))))
-    stem_stride = 1 if side <= 48 else 2 if side <= 96 else 4
-    return ImageGeometry(side=side, channels=1 if grey else 3, stem_stride=stem_stride)
+    return geometry_of(float(np.median(sides)) if sides else 32.0, grey)
 
 
 class TabularInputs(Inputs):
@@ -212,8 +205,7 @@ def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[list[i
     for cls in torch.unique(labels).tolist():
         members = np.flatnonzero(labels.numpy() == cls)
         rng.shuffle(members)
-        n_val = round(len(members) * fraction) if len(members) >= 2 else 0
-        n_val = min(max(n_val, 1 if len(members) >= 4 else 0), len(members) - 1)
+        n_val = validation_count(len(members), fraction)
         held_out.extend(members[:n_val].tolist())
         train.extend(members[n_val:].tolist())
     return sorted(train), sorted(held_out)

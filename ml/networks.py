@@ -220,6 +220,13 @@ class ResNetSmallBackbone(nn.Module):
         return self.stages(self.stem(images)).mean(dim=(2, 3))
 
 
+def column_statistics(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Each column's mean and standard deviation (population), computed in float64: float32 sums of table
+    values near its range (~1e30 and above) overflow to infinity, and the standardisation to NaN."""
+    wide = rows.double()
+    return wide.mean(dim=0).float(), wide.std(dim=0, unbiased=False).float()
+
+
 class MlpBackbone(nn.Module):
     """Standardises its inputs with stored statistics, then hidden ReLU layers."""
 

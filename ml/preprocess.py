@@ -22,9 +22,8 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from graft.errors import InvalidData
+from graft.formats import MAX_TABLE_MAGNITUDE
 from graft.spec import ModelSpec
-
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class InputError(InvalidData, ValueError):
@@ -186,18 +185,28 @@ def normalise_mode(image: Image.Image, channels: int) -> Image.Image:
     return image.convert("L" if channels == 1 else "RGB")
 
 
+def crop_box(size: tuple[int, int], width: int, height: int) -> tuple[float, float, float, float]:
+    """The part of an image of `size` (width, height) that "shorter side resized to the input, then centre
+    crop" keeps, in the image's own pixels: resizing only that part to (width, height) gives the same
+    pixels as resizing the whole and cropping (the same scale, the same sample positions, the filter's
+    reach clipped at the same edges), at the cost of the output alone. Resizing the whole first costs what
+    the resized image holds: a 1 x 60,000 strip read at 64 px would become 64 x 3,840,000 pixels (1 GB)."""
+    scale = max(width / size[0], height / size[1])
+    resized = (max(width, round(size[0] * scale)), max(height, round(size[1] * scale)))
+    left, top = (resized[0] - width) // 2, (resized[1] - height) // 2
+    x, y = size[0] / resized[0], size[1] / resized[1]  # image pixels per resized pixel, on each axis
+    return (left * x, top * y, (left + width) * x, (top + height) * y)
+
+
 def prepare_image(source: bytes | Image.Image, input_spec: Mapping[str, Any]) -> np.ndarray:
-    """One image -> uint8 array (C, H, W) at the spec's size."""
+    """One image -> uint8 array (C, H, W) at the spec's size: the work is the decoded image's and the
+    output's, whatever its shape."""
     image = Image.open(io.BytesIO(source)) if isinstance(source, bytes) else source
     image = ImageOps.exif_transpose(image) or image
     channels = int(input_spec.get("channels", 3))
     height, width = int(input_spec["height"]), int(input_spec["width"])
     image = normalise_mode(image, channels)
-    scale = max(width / image.width, height / image.height)
-    resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    image = image.resize(resized, Image.Resampling.BILINEAR)
-    left, top = (image.width - width) // 2, (image.height - height) // 2
-    image = image.crop((left, top, left + width, top + height))
+    image = image.resize((width, height), Image.Resampling.BILINEAR, box=crop_box(image.size, width, height))
     array = np.asarray(image, dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
@@ -231,9 +240,11 @@ def rows_to_array(rows: Sequence[Mapping[str, Any]], feature_columns: Sequence[s
                 number = float(value)
             except OverflowError:
                 number = math.inf
-            if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
+            if not math.isfinite(number) or abs(number) > MAX_TABLE_MAGNITUDE:
                 raise InputError(
-                    f"inputs[{i}], column '{column}': {value!r} is not a finite float32 number", index=i
+                    f"inputs[{i}], column '{column}': {value!r} is not a finite number of magnitude at most "
+                    f"{MAX_TABLE_MAGNITUDE:g}",
+                    index=i,
                 )
             out[i, j] = number
     return out

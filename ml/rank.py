@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from graft.errors import NonFiniteOutput
 from graft.sources import BaseModelSource, DatasetSource
 from ml import transferability
 from ml.data import Subset, label_indices, load_inputs, stratified_split
@@ -66,6 +67,12 @@ def score_model(
             key, lambda: extract_features(model, examples, target_device, amp, on_batch).cpu()
         )
     features = features.to(target_device).float()
+    if not bool(torch.isfinite(features).all()):
+        raise NonFiniteOutput(
+            f"model {base.id} computes NaN or infinite features on dataset {dataset.id}: its weights, or the "
+            "data, hold values it cannot compute with; it cannot be scored",
+            param="models",
+        )
     has_head = model.head is not None
     probabilities = (
         torch.softmax(model.classify(features).float(), dim=1).cpu().double().numpy() if has_head else None

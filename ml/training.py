@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from graft.errors import TrainingDiverged
 from ml.resume import TrainingState, optimizer_state, restore_optimizer, restore_rng, rng_state
 from ml.runtime import JobPreempted, Reporter, autocast_dtype, stop_signal
 
@@ -134,6 +135,22 @@ class Loop:
         self.scheduler.load_state_dict(state.meta[SCHEDULER])
         self.precision.load_state_dict(state.meta.get(SCALER))  # absent from states saved before it
         restore_rng(self.generator, state.group(RNG), state.meta[RNG])
+
+
+def finite_loss(loss: Tensor, reporter: Reporter, *, epoch: int, step: int, phase: str = "") -> float:
+    """A batch's loss as a number, checked before the step that would apply it: NaN or infinity means the
+    run diverged (too high a learning rate, values far out of range), and nothing it learns after that
+    means anything, so it stops with TrainingDiverged naming where, instead of finishing with NaN weights."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        run = getattr(reporter, "name", None)
+        raise TrainingDiverged(
+            f"the training loss became {value} at {phase}epoch {epoch}, step {step}"
+            + (f" of run '{run}'" if run else "")
+            + ": the run diverged and stopped. Lower the learning_rate, or look for extreme values in the "
+            "training data"
+        )
+    return value
 
 
 def after_step(

@@ -21,6 +21,15 @@ from graft.catalog import BUILTIN_MODELS
 from graft.db import session_scope
 from graft.ids import new_id, utcnow
 from graft.jobspec import AdaptSpec, DistillSpec, EvaluateSpec, JobSpec, TrainingSpec
+from graft.plan import (
+    DataFacts,
+    JobPlan,
+    plan_adaptation,
+    plan_distillation,
+    plan_evaluation,
+    plan_training,
+)
+from graft.plan import Upstream as PlanUpstream
 from graft.sources import BaseModelSource, CheckpointRef, DatasetSource, dataset_source
 from graft.spec import ModelSpec
 from graft.storage import sha256_file
@@ -62,15 +71,34 @@ def _model_source(
     return BaseModelSource(
         id=row.id,
         spec=ModelSpec.model_validate(row.spec),
-        weights_path=context.storage.path(row.weights_path),
+        weights_path=context.storage.existing(row.weights_path, f"the weights file of model {row.id}"),
         weights_sha256=row.weights_sha256,
     )
+
+
+def student_source(spec: DistillSpec) -> BaseModelSource:
+    """A distill job's student as it starts: its built-in architecture with the options asked for (random
+    weights, or the package's for a pretrained built-in)."""
+    architecture = spec.student.architecture
+    student = ModelSpec.for_builtin(architecture).model_copy(update={"options": spec.student.options()})
+    return BaseModelSource(
+        id=f"{architecture} student", spec=student, pretrained=BUILTIN_MODELS[architecture].pretrained
+    )
+
+
+def _checkpoint_base(
+    context: WorkerContext, session: Session, project_id: str, spec: JobSpec, depth: int
+) -> BaseModelSource:
+    """The network beneath the checkpoints of a job of `spec`: a distill job's student, else its upstream."""
+    if isinstance(spec, DistillSpec):
+        return student_source(spec)
+    return _upstream(context, session, project_id, spec, depth)
 
 
 def _upstream(
     context: WorkerContext, session: Session, project_id: str, spec: JobSpec, depth: int = 0
 ) -> BaseModelSource:
-    """The upstream a job's runs start from; a checkpoint it starts from goes on top of the model beneath
+    """The upstream a job's runs start from; a checkpoint it starts from goes on top of the network beneath
     it (found from the spec of the job that wrote the checkpoint)."""
     if isinstance(spec, TrainingSpec) and spec.from_checkpoint is not None:
         checkpoint = session.scalar(
@@ -81,8 +109,9 @@ def _upstream(
         source_job = jobs.get_any(session, checkpoint.job_id) if checkpoint is not None else None
         if checkpoint is None or source_job is None or depth > 20:
             raise FileNotFoundError(f"checkpoint {spec.from_checkpoint} no longer exists")
-        beneath = _upstream(context, session, project_id, jobs.spec_of(source_job), depth + 1)
-        reference = CheckpointRef(path=context.storage.path(checkpoint.path), sha256=checkpoint.sha256)
+        beneath = _checkpoint_base(context, session, project_id, jobs.spec_of(source_job), depth + 1)
+        path = context.storage.existing(checkpoint.path, f"the file of checkpoint {checkpoint.id}")
+        reference = CheckpointRef(path=path, sha256=checkpoint.sha256)
         return beneath.model_copy(
             update={"id": checkpoint.id, "checkpoints": [*beneath.checkpoints, reference]}
         )
@@ -116,6 +145,66 @@ def _baseline_arms(
             base = base.model_copy(update={"pretrained": True})
         arms.append(Arm(name=name, kind="parent" if name == "parent" else "model", base=base))
     return arms
+
+
+def plan_of(context: WorkerContext, session: Session, job: Job, spec: JobSpec) -> JobPlan:
+    """The runs the job makes: the plan the API made, priced and checked, when the job was created. A job
+    stored before plans were gets one now, from its spec and its data, with the same planner (unpriced:
+    it was accepted already)."""
+    if job.plan is not None:
+        return JobPlan.model_validate(job.plan)
+
+    def facts(dataset_id: str | None) -> DataFacts | None:
+        row = session.scalar(select(Dataset).where(Dataset.id == dataset_id)) if dataset_id else None
+        return DataFacts.of(row) if row is not None else None
+
+    def required(dataset_id: str) -> DataFacts:
+        found = facts(dataset_id)
+        if found is None:
+            raise FileNotFoundError(f"dataset {dataset_id} was deleted")
+        return found
+
+    if isinstance(spec, EvaluateSpec):
+        return plan_evaluation(spec, network=None, dataset=required(spec.dataset))
+    if isinstance(spec, DistillSpec):
+        student = student_source(spec)
+        return plan_distillation(
+            spec,
+            job.seed,
+            teacher=None,
+            student=PlanUpstream(
+                id=student.id, learned=student.pretrained, architecture=spec.student.architecture
+            ),
+            train=required(spec.training_dataset),
+            labelled=bool(session.scalar(select(Dataset.labeled).where(Dataset.id == spec.training_dataset))),
+            evaluation=facts(spec.evaluation_dataset),
+        )
+    base = _upstream(context, session, job.project_id, spec)
+    upstream = PlanUpstream(id=base.id, learned=base.learned, architecture=base.spec.architecture)
+    if isinstance(spec, AdaptSpec):
+        return plan_adaptation(
+            spec,
+            job.seed,
+            upstream=upstream,
+            source=required(spec.source_dataset),
+            target=required(spec.target_dataset),
+            evaluation=facts(spec.evaluation_dataset),
+        )
+    named = {
+        name: PlanUpstream(id=name, learned=True, architecture=upstream.architecture)
+        for name in spec.baseline_arms or []
+        if name not in ("scratch", "as_is")
+    }
+    return plan_training(
+        spec,
+        job.seed,
+        upstream=upstream,
+        train=required(spec.training_dataset),
+        validation=facts(spec.validation_dataset),
+        evaluation=facts(spec.evaluation_dataset),
+        unlabeled=facts(spec.unlabeled_dataset),
+        named=named,
+    )
 
 
 def _save(
@@ -232,14 +321,15 @@ def _self_supervised(
     from workers.recipes.study import RunReporter
 
     with session_scope(context.session_factory) as session:
+        (run,) = plan_of(context, session, job, spec).runs()
         config = SelfSupervisedConfig(
             job_id=job.id,
-            seed=job.seed,
+            seed=run.seed,
             base=_upstream(context, session, job.project_id, spec),
             train=_dataset(context, session, spec.training_dataset),
-            hyperparameters=spec.hyperparameters,
+            hyperparameters=type(spec.hyperparameters).model_validate(run.hyperparameters),
         )
-    result = SelfSupervisedRecipe(config, RunReporter(reporter, "self-supervised", 0, 1, primary=True)).run()
+    result = SelfSupervisedRecipe(config, RunReporter(reporter, run.name, 0, 1, primary=True)).run()
     _register_result(
         context,
         job,
@@ -287,9 +377,8 @@ def train(context: WorkerContext, job: Job, spec: TrainingSpec, reporter: Databa
                 unlabeled_ratio=hp.unlabeled_ratio,
             )
         arms = _baseline_arms(context, session, job.project_id, spec)
-    study = run_study(
-        config, reporter, seeds=spec.seeds, baseline=spec.baseline, folds=hp.cross_validation_folds, arms=arms
-    )
+        plan = plan_of(context, session, job, spec)
+    study = run_study(config, reporter, plan, arms=arms)
     kind = "pretrained" if spec.kind == "pretrain" else "finetuned"
     verb = "pretrained" if kind == "pretrained" else f"{spec.method} fine-tuned"
     _register_result(
@@ -325,7 +414,8 @@ def adapt(context: WorkerContext, job: Job, spec: AdaptSpec, reporter: DatabaseR
             adapter=hp.adapter_hidden,
             feature_cache_dir=context.storage.path("cache"),
         )
-    study = run_adaptation(config, reporter, methods=list[str](spec.methods), seeds=spec.seeds)
+        plan = plan_of(context, session, job, spec)
+    study = run_adaptation(config, reporter, plan)
     method = study.primary.method
     _register_result(
         context,
@@ -345,15 +435,12 @@ def distill(context: WorkerContext, job: Job, spec: DistillSpec, reporter: Datab
 
     hp = spec.hyperparameters
     architecture = spec.student.architecture
-    student = ModelSpec.for_builtin(architecture).model_copy(update={"options": spec.student.options()})
     with session_scope(context.session_factory) as session:
         config = DistillConfig(
             job_id=job.id,
             seed=job.seed,
             method=spec.method,
-            base=BaseModelSource(
-                id=f"{architecture} student", spec=student, pretrained=BUILTIN_MODELS[architecture].pretrained
-            ),
+            base=student_source(spec),
             teacher=_upstream(context, session, job.project_id, spec),
             train=_dataset(context, session, spec.training_dataset),
             validation=_optional_dataset(context, session, spec.evaluation_dataset),
@@ -363,7 +450,8 @@ def distill(context: WorkerContext, job: Job, spec: DistillSpec, reporter: Datab
             adapter=hp.adapter_hidden,
             feature_cache_dir=context.storage.path("cache"),
         )
-    study = run_distillation(config, reporter)
+        plan = plan_of(context, session, job, spec)
+    study = run_distillation(config, reporter, plan)
     _register_result(
         context,
         job,
@@ -384,7 +472,7 @@ def evaluate(context: WorkerContext, job: Job, spec: EvaluateSpec, reporter: Dat
     with session_scope(context.session_factory) as session:
         row = _model_row(session, job.project_id, spec.model)
         model_spec = ModelSpec.model_validate(row.spec)
-        weights = context.storage.path(row.weights_path)
+        weights = context.storage.existing(row.weights_path, f"the weights file of model {row.id}")
         dataset = _dataset(context, session, spec.dataset)
     reporter.event(f"Evaluating {row.id} on {dataset.id}")
     metrics = evaluate_model(load_model(weights, model_spec), model_spec, dataset)

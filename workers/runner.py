@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from graft import job_store as jobs
@@ -368,6 +368,14 @@ def _claim(context: WorkerContext, job_id: str) -> tuple[Job, Lease] | None:
 
 
 def _error_for(exc: BaseException) -> dict[str, str]:
+    """The error a failed job shows its users. A database error's text (the driver's message, the SQL
+    statement, its parameters) is for the operator's log, never for the job."""
+    if isinstance(exc, SQLAlchemyError):
+        return {
+            "code": "internal_error",
+            "message": "the database refused to store the job's results; the operator finds why in the "
+            "worker's log",
+        }
     error = as_error(exc)
     return {"code": error.code, "message": error.message}
 

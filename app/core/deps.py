@@ -12,12 +12,12 @@ import asyncio
 import functools
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import anyio
 from fastapi import Depends, Request, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from app.core.auth import PRINCIPAL_SCOPE_KEY, Authenticator
 from app.core.errors import ClientGone, Forbidden, Unauthorized
@@ -45,6 +45,10 @@ class ServiceContext:
     authenticator: Authenticator
     compute_limiter: anyio.CapacityLimiter
     predict_limiter: anyio.CapacityLimiter
+    # Report pictures are drawn on a lane of their own: a drawing never holds a compute thread that an
+    # upload's validation or an evaluation is waiting for.
+    draw_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
+    _keyed_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     async def compute(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """CPU-heavy work (evaluation, ranking, validation, imports, report drawing), at most
@@ -59,11 +63,27 @@ class ServiceContext:
             functools.partial(fn, *args, **kwargs), limiter=self.predict_limiter
         )
 
+    def once_at_a_time(self, key: str) -> asyncio.Lock:
+        """A lock per key, in the event loop: work that concurrent requests would otherwise repeat (drawing
+        one job's report picture) is done by the first while the others wait for its result."""
+        lock = self._keyed_locks.get(key)
+        if lock is None:
+            if len(self._keyed_locks) > 1000:  # forget keys nobody is waiting for
+                self._keyed_locks = {k: v for k, v in self._keyed_locks.items() if v.locked()}
+            lock = self._keyed_locks[key] = asyncio.Lock()
+        return lock
+
     async def compute_while_connected(
-        self, request: Request, fn: Callable[..., T], *args: Any, **kwargs: Any
+        self,
+        request: Request,
+        fn: Callable[..., T],
+        *args: Any,
+        lane: anyio.CapacityLimiter | None = None,
+        **kwargs: Any,
     ) -> T:
         """`compute` for work that reports its batches through an `on_batch` keyword: it stops at the next
-        batch once the client has gone away, instead of holding a compute thread for nobody."""
+        batch once the client has gone away, instead of holding a compute thread for nobody. `lane`: the
+        threads it runs on (the compute threads unless said)."""
         gone = threading.Event()
 
         def on_batch() -> None:
@@ -77,19 +97,28 @@ class ServiceContext:
 
         watcher = asyncio.create_task(watch())
         try:
-            return await self.compute(fn, *args, on_batch=on_batch, **kwargs)
+            return await anyio.to_thread.run_sync(
+                functools.partial(fn, *args, on_batch=on_batch, **kwargs),
+                limiter=lane or self.compute_limiter,
+            )
         finally:
             watcher.cancel()
 
     async def read_json(
-        self, response_type: type[BaseModel], fn: Callable[..., Any], *args: Any, **kwargs: Any
+        self,
+        response_type: type[BaseModel] | TypeAdapter[Any],
+        fn: Callable[..., Any],
+        *args: Any,
+        **kwargs: Any,
     ) -> Response:
         """A read unit whose answer is validated as `response_type` and serialised in the same thread: a
-        large answer (a page of datasets or models with a thousand classes each) costs the event loop
-        nothing but sending it."""
+        large answer (a page of datasets or models with a thousand classes each, a report's confusion
+        matrices) costs the event loop nothing but sending it."""
 
         def run() -> bytes:
             value = self.db.read_sync(fn, *args, **kwargs)
+            if isinstance(response_type, TypeAdapter):
+                return response_type.dump_json(response_type.validate_python(value))
             return response_type.model_validate(value).model_dump_json().encode()
 
         return Response(await anyio.to_thread.run_sync(run), media_type="application/json")

@@ -176,7 +176,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "Invalid request"}
+        # Of the errors of a union's members (`baseline`: a boolean, or a list of arms), the one that went
+        # deepest says what is wrong (the second arm is too long), not that the value is no boolean.
+        first = (
+            max(errors, key=lambda error: len(error.get("loc", ())))
+            if errors
+            else {"loc": (), "msg": "Invalid request"}
+        )
         loc = tuple(first.get("loc", ()))
         if first.get("type") in ("union_tag_invalid", "union_tag_not_found"):
             # The request schema is chosen by a field (`type`): name that field.
@@ -216,7 +222,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if is_unreachable(exc):
             log.warning("database unreachable: %s", type(exc.orig).__name__)
             return _unavailable()
-        return await _unexpected(_request, exc)
+        return internal_error(exc)
 
     @app.exception_handler(DatabaseUnavailable)
     async def _reader_unavailable(_request: Request, _exc: DatabaseUnavailable) -> JSONResponse:
@@ -234,11 +240,44 @@ def install_error_handlers(app: FastAPI) -> None:
                 ),
                 status_code=507,
             )
-        return await _unexpected(_request, exc)
+        return internal_error(exc)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)
-        return JSONResponse(
-            error_payload("internal_error", "The server failed to handle this request", None), status_code=500
-        )
+
+def internal_error(exc: BaseException) -> JSONResponse:
+    """The 500 every unexpected error gets: logged whole for the operator, nothing of it for the client."""
+    log.error("unhandled error", exc_info=exc)
+    return JSONResponse(
+        error_payload("internal_error", "The server failed to handle this request", None), status_code=500
+    )
+
+
+class CatchAll:
+    """The outermost middleware: an error no handler knows becomes a 500 that ends the request normally.
+
+    Starlette's own last-resort handler sends its 500 and then raises the error again, for the server to
+    log; uvicorn then closes the connection under the client, so the next request a client sends on that
+    keep-alive connection is reset. Here the error is logged and answered, and the connection stays
+    usable. Only an error after the response has started (nothing can be sent any more) goes on up, and
+    the server closes that connection."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: dict[str, Any]) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if started:
+                raise
+            await internal_error(exc)(scope, receive, send)

@@ -111,7 +111,7 @@ async def get_dataset(dataset_id: str, context: ContextDep, principal: Principal
 async def get_dataset_content(dataset_id: str, context: ContextDep, principal: PrincipalDep) -> FileResponse:
     row = await context.db.read(service.get_dataset, principal, dataset_id)
     return FileResponse(
-        context.storage.path(row.path),
+        context.storage.existing(row.path, f"the file of dataset {row.id}"),
         media_type=MEDIA_TYPES.get(row.format, "application/octet-stream"),
         filename=row.filename or f"{row.id}.{row.format}",
         headers={"X-Content-Type-Options": "nosniff"},

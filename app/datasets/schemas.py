@@ -51,6 +51,13 @@ class DatasetOut(BaseModel):
         validation_alias="schema_info",
         description="How the file was read: text/label columns, feature columns, or the archive layout.",
     )
+    profile: dict[str, Any] | None = Field(
+        default=None,
+        description="What the data holds. Images: `image_sizes` (the shorter sides' min, median and max; "
+        "`grey` when every image is; `read_at`, the side a network whose input follows the data, resnet-small, "
+        "reads them at; a `warning` when the sizes are far apart). Text: `mean_text_chars`. None for datasets "
+        "uploaded before profiles were.",
+    )
     bytes: int
     sha256: str
     filename: str | None

@@ -128,6 +128,7 @@ def prepare_dataset(storage: Storage, settings: Settings, upload: ReceivedUpload
         class_counts=info.class_counts,
         schema_info=info.schema_info,
         pixels=info.pixels,
+        profile=info.profile,
         bytes=upload.size,
         sha256=upload.sha256,
         filename=PurePosixPath(upload.filename).name[-300:] if upload.filename else None,

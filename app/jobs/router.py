@@ -4,9 +4,10 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import FileResponse
+from pydantic import TypeAdapter
 from sqlalchemy.orm import Session
 
-from app.core.deps import ContextDep, PrincipalDep, caller
+from app.core.deps import ContextDep, PrincipalDep, ServiceContext, caller
 from app.core.errors import ERROR_RESPONSES, ErrorResponse
 from app.core.pagination import AfterQuery, LimitQuery, ListResponse, paginate
 from app.core.responses import model_response
@@ -21,6 +22,7 @@ from app.jobs.schemas import (
     JobReport,
     JobStatus,
 )
+from graft.storage import Storage
 from graft.tables import Checkpoint, Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
@@ -65,6 +67,7 @@ async def create_job(
         idempotency_key,
         max_epoch_passes=context.settings.max_epoch_passes,
         max_optimizer_steps=context.settings.max_optimizer_steps,
+        max_compute_hours=context.settings.max_job_hours,
     )
     if not created:
         response.status_code = status.HTTP_200_OK
@@ -161,15 +164,60 @@ async def get_report(
     job_id: str,
     context: ContextDep,
     principal: PrincipalDep,
+    request: Request,
     format: Annotated[Literal["json", "png"], Query(description="json (default) or png")] = "json",
 ) -> Any:
-    job = await context.db.read(service.get_job, principal, job_id)
-    report = service.report_of(job)
     if format == "png":
+        return Response(await _report_picture(context, request, principal, job_id), media_type="image/png")
+
+    def read(session: Session) -> dict[str, Any]:
+        return service.report_of(service.get_job(session, principal, job_id))
+
+    # A report can be megabytes (the confusion matrices of a thousand classes): serialised on a thread.
+    return await context.read_json(REPORT, read)
+
+
+async def _report_picture(
+    context: ServiceContext, request: Request, principal: Principal, job_id: str
+) -> bytes:
+    """The report's picture, drawn once and kept (a report never changes once its job has succeeded): the
+    first request draws it on the drawing lane, stopping if its client leaves; requests for the same
+    picture meanwhile wait for that drawing, and later ones read the kept file."""
+    job = await views.get_job(context.reader, principal, job_id)
+    if job.report_url is None:
+        raise service.no_report(job.type, job.status, job.baseline)
+    key = report_picture_key(job.id)
+    async with context.once_at_a_time(key):
+        kept = await context.blocking(_read_kept, context.storage, key)
+        if kept is not None:
+            return kept
+        report = await context.db.read(
+            lambda session: service.report_of(service.get_job(session, principal, job_id))
+        )
         from graft.report import render_png
 
-        return Response(await context.compute(render_png, report), media_type="image/png")
-    return report
+        picture = await context.compute_while_connected(
+            request, render_png, report, lane=context.draw_limiter
+        )
+        await context.blocking(_keep, context.storage, key, picture)
+        return picture
+
+
+REPORT: TypeAdapter[Any] = TypeAdapter(JobReport)
+
+
+def report_picture_key(job_id: str) -> str:
+    return f"reports/{job_id}.png"
+
+
+def _read_kept(storage: Storage, key: str) -> bytes | None:
+    path = storage.path(key)
+    return path.read_bytes() if path.is_file() else None
+
+
+def _keep(storage: Storage, key: str, data: bytes) -> None:
+    with storage.atomic_path(key) as temp:
+        temp.write_bytes(data)
 
 
 def _checkpoint_and_job(session: Session, principal: Principal, checkpoint_id: str) -> tuple[Checkpoint, Job]:
@@ -198,7 +246,7 @@ async def get_checkpoint_content(
 ) -> FileResponse:
     row = await context.db.read(service.get_checkpoint, principal, checkpoint_id)
     return FileResponse(
-        context.storage.path(row.path),
+        context.storage.existing(row.path, f"the file of checkpoint {row.id}"),
         media_type="application/octet-stream",
         filename=f"{row.id}.safetensors",
     )

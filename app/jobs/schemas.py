@@ -37,7 +37,8 @@ from graft.jobspec import (
     WarmupRatio,
     WeightDecay,
 )
-from graft.text import SafeStr
+from graft.plan import JobPlan
+from graft.text import SafeId, SafeStr
 
 # Request bodies are strict: a JSON string is not a number ("learning_rate": "0.1"), nor a boolean an
 # integer ("epochs": true), nor "yes" a boolean. Lax parsing would turn a client's mistake into a job it
@@ -285,7 +286,7 @@ class TrainingJobCreate(_JobRequest):
         description="Left out: the head is kept when the dataset's label set is the base model's (domain "
         "transfer) and replaced otherwise (task transfer). Classes are matched by name.",
     )
-    baseline: bool | list[SafeStr] = Field(
+    baseline: bool | list[SafeId] = Field(
         default=False,
         description="Also train the same architecture from scratch on the same data and budget, and write the "
         "transfer report (GET /v1/jobs/{id}/report). A list names more arms to compare with, each on the same "
@@ -560,6 +561,14 @@ class JobOut(BaseModel):
     student: dict[str, Any] | None = Field(default=None, description="distill: the student architecture.")
     method: str | None
     hyperparameters: dict[str, Any] = Field(description="As resolved: what you sent, defaults for the rest.")
+    plan: JobPlan | None = Field(
+        default=None,
+        description="Every run the job makes, by arm (the transferred model, the scratch baseline, each "
+        "adaptation method, the distilled student...): the model each starts from, its method, seeds and "
+        "folds, every hyperparameter its runs train with (the scratch arm's own learning rate, the head "
+        "warm-up's), the examples each run touches, and the estimated cost (`cost.seconds`: on the reference "
+        "machine, 2 CPU cores). The worker runs exactly these runs. None for jobs made before plans were.",
+    )
     head: str | None
     initialization: str | None
     from_checkpoint: str | None

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from app.core.errors import Conflict, NotFound, not_found
 from app.core.security import Principal
 from app.jobs.planners import adapt, distill, training
-from app.jobs.planners.common import MAX_EPOCH_PASSES, MAX_OPTIMIZER_STEPS, BudgetLimits
+from app.jobs.planners.common import MAX_COMPUTE_HOURS, MAX_EPOCH_PASSES, MAX_OPTIMIZER_STEPS, BudgetLimits
 from app.jobs.schemas import AdaptJobCreate, DistillJobCreate, JobCreate
 from graft import job_store
 from graft.db import after_commit
@@ -39,27 +39,34 @@ def create_job(
     *,
     max_epoch_passes: int = MAX_EPOCH_PASSES,
     max_optimizer_steps: int = MAX_OPTIMIZER_STEPS,
+    max_compute_hours: float = MAX_COMPUTE_HOURS,
 ) -> tuple[Job, bool]:
     """The job, and whether it was created now (False: an earlier request with the same key made it).
-    A job training more than `max_epoch_passes` passes over its data, or `max_optimizer_steps` steps, is
-    refused."""
+    A job training more than `max_epoch_passes` passes over its data, or `max_optimizer_steps` steps, or
+    whose estimated compute is above `max_compute_hours` of the reference machine, is refused."""
     fingerprint = request_fingerprint(body)
     if idempotency_key is not None:
         existing = job_store.by_idempotency_key(session, principal.project_id, idempotency_key)
         if existing is not None:
             return _replay(existing, fingerprint), False
 
-    limits = BudgetLimits(epoch_passes=max_epoch_passes, optimizer_steps=max_optimizer_steps)
+    limits = BudgetLimits(
+        epoch_passes=max_epoch_passes,
+        optimizer_steps=max_optimizer_steps,
+        compute_seconds=max_compute_hours * 3600,
+    )
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
     if isinstance(body, AdaptJobCreate):
-        plan = adapt.plan(session, principal, body, limits)
+        plan = adapt.plan(session, principal, body, limits, seed)
     elif isinstance(body, DistillJobCreate):
-        plan = distill.plan(session, principal, body, limits)
+        plan = distill.plan(session, principal, body, limits, seed)
     else:
-        plan = training.plan(session, storage, principal, body, limits)
+        plan = training.plan(session, storage, principal, body, limits, seed)
     job = job_store.new_job(
         principal.project_id,
         plan.spec,
-        seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
+        seed=seed,
+        plan=plan.runs,
         transfer=plan.transfer,
         user_metadata=body.metadata,
         idempotency_key=idempotency_key,
@@ -120,17 +127,18 @@ def get_checkpoint(
     return row
 
 
+def no_report(job_type: str, status: str, baseline: bool) -> NotFound:
+    """Why a job has no report (yet)."""
+    if job_type not in ("adapt", "distill") and not baseline:
+        reason = "this job has no report: create it with baseline true to compare with training from scratch"
+    else:
+        reason = f"the report is written when the job succeeds; it is {status}"
+    return NotFound(reason, code="report_not_available")
+
+
 def report_of(job: Job) -> dict[str, Any]:
     if job.report is None:
-        if job.type in ("adapt", "distill"):
-            reason = f"the report is written when the job succeeds; it is {job.status}"
-        elif not job.baseline:
-            reason = (
-                "this job has no report: create it with baseline true to compare with training from scratch"
-            )
-        else:
-            reason = f"the report is written when the job succeeds; it is {job.status}"
-        raise NotFound(reason, code="report_not_available")
+        raise no_report(job.type, job.status, job.baseline)
     report = {"job_id": job.id, "kind": "transfer", **job.report}
     if report["kind"] == "adaptation":
         # JSON columns need not keep key order (PostgreSQL's JSONB does not): source_only first, then the

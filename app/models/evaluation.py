@@ -16,10 +16,13 @@ from app.models import service as models
 from app.models.fit import check_fits
 from graft import job_store as jobs
 from graft.catalog import BUILTIN_MODELS
+from graft.compute import Network
 from graft.db import after_commit
 from graft.jobspec import EvaluateSpec
+from graft.plan import DataFacts, plan_evaluation
 from graft.queueing import JobQueue
 from graft.sources import dataset_source
+from graft.spec import ModelSpec
 from graft.tables import Dataset, Job, Model
 
 
@@ -71,9 +74,10 @@ def queue_evaluation(
     # Still there (a delete in between would otherwise leave the job without its dataset): locked, so a
     # delete waits for this job and then sees it.
     datasets.get_dataset(session, principal, dataset.id, param="dataset", for_update=True)
-    job = jobs.new_job(
-        principal.project_id, EvaluateSpec(kind="evaluate", model=model.id, dataset=dataset.id), seed=0
-    )
+    spec = EvaluateSpec(kind="evaluate", model=model.id, dataset=dataset.id)
+    network = Network.of(ModelSpec.model_validate(model.spec), classes=len(model.classes))
+    plan = plan_evaluation(spec, network=network, dataset=DataFacts.of(dataset))
+    job = jobs.new_job(principal.project_id, spec, seed=0, plan=plan)
     jobs.add(session, job)
     jobs.add_event(
         session,

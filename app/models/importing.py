@@ -515,6 +515,31 @@ def check_tensors(
         )
 
 
+def finite_tensors(tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors in the architecture's dtypes; a 422 naming the first that holds NaN or infinity, or
+    values its dtype cannot hold (an F64 beyond float32's range becomes infinity when cast): a model with
+    such weights predicts NaN for everything."""
+    import torch
+
+    cast: dict[str, Tensor] = {}
+    for name, tensor in tensors.items():
+        value = tensor.to(expected[name].dtype)
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            beyond = bool(torch.isfinite(tensor).all())
+            problem = (
+                f"values beyond the range of {str(value.dtype).removeprefix('torch.')}, which it is used as"
+                if beyond
+                else "NaN or infinite values"
+            )
+            raise Unprocessable(
+                f"weights: tensor {_show(name, 100)} holds {problem}; a model with them cannot predict",
+                param="weights",
+                code="non_finite_weights",
+            )
+        cast[name] = value
+    return cast
+
+
 # ------------------------------------------------------------------------------------ import
 
 
@@ -587,12 +612,19 @@ def prepare_import(
         model = build_model(spec, pretrained=False)
         try:
             tensors = load_file(str(upload.path))
-            model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
         except Exception as exc:  # the header was right: the data behind it is damaged
             raise Unprocessable(
                 f"weights: the tensors cannot be read ({exc})"[:500], param="weights", code="tensor_mismatch"
             ) from None
+        state = finite_tensors(tensors, expected)
         del tensors
+        try:
+            model.load_state_dict(state, strict=True)
+        except Exception as exc:
+            raise Unprocessable(
+                f"weights: the tensors do not load ({exc})"[:500], param="weights", code="tensor_mismatch"
+            ) from None
+        del state
         temp = storage.new_temp_path(".safetensors")
         try:
             save_weights(temp, model.state_dict(), spec, extra={"imported_sha256": upload.sha256})

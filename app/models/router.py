@@ -169,7 +169,10 @@ async def _model_file(
     if path is None:
         raise NotFound(f"{row.id} has no adapter (only LoRA jobs make one)", code="adapter_not_found")
     name = f"{row.id}-adapter.safetensors" if adapter else f"{row.id}.safetensors"
-    return FileResponse(context.storage.path(path), media_type="application/octet-stream", filename=name)
+    what = f"the {'adapter' if adapter else 'weights'} file of model {row.id}"
+    return FileResponse(
+        context.storage.existing(path, what), media_type="application/octet-stream", filename=name
+    )
 
 
 @router.get(
@@ -328,7 +331,8 @@ async def predict(
     # Bounds first (characters, pixels from the images' headers: cheap, on a thread for the headers), then the
     # model's turn (waited for in the event loop, holding no thread), then the prediction threads.
     server = context.model_server
-    await context.blocking(server.check_inputs, row.modality, inputs)
+    columns = row.spec.get("input_spec", {}).get("feature_columns", [])
+    checked = await context.blocking(server.check_inputs, row.modality, inputs, columns)
     async with server.turn(row):
         predictions = await context.predict(server.predict, row, inputs, top_k=top_k)
-    return {"model": row.id, "predictions": predictions}
+    return {"model": row.id, "predictions": predictions, "ignored_columns": list(checked.ignored_columns)}

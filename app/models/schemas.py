@@ -115,6 +115,11 @@ class PredictResponse(BaseModel):
     object: Literal["list"] = "list"
     model: str
     predictions: list[Prediction]
+    ignored_columns: list[str] = Field(
+        default_factory=list,
+        description="Tabular models: columns of the inputs the model does not read (it reads its "
+        "`feature_columns`; a row's label column, say): they did not change the predictions. At most 20 named.",
+    )
 
 
 class ImportConfig(BaseModel):

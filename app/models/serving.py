@@ -7,11 +7,12 @@ import asyncio
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.core.errors import Unprocessable
+from graft.errors import NonFiniteOutput
 from graft.formats import ArchiveLimits, FormatError, decode_image, image_size
 from graft.storage import Storage
 from graft.tables import Model
@@ -37,6 +38,18 @@ PRIOR_LOAD_SECONDS = {
     "mlp": 0.2,
 }
 SECONDS_PER_PIXEL = 3e-8
+
+
+@dataclass(frozen=True)
+class CheckedInputs:
+    """What the bounds check found: the images' pixels (from their headers), and the columns of table rows
+    the model does not read (at most MAX_IGNORED_COLUMNS of them named)."""
+
+    pixels: int = 0
+    ignored_columns: tuple[str, ...] = ()
+
+
+MAX_IGNORED_COLUMNS = 20
 
 
 @dataclass(frozen=True)
@@ -132,7 +145,8 @@ class ModelServer:
 
         started = time.perf_counter()
         spec = ModelSpec.model_validate(row.spec)
-        network = load_model(self.storage.path(row.weights_path), spec).eval()
+        weights = self.storage.existing(row.weights_path, f"the weights file of model {row.id}")
+        network = load_model(weights, spec).eval()
         loaded = LoadedModel(
             network=network,
             spec=spec,
@@ -151,10 +165,22 @@ class ModelServer:
             self.costs.load_seconds[row.architecture] = time.perf_counter() - started
         return loaded
 
-    def check_inputs(self, modality: str, inputs: Sequence[Any]) -> int:
+    def check_inputs(
+        self, modality: str, inputs: Sequence[Any], feature_columns: Sequence[str] = ()
+    ) -> CheckedInputs:
         """Bounds on what one request may ask of the model, checked before anything is decoded or
-        tokenised: characters of text (each input and all together), decoded pixels of images (returned)."""
+        tokenised: characters of text (each input and all together), decoded pixels of images; and the
+        columns of table rows that are not among the model's `feature_columns` (they are not read)."""
         limits = self.serving_limits
+        if modality == "tabular":
+            wanted = set(feature_columns)
+            ignored: set[str] = set()
+            for row in inputs:
+                if isinstance(row, Mapping):
+                    ignored.update(key for key in row if key not in wanted)
+                    if len(ignored) >= MAX_IGNORED_COLUMNS:
+                        break
+            return CheckedInputs(ignored_columns=tuple(sorted(ignored)[:MAX_IGNORED_COLUMNS]))
         if modality == "text":
             total = 0
             for i, text in enumerate(inputs):
@@ -193,8 +219,8 @@ class ModelServer:
                         param="files",
                         code="input_too_large",
                     )
-            return pixels
-        return 0
+            return CheckedInputs(pixels=pixels)
+        return CheckedInputs()
 
     def _prepare(self, loaded: LoadedModel, inputs: Sequence[Any]) -> Any:
         """Validate inputs for the model's modality; returns a function from index list to batch."""
@@ -253,13 +279,21 @@ class ModelServer:
         classes = loaded.spec.classes
         k = min(top_k, len(classes))
         out: list[dict[str, Any]] = []
-        pixels = self.check_inputs(loaded.spec.modality, inputs)
+        pixels = self.check_inputs(loaded.spec.modality, inputs).pixels
         with loaded.lock, torch.inference_mode():
             started = time.perf_counter()
             make_batch = self._prepare(loaded, inputs)
             for start in range(0, len(inputs), PREDICT_BATCH):
                 idx = list(range(start, min(start + PREDICT_BATCH, len(inputs))))
                 probabilities = loaded.network(make_batch(idx)).float().softmax(dim=1)
+                finite = torch.isfinite(probabilities).all(dim=1)
+                if not bool(finite.all()):
+                    first = idx[int((~finite).nonzero()[0])]
+                    raise NonFiniteOutput(
+                        f"inputs[{first}]: the model's output is not a number (NaN or infinity): its weights, "
+                        "or this input, hold values it cannot compute with",
+                        param="inputs",
+                    )
                 values, indices = probabilities.topk(k, dim=1)
                 for row_values, row_indices in zip(values.tolist(), indices.tolist(), strict=True):
                     out.append(

@@ -49,7 +49,9 @@ def candidates_for(
                 BaseModelSource(
                     id=resolved.id,
                     spec=resolved.spec,
-                    weights_path=storage.path(resolved.row.weights_path),
+                    weights_path=storage.existing(
+                        resolved.row.weights_path, f"the weights file of model {resolved.id}"
+                    ),
                     weights_sha256=resolved.row.weights_sha256,
                 )
             )

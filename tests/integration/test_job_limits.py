@@ -19,13 +19,23 @@ from app.jobs.planners.common import (
     MAX_EPOCH_PASSES,
     MAX_OPTIMIZER_STEPS,
     BudgetLimits,
-    JobKind,
+    TrainingBudget,
+    budget_of,
     check_budget,
-    training_budget,
 )
 from app.jobs.schemas import JobCreate
 from graft.catalog import BUILTIN_MODELS, LORA_TARGET_MODULES
 from graft.defaults import DISTILLATION_EPOCHS_FACTOR, resolve_hyperparameters
+from graft.jobspec import (
+    AdaptHyperparameters,
+    AdaptSpec,
+    DistillHyperparameters,
+    DistillSpec,
+    FinetuneHyperparameters,
+    Student,
+    TrainingSpec,
+)
+from graft.plan import DataFacts, Upstream, plan_adaptation, plan_distillation, plan_training
 from tests.helpers import Api, digits_zip, iris_csv, sentiment_rows, text_csv, unlabelled_csv
 
 TABULAR = "tabular_classification"
@@ -40,6 +50,57 @@ def text_dataset(api: Api) -> dict[str, Any]:
 @pytest.fixture
 def image_dataset(api: Api) -> dict[str, Any]:
     return api.upload_ok(digits_zip(20), "digits.zip", "image_classification")
+
+
+def training_budget(
+    kind: str,
+    method: str,
+    hyperparameters: dict[str, Any],
+    train_examples: int,
+    *,
+    seeds: int = 1,
+    baseline: bool = False,
+    adaptation_methods: list[str] | tuple[str, ...] = (),
+    labelled: bool = True,
+    warm_start: bool = False,
+) -> TrainingBudget:
+    """The budget of the plan (graft/plan.py) of a job of this kind, method and resolved hyperparameters that
+    trains on `train_examples` (its held-out data elsewhere); `warm_start`: it starts from learned weights."""
+    hp = {
+        "learning_rate": 1e-3, "weight_decay": 0.0, "warmup_ratio": 0.0, "max_grad_norm": 1.0,
+        **hyperparameters, "validation_split": 0.0,
+    }  # fmt: skip
+    data = DataFacts(examples=train_examples, class_counts={"a": train_examples})
+    upstream = Upstream(id="base", learned=warm_start, architecture="mlp")
+    seed_list = list(range(seeds)) if seeds > 1 else None
+    if kind == "adapt":
+        adapt_hp = AdaptHyperparameters.model_validate(
+            {"adaptation_weight": 1.0, "pseudo_label_threshold": 0.9, "mcc_temperature": 2.5, **hp}
+        )
+        spec = AdaptSpec(
+            kind="adapt", base_model="base", source_dataset="s", target_dataset="t", backbone="full",
+            method=method, methods=list(adaptation_methods), seeds=seed_list, hyperparameters=adapt_hp,
+        )  # fmt: skip
+        return budget_of(plan_adaptation(spec, 0, upstream=upstream, source=data, target=data))
+    if kind == "distill":
+        distill_hp = DistillHyperparameters.model_validate({"temperature": 4.0, "alpha": 0.5, **hp})
+        student = Student(architecture="mlp")
+        distill = DistillSpec(
+            kind="distill", teacher="t", student=student, training_dataset="d", backbone="full", method=method,
+            hyperparameters=distill_hp,
+        )  # fmt: skip
+        return budget_of(
+            plan_distillation(distill, 0, teacher=None, student=upstream, train=data, labelled=labelled)
+        )
+    training = TrainingSpec(
+        kind=kind, base_model="base", method=method, training_dataset="d", baseline=baseline,
+        baseline_arms=["scratch"] if baseline else None, seeds=seed_list,
+        hyperparameters=FinetuneHyperparameters.model_validate(hp),
+    )  # fmt: skip
+    return budget_of(
+        plan_training(training, 0, upstream=upstream, train=data, validation=DataFacts(examples=1)),
+        pretraining=kind == "pretrain",
+    )
 
 
 def times(text: str) -> str:
@@ -282,7 +343,7 @@ def _default_budgets(train_examples: int) -> list[tuple[str, Any]]:
     for architecture, model in BUILTIN_MODELS.items():
         for method in (*model.architecture_methods, "self_supervised"):
             hp = resolve_hyperparameters(architecture, method, {}, train_examples=train_examples)
-            kinds: list[tuple[JobKind, bool]] = [("pretrain", False)]
+            kinds: list[tuple[str, bool]] = [("pretrain", False)]
             if method != "self_supervised":
                 kinds += [("finetune", False), ("finetune", True)]
             for kind, baseline in kinds:

@@ -26,6 +26,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from graft.jobspec import AdaptHyperparameters, AdaptSpec
+from graft.plan import DataFacts, JobPlan, plan_adaptation
+from graft.plan import Upstream as PlanUpstream
 from graft.report import stats
 from graft.sources import DatasetSource
 from ml import alignment as adaptation
@@ -64,7 +67,8 @@ class AdaptRecipe(FinetuneRecipe):
         if self.config.adaptation != "dann":
             return []
         self.discriminator = adaptation.DomainDiscriminator(self.model.feature_dim).to(self.device)
-        return [{"params": list(self.discriminator.parameters()), "lr": self.hp.learning_rate}]
+        rate = getattr(self.hp, "discriminator_learning_rate", None) or self.hp.learning_rate
+        return [{"params": list(self.discriminator.parameters()), "lr": rate}]
 
     def setup(self) -> None:
         super().setup()
@@ -247,33 +251,71 @@ class AdaptationStudy:
     report: dict[str, Any]
 
 
+def plan_adaptation_of(config: AdaptConfig, *, methods: list[str], seeds: list[int] | None = None) -> JobPlan:
+    """The plan of an adaptation run from a recipe config (benchmarks, tests), made by the planner the API
+    uses (graft.plan.plan_adaptation), unpriced."""
+    hp = {
+        "adaptation_weight": config.adaptation_weight,
+        "pseudo_label_threshold": config.pseudo_label_threshold,
+        "mcc_temperature": config.mcc_temperature,
+        **config.hyperparameters.model_dump(mode="json"),
+    }
+    spec = AdaptSpec(
+        kind="adapt",
+        base_model=config.base.id,
+        source_dataset=config.train.id,
+        target_dataset=config.target.id,
+        backbone="frozen" if config.method == "linear_probe" else "full",
+        method=config.method,
+        methods=methods,  # type: ignore[arg-type]
+        seeds=seeds,
+        hyperparameters=AdaptHyperparameters.model_validate(hp),
+    )
+    upstream = PlanUpstream(
+        id=config.base.id, learned=config.base.learned, architecture=config.base.spec.architecture
+    )
+    unknown = DataFacts(examples=0)
+    return plan_adaptation(spec, config.seed, upstream=upstream, source=unknown, target=unknown)
+
+
 def run_adaptation(
-    config: AdaptConfig, reporter: Reporter, *, methods: list[str], seeds: list[int] | None = None
+    config: AdaptConfig,
+    reporter: Reporter,
+    plan: JobPlan | None = None,
+    *,
+    methods: list[str] | None = None,
+    seeds: list[int] | None = None,
 ) -> AdaptationStudy:
-    seeds = seeds or [config.seed]
-    ordered = ["source_only", *[m for m in methods if m != "source_only"]]
-    primary_method = next((m for m in methods if m != "source_only"), "source_only")
-    total = len(ordered) * len(seeds)
+    """The job's runs, as its plan has them (graft/plan.py): source_only and each method, for each seed,
+    each with the hyperparameters the plan resolved (a dann run's discriminator rate among them). Without
+    a plan, the runs of these `methods` and `seeds` are planned here."""
+    plan = plan or plan_adaptation_of(config, methods=methods or [], seeds=seeds)
+    planned = plan.runs()
+    ordered = [arm.name for arm in plan.arms]
+    seeds = plan.arms[0].seeds
     runs: list[AdaptResult] = []
-    index = 0
-    for method in ordered:
-        for i, seed in enumerate(seeds):
-            primary = method == primary_method and i == 0
-            run_config = config.model_copy(
-                update={
-                    "adaptation": method,
-                    "seed": seed,
-                    "save_checkpoints": config.save_checkpoints and primary,
-                    "keep_last_epoch": True,
-                }
-            )
-            recipe = AdaptRecipe(
-                run_config, RunReporter(reporter, f"{method}, seed {seed}", index, total, primary=primary)
-            )
-            result = recipe.run()
-            runs.append(AdaptResult(method=method, seed=seed, result=result, diagnostics=recipe.found))
-            index += 1
-    study_primary = next(r for r in runs if r.method == primary_method and r.seed == seeds[0])
+    study_primary: AdaptResult | None = None
+    for index, run in enumerate(planned):
+        assert run.adaptation is not None
+        run_config = config.model_copy(
+            update={
+                "adaptation": run.adaptation,
+                "seed": run.seed,
+                "hyperparameters": type(config.hyperparameters).model_validate(run.hyperparameters),
+                "save_checkpoints": config.save_checkpoints and run.primary,
+                "keep_last_epoch": True,
+            }
+        )
+        recipe = AdaptRecipe(
+            run_config, RunReporter(reporter, run.name, index, len(planned), primary=run.primary)
+        )
+        result = recipe.run()
+        runs.append(
+            AdaptResult(method=run.adaptation, seed=run.seed, result=result, diagnostics=recipe.found)
+        )
+        if run.primary:
+            study_primary = runs[-1]
+    assert study_primary is not None
     evaluated = len(recipe.evaluation_inputs) if recipe.evaluation_inputs is not None else 0
     report = adaptation_report(ordered, seeds, runs, evaluation_examples=evaluated)
     reporter.event(report["summary"], data={"best_method": report["best_method"]})

@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from graft.jobspec import DistillHyperparameters, DistillSpec, Student
+from graft.plan import DataFacts, JobPlan, PlannedRun, plan_distillation
+from graft.plan import Upstream as PlanUpstream
 from graft.sources import BaseModelSource, DatasetSource
 from graft.spec import ModelSpec
 from ml.data import Inputs, Subset, batches, label_indices, load_inputs
@@ -130,29 +133,69 @@ def _student_model(result: FinetuneResult) -> TransferModel:
     return model
 
 
-def run_distillation(config: DistillConfig, reporter: Reporter) -> DistillationStudy:
+def plan_distillation_of(config: DistillConfig) -> JobPlan:
+    """The plan of a distillation run from a recipe config (benchmarks, tests), made by the planner the API
+    uses (graft.plan.plan_distillation), unpriced."""
+    hp = {
+        "temperature": config.temperature,
+        "alpha": config.alpha,
+        **config.hyperparameters.model_dump(mode="json"),
+    }
+    architecture = config.base.spec.architecture
+    spec = DistillSpec(
+        kind="distill",
+        teacher=config.teacher.id,
+        student=Student(architecture=architecture, **config.base.spec.options),  # type: ignore[arg-type]
+        training_dataset=config.train.id,
+        backbone="frozen" if config.method == "linear_probe" else "full",
+        method=config.method,
+        hyperparameters=DistillHyperparameters.model_validate(hp),
+    )
+    student = PlanUpstream(id=config.base.id, learned=config.base.learned, architecture=architecture)
+    unknown = DataFacts(examples=0)
+    return plan_distillation(
+        spec, config.seed, teacher=None, student=student, train=unknown, labelled=config.train.labeled
+    )
+
+
+def run_distillation(
+    config: DistillConfig, reporter: Reporter, plan: JobPlan | None = None
+) -> DistillationStudy:
+    """The job's runs, as its plan has them (graft/plan.py): the distilled student and, when the transfer
+    data have labels, the same student on the labels alone (planned here without a plan)."""
+    plan = plan or plan_distillation_of(config)
     teacher, teacher_spec = load_upstream(config.teacher)
     classes = list(teacher_spec.classes)
     student_config = config.model_copy(update={"classes": classes, "keep_last_epoch": True, "head": "new"})
-    labelled = config.train.labeled
-    runs = 2 if labelled else 1
+    runs = plan.runs()
+    labelled = any(run.kind == "student" for run in runs)
+
+    def hyperparameters(run: PlannedRun) -> Any:
+        return type(config.hyperparameters).model_validate(run.hyperparameters)
+
+    distilled_run = runs[0]
     distiller = DistillRecipe(
-        student_config,
-        RunReporter(reporter, "distilled student", 0, runs, primary=True),
+        student_config.model_copy(
+            update={"seed": distilled_run.seed, "hyperparameters": hyperparameters(distilled_run)}
+        ),
+        RunReporter(reporter, distilled_run.name, 0, len(runs), primary=True),
         teacher,
         teacher_spec,
     )
     distilled = distiller.run()
     scratch: FinetuneResult | None = None
     if labelled:
+        alone = runs[1]
         reference = FinetuneConfig.model_validate(
             {
-                **student_config.model_dump(exclude={"teacher", "temperature", "alpha"}),
+                **student_config.model_dump(exclude={"teacher", "temperature", "alpha", "hyperparameters"}),
+                "seed": alone.seed,
+                "hyperparameters": hyperparameters(alone),
                 "save_checkpoints": False,
             }
         )
         scratch = FinetuneRecipe(
-            reference, RunReporter(reporter, "student alone", 1, runs, primary=False)
+            reference, RunReporter(reporter, alone.name, 1, len(runs), primary=False)
         ).run()
 
     # The evaluation data: the evaluation dataset, else the transfer data's held-out split (the same in both

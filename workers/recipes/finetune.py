@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from graft.defaults import MIN_VALIDATION_PER_CLASS
+from graft.defaults import HEAD_WARMUP_LEARNING_RATE, MIN_VALIDATION_PER_CLASS
 from graft.jobspec import EarlyStopping, Hyperparameters
 from graft.sources import BaseModelSource, DatasetSource
 from graft.spec import ModelSpec
@@ -31,7 +31,7 @@ from ml.augment import ImageAugmenter, augmenter_for
 from ml.data import Inputs, Subset, batches, label_indices, load_inputs, stratified_split
 from ml.features import FEATURE_BATCH_SIZE, FeatureCache, extract_features, feature_key
 from ml.metrics import classification_metrics
-from ml.networks import FeatureAdapter, TransferModel, count_parameters
+from ml.networks import FeatureAdapter, TransferModel, column_statistics, count_parameters
 from ml.norms import BN_SHIFT_THRESHOLD, gaussian_shift, norm_shift, reestimate_norms
 from ml.resume import (
     Journal,
@@ -48,9 +48,16 @@ from ml.runtime import (
     stop_signal,
     to_device,
 )
-from ml.training import MODEL, Loop, MixedPrecision, after_step, optimizer_and_schedule, run_recipe
+from ml.training import (
+    MODEL,
+    Loop,
+    MixedPrecision,
+    after_step,
+    finite_loss,
+    optimizer_and_schedule,
+    run_recipe,
+)
 
-HEAD_WARMUP_LR = 1e-2
 # Choosing the best epoch on validation data needs this many validation examples per class on average;
 # with fewer, one example moves accuracy by points and the choice is noise: the last epoch of the
 # schedule (warm-up then cosine decay to zero, which converges) is the result.
@@ -146,12 +153,18 @@ class FinetuneRecipe:
         self.reporter.event(
             f"Loaded {config.base.id}: {self.transfer['kind']} transfer, {self.transfer['head']} head, "
             f"{config.method} on {self.device.type}",
-            data={"transfer": self.transfer, "device": self.device.type, "method": config.method},
+            data={
+                "transfer": self.transfer,
+                "device": self.device.type,
+                "method": config.method,
+                # What this run trains with: its arm's in the job's plan.
+                "hyperparameters": self.hp.model_dump(mode="json"),
+            },
         )
         self._load_data()
         if self.mlp_from_scratch:
             rows = self.train_inputs.batch(range(len(self.train_inputs)))
-            self.model.backbone.set_input_statistics(rows.mean(dim=0), rows.std(dim=0, unbiased=False))  # type: ignore[operator]
+            self.model.backbone.set_input_statistics(*column_statistics(rows))  # type: ignore[operator]
 
         self.model.to(self.device)
         if self.device.type == "cuda" and self.spec.modality == "image":
@@ -219,8 +232,7 @@ class FinetuneRecipe:
 
     @property
     def _learned_weights(self) -> bool:
-        base = self.config.base
-        return base.pretrained or base.weights_path is not None or bool(base.checkpoints)
+        return self.config.base.learned
 
     def _warm_up_head(self, epochs: int) -> None:
         """Fit the head on the frozen backbone's features before the backbone moves (LP-FT): a random
@@ -233,14 +245,18 @@ class FinetuneRecipe:
         labels = self.train_labels.to(self.device)
         kept = self.transfer["head"] == "keep"
         before = self._head_accuracy(features, labels) if kept else None
+        rate = self.hp.head_warmup_learning_rate or HEAD_WARMUP_LEARNING_RATE
         optimizer = torch.optim.AdamW(
-            self.model.head.parameters(), lr=HEAD_WARMUP_LR, weight_decay=self.hp.weight_decay
+            self.model.head.parameters(), lr=rate, weight_decay=self.hp.weight_decay
         )
         self.model.head.train()
-        for _ in range(epochs):
+        step = 0
+        for warmup_epoch in range(1, epochs + 1):
             for indices in batches(len(features), self.hp.batch_size, shuffle=True, generator=self.generator):
                 index = torch.as_tensor(indices, device=self.device)
                 loss = F.cross_entropy(self.model.classify(features[index]), labels[index])
+                step += 1
+                finite_loss(loss, self.reporter, epoch=warmup_epoch, step=step, phase="head warm-up ")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -283,8 +299,7 @@ class FinetuneRecipe:
         ):
             return
         backbone = self.model.backbone
-        rows = self.train_inputs.batch(range(len(self.train_inputs))).float()
-        mean, std = rows.mean(dim=0), rows.std(dim=0, unbiased=False)
+        mean, std = column_statistics(self.train_inputs.batch(range(len(self.train_inputs))))
         shift = gaussian_shift(backbone.input_mean.cpu(), backbone.input_std.cpu(), mean, std)  # type: ignore[union-attr, arg-type]
         if choice == "auto" and shift < BN_SHIFT_THRESHOLD:
             self.reporter.event(
@@ -549,11 +564,12 @@ class FinetuneRecipe:
             loss = self.training_loss(logits.float(), target, indices)
             if extra is not None:
                 loss = loss + extra.float()
+            value = finite_loss(loss, self.reporter, epoch=epoch, step=self.step + 1)
             self.precision.step(
                 loss, self.optimizer, [trainable, extra_params], self.hp.max_grad_norm, self.scheduler
             )
             self.step += 1
-            loss_sum += float(loss.detach()) * len(indices)
+            loss_sum += value * len(indices)
             correct += int((logits.detach().argmax(dim=1) == target).sum())
             count += len(indices)
             after_step(

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from graft.jobspec import Hyperparameters
 from graft.sources import BaseModelSource, DatasetSource
 from ml.data import batches, load_inputs
-from ml.networks import TransferModel, count_parameters
+from ml.networks import TransferModel, column_statistics, count_parameters
 from ml.resume import (
     Journal,
     TrainingState,
@@ -39,7 +39,15 @@ from ml.runtime import (
     seed_everything,
     to_device,
 )
-from ml.training import MODEL, Loop, MixedPrecision, after_step, optimizer_and_schedule, run_recipe
+from ml.training import (
+    MODEL,
+    Loop,
+    MixedPrecision,
+    after_step,
+    finite_loss,
+    optimizer_and_schedule,
+    run_recipe,
+)
 from workers.recipes.finetune import FinetuneResult
 
 PROJECTION_DIM = 128
@@ -119,7 +127,7 @@ class SelfSupervisedRecipe:
         if self.modality == "tabular":
             rows = self.inputs.batch(range(len(self.inputs)))
             if mlp_from_scratch(config.base):
-                self.model.backbone.set_input_statistics(rows.mean(dim=0), rows.std(dim=0, unbiased=False))  # type: ignore[operator]
+                self.model.backbone.set_input_statistics(*column_statistics(rows))  # type: ignore[operator]
             self.rows = rows
             self.auxiliary: nn.Module = nn.Linear(self.model.feature_dim, rows.shape[1])
         else:
@@ -154,7 +162,12 @@ class SelfSupervisedRecipe:
         self.reporter.event(
             f"Self-supervised pretraining of {config.base.id} on {len(self.inputs)} examples of {config.train.id}: "
             f"{objective}; {count_parameters(self.model):,} parameters",
-            data={"objective": objective, "examples": len(self.inputs), "device": self.device.type},
+            data={
+                "objective": objective,
+                "examples": len(self.inputs),
+                "device": self.device.type,
+                "hyperparameters": self.hp.model_dump(mode="json"),
+            },
         )
 
     def _autocast(self) -> Any:
@@ -227,9 +240,10 @@ class SelfSupervisedRecipe:
                 if len(indices) < self.batch_size:
                     continue
                 loss = self.loss(indices)
+                value = finite_loss(loss, self.reporter, epoch=epoch, step=self.step + 1)
                 self.precision.step(loss, self.optimizer, [parameters], self.hp.max_grad_norm, self.scheduler)
                 self.step += 1
-                losses.append(float(loss.detach()))
+                losses.append(value)
                 # A worker shutting down: the next attempt resumes from the last epoch's end.
                 after_step(
                     self.reporter,

@@ -31,6 +31,7 @@ from ml import methods
 from ml.alignment import dann_weight
 from ml.augment import ImageAugmenter
 from ml.data import draw, load_inputs
+from ml.networks import column_statistics
 from ml.runtime import to_device
 from workers.recipes.finetune import FinetuneConfig, FinetuneRecipe
 
@@ -78,8 +79,8 @@ class SemiSupervisedRecipe(FinetuneRecipe):
             self.weak = (self.augmenter or ImageAugmenter("light", self.spec.input_spec)).to(self.device)
             self.strong = StrongImageAugmenter(dict(self.spec.input_spec)).to(self.device)
         elif self.spec.modality == "tabular":
-            rows = self.unlabeled_inputs.batch(range(len(self.unlabeled_inputs))).float()
-            self.column_scale = rows.std(dim=0, unbiased=False).to(self.device)
+            rows = self.unlabeled_inputs.batch(range(len(self.unlabeled_inputs)))
+            self.column_scale = column_statistics(rows)[1].to(self.device)
         self.pseudo_seen = self.pseudo_kept = 0
         self.reporter.event(
             f"Semi-supervised: {len(self.unlabeled_inputs)} unlabelled examples of {self.config.unlabeled.id}, "

@@ -15,8 +15,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from graft.defaults import METHOD_DEFAULTS
-from graft.jobspec import Hyperparameters
+from graft.jobspec import FinetuneHyperparameters, TrainingSpec
+from graft.plan import DataFacts, JobPlan, PlannedRun, plan_training
+from graft.plan import Upstream as PlanUpstream
 from graft.report import build_report
 from graft.sources import BaseModelSource, DatasetSource
 from graft.spec import ModelSpec
@@ -92,32 +93,9 @@ class RunReporter:
 
 
 def scratch_config(config: FinetuneConfig) -> FinetuneConfig:
-    """The same architecture with random weights, trained in full for the same epochs on the same data,
-    with the same augmentation and model selection, at the architecture's from-scratch learning rate (a
-    fine-tuning rate, lower, would handicap it)."""
+    """The same architecture with random weights, trained in full on the same data (its hyperparameters
+    are the plan's scratch arm's: graft.defaults.scratch_hyperparameters)."""
     architecture = config.base.spec.architecture
-    hp = config.hyperparameters
-    learning_rate = METHOD_DEFAULTS[(architecture, "full")]["learning_rate"]
-    scratch_hp = Hyperparameters(
-        **{
-            **hp.model_dump(
-                include={
-                    "epochs",
-                    "batch_size",
-                    "weight_decay",
-                    "validation_split",
-                    "warmup_ratio",
-                    "max_grad_norm",
-                    "early_stopping",
-                    "augmentation",
-                    "model_selection",
-                }
-            ),
-            "learning_rate": learning_rate,
-            "layer_lr_decay": 1.0,
-            "freeze_batch_norm": False,  # random weights have no statistics worth keeping
-        }
-    )
     base = BaseModelSource(
         id=f"{architecture} (random weights)", spec=ModelSpec.for_builtin(architecture), pretrained=False
     )
@@ -125,7 +103,6 @@ def scratch_config(config: FinetuneConfig) -> FinetuneConfig:
         update={
             "base": base,
             "method": "full",
-            "hyperparameters": scratch_hp,
             "head": None,
             "save_checkpoints": False,
             "feature_cache_dir": None,
@@ -185,68 +162,117 @@ def arm_config(config: FinetuneConfig, arm: Arm) -> FinetuneConfig:
     return config.model_copy(update={"base": arm.base, "save_checkpoints": False, "head": None})
 
 
+def run_config(config: FinetuneConfig, run: PlannedRun, arms: dict[str, Arm]) -> FinetuneConfig:
+    """The config of one planned run: its arm's upstream and method, its seed, its hyperparameters as the
+    plan resolved them; checkpoints only from the job's own run."""
+    if run.kind == "scratch":
+        config = scratch_config(config)
+    elif run.kind in ("parent", "model"):
+        config = arm_config(config, arms[run.arm])
+    hyperparameters = type(config.hyperparameters).model_validate(run.hyperparameters)
+    return config.model_copy(
+        update={
+            "seed": run.seed,
+            "hyperparameters": hyperparameters,
+            "save_checkpoints": config.save_checkpoints and run.primary,
+        }
+    )
+
+
 @dataclass
 class StudyResult:
     result: FinetuneResult  # the job's own run: first seed, transferred
     report: dict[str, Any] | None
 
 
+def plan_study(
+    config: FinetuneConfig,
+    *,
+    seeds: list[int] | None = None,
+    baseline: bool = False,
+    folds: int = 0,
+    arms: list[Arm] | None = None,
+) -> JobPlan:
+    """The plan of a study run from a recipe config (benchmarks, tests), made by the planner the API uses
+    (graft.plan.plan_training), unpriced."""
+    hp = {**config.hyperparameters.model_dump(mode="json"), "cross_validation_folds": folds}
+    spec = TrainingSpec(
+        kind="finetune",
+        base_model=config.base.id,
+        method=config.method,
+        training_dataset=config.train.id,
+        baseline=baseline,
+        baseline_arms=["scratch", *[arm.name for arm in arms or []]] if baseline else None,
+        seeds=seeds,
+        hyperparameters=FinetuneHyperparameters.model_validate(hp),
+    )
+    architecture = config.base.spec.architecture
+    upstream = PlanUpstream(id=config.base.id, learned=config.base.learned, architecture=architecture)
+    unknown = DataFacts(examples=0)
+    return plan_training(
+        spec,
+        config.seed,
+        upstream=upstream,
+        train=unknown,
+        validation=unknown if config.validation is not None else None,
+        evaluation=unknown if config.evaluation is not None else None,
+        named={
+            arm.name: PlanUpstream(id=arm.name, learned=True, architecture=architecture)
+            for arm in arms or []
+            if arm.kind != "as_is"
+        },
+    )
+
+
 def run_study(
     config: FinetuneConfig,
     reporter: Reporter,
+    plan: JobPlan | None = None,
     *,
     seeds: list[int] | None = None,
     baseline: bool = False,
     folds: int = 0,
     arms: list[Arm] | None = None,
 ) -> StudyResult:
-    """The job's runs. With `folds` (k > 1, and a baseline), the comparison is a k-fold cross-validation
-    over all the training data: for each seed and fold, both arms train on k-1 folds and predict the
-    held-out one, so every labelled example is predicted by models that never saw it; the job's own model
-    then trains on all of them. With an evaluation dataset, both arms are measured on it instead."""
-    seeds = seeds or [config.seed]
-    extra = [ArmRuns(arm) for arm in (arms or [])] if baseline else []
-    trained = [runs for runs in extra if runs.arm.kind != "as_is"]
-    per_seed = (2 + len(trained)) if baseline else 1
-    cross_validate = baseline and folds > 1 and config.evaluation is None and config.validation is None
-    if cross_validate:
-        return _cross_validated_study(config, reporter, seeds, folds, extra)
-    total = len(seeds) * per_seed
+    """The job's runs, as its plan has them (graft/plan.py): the transferred run and, with a baseline, the
+    scratch run and the named arms, for each seed. With cross-validation folds in the plan, the comparison
+    is a k-fold cross-validation over all the training data: for each seed and fold, every arm trains on
+    k-1 folds and predicts the held-out one, so every labelled example is predicted by models that never
+    saw it; the job's own model trains on all of them. With an evaluation dataset, the arms are measured on
+    it instead. `arms`: the upstreams of the named arms that train (parent, models), and as_is. Without a
+    plan, the study of these `seeds`, `baseline`, `folds` and `arms` is planned here."""
+    plan = plan or plan_study(config, seeds=seeds, baseline=baseline, folds=folds, arms=arms)
+    named = {arm.name: arm for arm in arms or []}
+    runs = plan.runs()
+    if any(run.fold is not None for run in runs):
+        return _cross_validated_study(config, reporter, plan, runs, named)
+    baseline = any(arm.kind == "scratch" for arm in plan.arms)
+    seeds = plan.primary.seeds
+    extra = [ArmRuns(named[arm.name]) for arm in plan.arms if arm.kind in ("parent", "model", "as_is")]
+    by_name = {runs_of.arm.name: runs_of for runs_of in extra}
     transferred: list[FinetuneResult] = []
     scratch: list[FinetuneResult] = []
     as_is = _as_is_rows(config, extra, config.evaluation or config.train)
-    for i, seed in enumerate(seeds):
-        run_config = config.model_copy(
-            update={"seed": seed, "save_checkpoints": config.save_checkpoints and i == 0}
-        )
-        transferred.append(
-            recipe_for(
-                run_config,
-                RunReporter(reporter, f"transferred, seed {seed}", i * per_seed, total, primary=i == 0),
-            ).run()
-        )
-        if not baseline:
-            continue
-        scratch.append(
-            recipe_for(
-                scratch_config(run_config),
-                RunReporter(reporter, f"scratch, seed {seed}", i * per_seed + 1, total, primary=False),
-            ).run()
-        )
-        for k, runs in enumerate(trained):
-            run = recipe_for(
-                arm_config(run_config, runs.arm),
-                RunReporter(
-                    reporter, f"{runs.arm.name}, seed {seed}", i * per_seed + 2 + k, total, primary=False
-                ),
-            ).run()
-            runs.correct.append(_compared(run, config))
-        for runs in extra:
-            if runs.arm.kind == "as_is" and as_is is not None:
-                # Every example of the evaluation dataset, or this seed's validation examples.
-                evaluated = config.evaluation is not None
-                positions = range(len(as_is)) if evaluated else transferred[-1].validation_positions
-                runs.correct.append([as_is[p] for p in positions])
+    for index, run in enumerate(runs):
+        result = recipe_for(
+            run_config(config, run, named),
+            RunReporter(reporter, run.name, index, len(runs), primary=run.primary),
+        ).run()
+        if run.kind == "transferred":
+            transferred.append(result)
+        elif run.kind == "scratch":
+            scratch.append(result)
+        else:
+            by_name[run.arm].correct.append(_compared(result, config))
+        last_of_seed = index + 1 == len(runs) or runs[index + 1].seed != run.seed
+        if last_of_seed and as_is is not None:
+            # Every example of the evaluation dataset, or this seed's validation examples.
+            positions = (
+                range(len(as_is)) if config.evaluation is not None else transferred[-1].validation_positions
+            )
+            for runs_of in extra:
+                if runs_of.arm.kind == "as_is":
+                    runs_of.correct.append([as_is[p] for p in positions])
     report = None
     if baseline:
         held_out = None
@@ -259,7 +285,7 @@ def run_study(
                 [r.held_out["correct"] for r in scratch if r.held_out is not None],
             )
         compared = [_compared(r, config) for r in transferred]
-        report = _report(config, reporter, seeds, transferred, scratch, held_out, extra, compared)
+        report = _report(config, reporter, plan, seeds, transferred, scratch, held_out, extra, compared)
     return StudyResult(result=transferred[0], report=report)
 
 
@@ -282,6 +308,7 @@ def _compared(run: FinetuneResult, config: FinetuneConfig) -> list[int]:
 def _report(
     config: FinetuneConfig,
     reporter: Reporter,
+    plan: JobPlan,
     seeds: list[int],
     transferred: list[FinetuneResult],
     scratch: list[FinetuneResult],
@@ -289,19 +316,20 @@ def _report(
     extra: list[ArmRuns] | None = None,
     transferred_correct: list[list[int]] | None = None,
 ) -> dict[str, Any]:
-    scratch_hp = scratch_config(config).hyperparameters
+    # The compared runs' arms (a cross-validation's fold runs, not the job's own model on all labels).
+    transferred_hp, scratch_hp = plan.arm("transferred").hyperparameters, plan.arm("scratch").hyperparameters
     budget = {
-        "epochs": config.hyperparameters.epochs,
-        "batch_size": config.hyperparameters.batch_size,
+        "epochs": transferred_hp["epochs"],
+        "batch_size": transferred_hp["batch_size"],
         "transferred": {
             "base_model": config.base.id,
             "method": config.method,
-            "learning_rate": config.hyperparameters.learning_rate,
+            "learning_rate": transferred_hp["learning_rate"],
         },
         "scratch": {
             "architecture": config.base.spec.architecture,
             "method": "full",
-            "learning_rate": scratch_hp.learning_rate,
+            "learning_rate": scratch_hp["learning_rate"],
         },
     }
     arms: dict[str, tuple[str, str, list[list[int]]]] | None = None
@@ -332,62 +360,51 @@ def _report(
 
 
 def _cross_validated_study(
-    config: FinetuneConfig, reporter: Reporter, seeds: list[int], folds: int, extra: list[ArmRuns]
+    config: FinetuneConfig, reporter: Reporter, plan: JobPlan, runs: list[PlannedRun], named: dict[str, Arm]
 ) -> StudyResult:
     from ml.data import label_indices, read_labels, stratified_folds
 
     labels = label_indices(read_labels(config.train), config.classes or config.train.classes)
     n = len(labels)
-    partitions = [stratified_folds(labels, folds, seed) for seed in seeds]
-    trained = [runs for runs in extra if runs.arm.kind != "as_is"]
-    total = 1 + (2 + len(trained)) * len(seeds) * folds
+    folded = [arm for arm in plan.arms if arm.folds]
+    seeds, folds = folded[0].seeds, folded[0].folds
+    partitions = {seed: stratified_folds(labels, folds, seed) for seed in seeds}
+    extra = [ArmRuns(named[arm.name]) for arm in plan.arms if arm.kind in ("parent", "model", "as_is")]
     as_is = _as_is_rows(config, extra, config.train)
-    # The job's own model: every label, no validation split (the estimate comes from the folds).
-    everything = config.model_copy(
-        update={"hyperparameters": config.hyperparameters.model_copy(update={"validation_split": 0.0})}
-    )
-    result = recipe_for(
-        everything, RunReporter(reporter, "transferred, all labels", 0, total, primary=True)
-    ).run()
+    rows = {seed: {arm.name: [0] * n for arm in folded} for seed in seeds}
+    result: FinetuneResult | None = None
     transferred_runs: list[FinetuneResult] = []
     scratch_runs: list[FinetuneResult] = []
-    transferred_correct: list[list[int]] = []
-    scratch_correct: list[list[int]] = []
-    index = 1
-    for seed, partition in zip(seeds, partitions, strict=True):
-        rows = {"transferred": [0] * n, "scratch": [0] * n, **{r.arm.name: [0] * n for r in trained}}
-        for k, held in enumerate(partition):
-            held_set = set(held)
-            split = ([i for i in range(n) if i not in held_set], sorted(held))
-            # The held-out fold chooses nothing: the last epoch, as the job's own model on all labels.
-            hp = config.hyperparameters.model_copy(update={"model_selection": "last", "early_stopping": None})
-            fold = config.model_copy(
-                update={"seed": seed, "split": split, "save_checkpoints": False, "hyperparameters": hp}
+    for index, run in enumerate(runs):
+        reporting = RunReporter(reporter, run.name, index, len(runs), primary=run.primary)
+        if run.fold is None:  # the job's own model: every label (the estimate comes from the folds)
+            result = recipe_for(run_config(config, run, named), reporting).run()
+            continue
+        held = set(partitions[run.seed][run.fold])
+        split = ([i for i in range(n) if i not in held], sorted(held))
+        outcome = recipe_for(
+            run_config(config, run, named).model_copy(update={"split": split}), reporting
+        ).run()
+        if run.kind == "transferred":
+            transferred_runs.append(outcome)
+        elif run.kind == "scratch":
+            scratch_runs.append(outcome)
+        for position, right in zip(outcome.validation_positions, outcome.validation_correct, strict=True):
+            rows[run.seed][run.arm][position] = right
+    assert result is not None
+    for runs_of in extra:
+        for seed in seeds:
+            kept = (
+                as_is if runs_of.arm.kind == "as_is" and as_is is not None else rows[seed][runs_of.arm.name]
             )
-            arms_of_fold: list[tuple[str, FinetuneConfig, list[FinetuneResult]]] = [
-                ("transferred", fold, transferred_runs),
-                ("scratch", scratch_config(fold).model_copy(update={"split": split}), scratch_runs),
-                *[(r.arm.name, arm_config(fold, r.arm), []) for r in trained],
-            ]
-            for arm, arm_fold, results in arms_of_fold:
-                run = recipe_for(
-                    arm_fold,
-                    RunReporter(reporter, f"{arm}, seed {seed}, fold {k + 1}", index, total, primary=False),
-                ).run()
-                index += 1
-                results.append(run)
-                for position, right in zip(run.validation_positions, run.validation_correct, strict=True):
-                    rows[arm][position] = right
-        transferred_correct.append(rows["transferred"])
-        scratch_correct.append(rows["scratch"])
-        for named in extra:
-            named.correct.append(
-                list(as_is) if named.arm.kind == "as_is" and as_is is not None else rows[named.arm.name]
-            )
+            runs_of.correct.append(list(kept))
+    transferred_correct = [rows[seed]["transferred"] for seed in seeds]
+    scratch_correct = [rows[seed]["scratch"] for seed in seeds]
     measured_on = {"kind": "cross_validation", "folds": folds, "examples": n}
     report = _report(
         config,
         reporter,
+        plan,
         [seed for seed in seeds for _ in range(folds)],
         transferred_runs,
         scratch_runs,

@@ -14,14 +14,12 @@ from app.jobs.planners.common import (
     Plan,
     adapter_width,
     backbone_for,
-    check_budget,
     check_companion,
-    count_train_examples,
+    check_limits,
     epochs_by_default,
     labelled_training_dataset,
     model_upstream,
     resolved_budget,
-    training_budget,
     transfer_plan,
 )
 from app.jobs.schemas import AdaptJobCreate
@@ -34,9 +32,12 @@ from graft.jobspec import (
     AdaptHyperparameters,
     AdaptSpec,
 )
+from graft.plan import DataFacts, plan_adaptation
 
 
-def plan(session: Session, principal: Principal, body: AdaptJobCreate, limits: BudgetLimits) -> Plan:
+def plan(
+    session: Session, principal: Principal, body: AdaptJobCreate, limits: BudgetLimits, seed: int
+) -> Plan:
     upstream = model_upstream(session, principal, body.base_model)
     source = labelled_training_dataset(session, principal, body.source_dataset, upstream, "source_dataset")
     target = check_companion(
@@ -48,8 +49,11 @@ def plan(session: Session, principal: Principal, body: AdaptJobCreate, limits: B
             param="target_dataset",
             code="invalid_request",
         )
+    evaluation = None
     if body.evaluation_dataset is not None:
-        check_companion(session, principal, body.evaluation_dataset, source, upstream, "evaluation_dataset")
+        evaluation = check_companion(
+            session, principal, body.evaluation_dataset, source, upstream, "evaluation_dataset"
+        )
     given = body.hyperparameters.model_dump(exclude_none=True)
     backbone, method = backbone_for(body.backbone, upstream.architecture, upstream.has_weights)
     hyperparameters = {
@@ -61,23 +65,6 @@ def plan(session: Session, principal: Principal, body: AdaptJobCreate, limits: B
         **_adapt_rate(backbone, given),
     }
     transfer = transfer_plan(upstream, source, None)
-    budget = training_budget(
-        "adapt",
-        method,
-        hyperparameters,
-        count_train_examples(upstream.architecture, given, source, held_out=False, method=method),
-        seeds=len(body.seeds) if body.seeds else 1,
-        adaptation_methods=body.methods,
-        warm_start=upstream.has_weights and transfer["head"] == "new",
-    )
-    check_budget(
-        budget,
-        limits,
-        given,
-        default_epochs=epochs_by_default(upstream.architecture, given, source, held_out=False, method=method),
-        default_batch_size=default_hyperparameters(upstream.architecture, method)["batch_size"],
-        methods_param=True,
-    )
     spec = AdaptSpec(
         kind="adapt",
         base_model=upstream.base_model,
@@ -90,8 +77,28 @@ def plan(session: Session, principal: Principal, body: AdaptJobCreate, limits: B
         seeds=body.seeds,
         hyperparameters=AdaptHyperparameters.model_validate(hyperparameters),
     )
+    runs = plan_adaptation(
+        spec,
+        seed,
+        upstream=upstream.for_plan(
+            source, len(source.classes), adapter=hyperparameters.get("adapter_hidden")
+        ),
+        source=DataFacts.of(source),
+        target=DataFacts.of(target),
+        evaluation=DataFacts.of(evaluation) if evaluation is not None else None,
+    )
+    check_limits(
+        runs,
+        limits,
+        given,
+        default_epochs=epochs_by_default(upstream.architecture, given, source, held_out=False, method=method),
+        default_batch_size=default_hyperparameters(upstream.architecture, method)["batch_size"],
+        seeds=len(body.seeds) if body.seeds else 1,
+        methods=len(body.methods),
+    )
     return Plan(
         spec,
+        runs,
         f"Job created: adapt {upstream.base_model} from {source.id} to {target.id} with "
         f"{', '.join(body.methods)} beside source_only ({backbone} backbone)",
         transfer,

@@ -4,9 +4,8 @@ resolved hyperparameters and the training budget a job may not exceed, and the p
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 from sqlalchemy.orm import Session
 
@@ -17,6 +16,7 @@ from app.jobs.schemas import TrainingJobCreate
 from app.models import service as models
 from app.models.fit import check_fits
 from graft import job_store
+from graft.compute import Network
 from graft.defaults import (
     ADAPTER_HIDDEN,
     BACKBONE_METHOD,
@@ -25,11 +25,14 @@ from graft.defaults import (
     default_hyperparameters,
     resolve_hyperparameters,
 )
+from graft.formats import ImageGeometry, geometry_of
 from graft.jobspec import (
     Backbone,
     JobSpec,
     TrainingMethod,
 )
+from graft.plan import JobPlan
+from graft.plan import Upstream as PlanUpstream
 from graft.spec import SPEC_METADATA_KEY, ModelSpec
 from graft.storage import Storage
 from graft.tables import Checkpoint, Dataset
@@ -37,10 +40,11 @@ from graft.tables import Checkpoint, Dataset
 
 @dataclass(frozen=True)
 class Plan:
-    """A kind's planner's answer: the job's resolved spec, its first event, and the transfer plan (which
-    head, which classes) the report starts from."""
+    """A kind's planner's answer: the job's resolved spec, the plan of its runs, its first event, and the
+    transfer plan (which head, which classes) the report starts from."""
 
     spec: JobSpec
+    runs: JobPlan
     description: str
     transfer: dict[str, Any] | None = None
 
@@ -58,6 +62,12 @@ MAX_EPOCH_PASSES = 2000
 # (a 5-seed baseline study) or 350,000 (a single job: an mlp distillation), far beyond Graft's small data.
 MAX_OPTIMIZER_STEPS = 2_000_000
 
+# And in estimated compute (graft/compute.py): hours of the reference machine (2 CPU cores) for every pass
+# of every network a job runs, validation, warm-up, unlabelled batches and feature passes included. What
+# epoch passes cannot see: the architecture (a pass of minilm-l6 costs ten thousand of an mlp's) and the
+# size of the data. A GPU worker runs the same job many times faster: raise it there.
+MAX_COMPUTE_HOURS = 24.0
+
 
 @dataclass
 class Upstream:
@@ -69,6 +79,58 @@ class Upstream:
     has_weights: bool  # learned weights (a pretrained built-in, a registered model, a checkpoint)
     classes: list[str]  # the source head's classes; empty when there is no head
     feature_columns: list[str]
+    spec: ModelSpec  # its network (for a checkpoint, the checkpoint's)
+
+    def for_plan(self, data: Dataset, classes: int, *, adapter: int | None = None) -> PlanUpstream:
+        """This upstream as a plan's arm starts from it, with its network priced on `data`."""
+        return PlanUpstream(
+            id=self.base_model,
+            learned=self.has_weights,
+            architecture=self.architecture,
+            network=network_for(
+                self.spec, learned=self.has_weights, data=data, classes=classes, adapter=adapter
+            ),
+        )
+
+
+def network_for(
+    spec: ModelSpec, *, learned: bool, data: Dataset, classes: int, adapter: int | None = None
+) -> Network:
+    """The network a run trains on `data`, as priced: one from scratch whose shape follows the data is the
+    one the worker builds (an mlp for its columns, a resnet-small for its images' size and colour)."""
+    info = dict(data.schema_info or {})
+    profile = dict(data.profile or {})
+    if not learned and spec.architecture == "resnet-small":
+        geometry = data_geometry(data)
+        spec = spec.model_copy(
+            update={
+                "options": {**spec.options, "stem_stride": geometry.stem_stride},
+                "input_spec": {
+                    **spec.input_spec,
+                    "height": geometry.side,
+                    "width": geometry.side,
+                    "channels": geometry.channels,
+                },
+            }
+        )
+    network = Network.of(
+        spec,
+        classes=classes,
+        mean_text_chars=profile.get("mean_text_chars"),
+        columns=len(info.get("feature_columns", [])) or None,
+    )
+    if adapter:
+        network = network.model_copy(update={"options": {**network.options, "adapter": adapter}})
+    return network
+
+
+def data_geometry(data: Dataset) -> ImageGeometry:
+    """The size a network that follows the data reads `data`'s images at: from what its upload recorded, or
+    (a dataset uploaded before that) from its images' mean pixel count."""
+    recorded = (data.profile or {}).get("image_sizes")
+    if recorded and recorded.get("shorter_side"):
+        return geometry_of(float(recorded["shorter_side"]["median"]), bool(recorded["grey"]))
+    return geometry_of(math.sqrt((data.pixels or 0) / max(data.num_examples, 1)) or 32.0, False)
 
 
 def request_upstream(
@@ -80,21 +142,24 @@ def request_upstream(
             raise not_found("checkpoint", body.from_checkpoint, param="from_checkpoint")
         source = job_store.get(session, principal.project_id, checkpoint.job_id)
         assert source is not None
-        if body.base_model is not None and body.base_model != source.base_model:
+        # The network the checkpoint holds: a distill job's student, not its teacher.
+        beneath = job_store.spec_of(source).checkpoint_base
+        if body.base_model is not None and body.base_model != beneath:
             raise Unprocessable(
-                f"checkpoint {checkpoint.id} comes from a job on {source.base_model}, not {body.base_model}; "
+                f"checkpoint {checkpoint.id} holds a network of {beneath}, not {body.base_model}; "
                 "leave base_model out",
                 param="base_model",
                 code="checkpoint_mismatch",
             )
         spec = checkpoint_spec(storage, checkpoint)
         return Upstream(
-            base_model=source.base_model,
+            base_model=beneath,
             architecture=spec.architecture,
             modality=spec.modality,
             has_weights=True,
             classes=list(spec.classes),
             feature_columns=list(spec.input_spec.get("feature_columns", [])),
+            spec=spec,
         )
     if body.base_model is None:
         raise Unprocessable(
@@ -124,13 +189,15 @@ def model_upstream(
         has_weights=base.pretrained and not random_start,
         classes=list(base.spec.classes),
         feature_columns=list(base.spec.input_spec.get("feature_columns", [])) if base.row is not None else [],
+        spec=base.spec,
     )
 
 
 def checkpoint_spec(storage: Storage, checkpoint: Checkpoint) -> ModelSpec:
     from safetensors import safe_open
 
-    with safe_open(str(storage.path(checkpoint.path)), framework="pt") as handle:
+    path = storage.existing(checkpoint.path, f"the file of checkpoint {checkpoint.id}")
+    with safe_open(str(path), framework="pt") as handle:
         return ModelSpec.from_metadata((handle.metadata() or {})[SPEC_METADATA_KEY])
 
 
@@ -242,29 +309,28 @@ def count_train_examples(
     return train.num_examples if held_out else int(train.num_examples * (1 - split))
 
 
-JobKind = Literal["finetune", "pretrain", "adapt", "distill"]
-
-
 @dataclass(frozen=True)
 class BudgetLimits:
     epoch_passes: int = MAX_EPOCH_PASSES
     optimizer_steps: int = MAX_OPTIMIZER_STEPS
+    compute_seconds: float = MAX_COMPUTE_HOURS * 3600
 
 
 @dataclass(frozen=True)
 class TrainingBudget:
-    """How much training a job makes, counted the way its recipe runs it."""
+    """How much training a job makes, read from its plan: its epoch passes (over the training examples of
+    the job's own run) and optimiser steps, with the formula a client can check."""
 
     epochs: int
     seeds: int
     arms: tuple[str, ...]  # the runs made for each seed, each `epochs` long
-    warmup_epochs: int  # head warm-up epochs of each run that fits a new head first
+    warmup_epochs: int  # head warm-up epochs of each run that fits a head first
     warmup_arms: int  # how many of the runs of a seed do
     train_examples: int
     batch_size: int
     steps_per_epoch: int
-    # A cross-validated comparison (transfer.py, _cross_validated_study): for each seed both arms train k
-    # times on k-1 folds (k-1 passes over the data per epoch in all), then the job's model once on all.
+    # A cross-validated comparison (study.py, _cross_validated_study): for each seed every arm trains k times
+    # on k-1 folds (k-1 passes over the data per epoch in all), then the job's model once on all.
     folds: int = 0
 
     @property
@@ -299,70 +365,44 @@ class TrainingBudget:
 
 TIMES = " \N{MULTIPLICATION SIGN} "
 
+# How the budget's formula names the arms of a study.
+ARM_LABELS = {"scratch": "scratch baseline"}
+
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def training_budget(
-    kind: JobKind,
-    method: str,
-    hyperparameters: Mapping[str, Any],
-    train_examples: int,
-    *,
-    seeds: int = 1,
-    baseline: bool = False,
-    baseline_arms: Sequence[str] = (),
-    adaptation_methods: Sequence[str] = (),
-    labelled: bool = True,
-    warm_start: bool = False,
-    folds: int = 0,
-) -> TrainingBudget:
-    """The training a job of this kind makes with these resolved hyperparameters. `warm_start`: the model
-    starts from learned weights under a new head.
-
-    The runs, as the recipes make them: finetune (workers/recipes/study.py, run_study) trains the
-    transferred model and, with baseline, the architecture from scratch, for each seed; pretrain is one
-    run; adapt (adapt.py, run_adaptation) trains source_only and each method, for each seed; distill
-    (distill.py, run_distillation) trains the distilled student and, when the transfer data have labels,
-    the student alone (the teacher only predicts, once). The head warm-up (finetune.py, _warm_up_head) is
-    extra epochs over the training data before a run that starts from learned weights with a new head and
-    moves the backbone: the transferred run of a finetune or pretrain job (not its scratch baseline, whose
-    weights are random), and every run of an adapt or distill job (their method is full). warmup_ratio
-    adds nothing: it is a share of a run's own steps.
-    """
-    if kind == "finetune":
-        arms: tuple[str, ...] = ("transferred", "scratch baseline") if baseline else ("transferred",)
-        # Named arms that train (parent, other models) cost a run each; as_is only predicts.
-        arms += tuple(arm for arm in baseline_arms if arm not in ("scratch", "as_is"))
-        warmup_arms = 1 + len(arms) - (2 if baseline else 1)
-    elif kind == "pretrain":
-        arms, warmup_arms = ("pretraining",), 1
-    elif kind == "adapt":
-        arms = ("source_only", *adaptation_methods)
-        warmup_arms = len(arms)
-    else:
-        arms = ("distilled student", "student alone") if labelled else ("distilled student",)
-        warmup_arms = len(arms)
-    warmup_epochs = int(hyperparameters.get("head_warmup_epochs") or 0)
-    if not warm_start or method in ("linear_probe", "self_supervised") or not warmup_epochs:
-        warmup_arms, warmup_epochs = 0, 0
-    batch_size = int(hyperparameters["batch_size"])
-    if method == "self_supervised":
+def budget_of(plan: JobPlan, *, pretraining: bool = False) -> TrainingBudget:
+    """The job's epoch passes and optimiser steps, read from its plan: the arms trained for each seed (each
+    fold's, when cross-validated), their epochs and head warm-up epochs, the job's own run's data."""
+    trained = [arm for arm in plan.arms if arm.trains]
+    folded = [arm for arm in trained if arm.folds]
+    per_seed = folded or trained
+    reference = per_seed[0]
+    hp = reference.hyperparameters
+    batch_size = int(hp["batch_size"])
+    train_examples = plan.primary.examples.train
+    if reference.method == "self_supervised":
         # Contrastive batches need two examples: the last, smaller batch is dropped (self_supervised.py).
         steps_per_epoch = max(1, train_examples // max(1, min(batch_size, train_examples)))
     else:
         steps_per_epoch = max(1, math.ceil(train_examples / batch_size))
+    warming = [arm for arm in per_seed if arm.warmup_epochs]
+    if pretraining:
+        names: tuple[str, ...] = ("pretraining",)
+    else:
+        names = tuple(ARM_LABELS.get(arm.name, arm.name) for arm in per_seed)
     return TrainingBudget(
-        epochs=int(hyperparameters["epochs"]),
-        seeds=seeds,
-        arms=arms,
-        warmup_epochs=warmup_epochs,
-        warmup_arms=warmup_arms,
+        epochs=int(hp["epochs"]),
+        seeds=len(reference.seeds),
+        arms=names,
+        warmup_epochs=warming[0].warmup_epochs if warming else 0,
+        warmup_arms=len(warming),
         train_examples=train_examples,
         batch_size=batch_size,
         steps_per_epoch=steps_per_epoch,
-        folds=folds,
+        folds=reference.folds,
     )
 
 
@@ -431,6 +471,68 @@ def check_budget(
     )
 
 
+def check_compute(
+    plan: JobPlan, limits: BudgetLimits, given: dict[str, Any], *, seeds: int, methods: int = 1
+) -> None:
+    """Refuse a job whose estimated compute is above the limit, saying what each arm costs and naming the
+    field that drives it: epochs or head warm-up epochs the client raised, else seeds, adaptation methods,
+    else the training data."""
+    seconds = plan.cost.seconds
+    if seconds <= limits.compute_seconds:
+        return
+    warm = any(arm.warmup_epochs for arm in plan.arms)
+    param, hint = next(
+        (field, hint)
+        for field, hint, applies in (
+            ("hyperparameters.epochs", "Set fewer hyperparameters.epochs", "epochs" in given),
+            (
+                "hyperparameters.head_warmup_epochs",
+                "Set fewer hyperparameters.head_warmup_epochs",
+                "head_warmup_epochs" in given and warm,
+            ),
+            ("seeds", "Use fewer seeds", seeds > 1),
+            ("methods", "Use fewer methods", methods > 1),
+            ("training_dataset", "Train on fewer examples, or with a cheaper method (linear_probe)", True),
+        )
+        if applies
+    )
+    arms = ", ".join(
+        f"{arm.name} {arm.cost.seconds / 3600:.1f} h ({_count(arm.runs, 'run')})"
+        for arm in plan.arms
+        if arm.cost.seconds >= 0.05 * seconds
+    )
+    raise Unprocessable(
+        f"the job's estimated compute is {seconds / 3600:.1f} hours of the reference machine (2 CPU cores; "
+        f"{plan.cost.tflop:.0f} TFLOP, {plan.cost.optimizer_steps} optimiser steps); at most "
+        f"{limits.compute_seconds / 3600:g} (GRAFT_MAX_JOB_HOURS). By arm: {arms}. {hint}",
+        param=param,
+        code="budget_exceeded",
+    )
+
+
+def check_limits(
+    plan: JobPlan,
+    limits: BudgetLimits,
+    given: dict[str, Any],
+    *,
+    default_epochs: int,
+    default_batch_size: int,
+    seeds: int,
+    methods: int = 1,
+    pretraining: bool = False,
+) -> None:
+    """Every limit a job's plan must keep: its epoch passes and optimiser steps, then its compute."""
+    check_budget(
+        budget_of(plan, pretraining=pretraining),
+        limits,
+        given,
+        default_epochs=default_epochs,
+        default_batch_size=default_batch_size,
+        methods_param=methods > 1,
+    )
+    check_compute(plan, limits, given, seeds=seeds, methods=methods)
+
+
 def transfer_plan(upstream: Upstream, train: Dataset, head: str | None) -> dict[str, Any]:
     same_labels = bool(upstream.classes) and sorted(upstream.classes) == sorted(train.classes)
     keep = head == "keep" or (head is None and same_labels)
@@ -441,10 +543,11 @@ def backbone_for(choice: str | None, architecture: str, learned: bool) -> tuple[
     """The backbone an adapt or distill job trains ("frozen", "partial" or "full") and the training method
     it means. A frozen backbone needs learned weights: random features would stay random."""
     backbone = choice or (default_backbone(architecture) if learned else "full")
-    if backbone == "frozen" and not learned:
+    if backbone != "full" and not learned:
+        # Frozen random layers would stay random: a frozen backbone's features, or partial's bottom blocks.
         raise Unprocessable(
-            f"backbone 'frozen' needs learned weights, and this {architecture} starts from random ones: train "
-            "it ('full'), or start from a pretrained model",
+            f"backbone '{backbone}' needs learned weights, and this {architecture} starts from random ones: "
+            "train it in full ('full'), or start from a pretrained model",
             param="backbone",
             code="invalid_request",
         )

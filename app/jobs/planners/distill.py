@@ -12,14 +12,13 @@ from app.jobs.planners.common import (
     Plan,
     adapter_width,
     backbone_for,
-    check_budget,
     check_companion,
-    count_train_examples,
+    check_limits,
     epochs_by_default,
     labelled_training_dataset,
     model_upstream,
+    network_for,
     resolved_budget,
-    training_budget,
 )
 from app.jobs.schemas import DistillJobCreate
 from graft.catalog import BUILTIN_MODELS
@@ -27,17 +26,23 @@ from graft.defaults import (
     DISTILLATION_DEFAULTS,
     DISTILLATION_EPOCHS_FACTOR,
     default_hyperparameters,
+    split_sizes,
 )
 from graft.jobspec import (
     DistillHyperparameters,
     DistillSpec,
     Student,
 )
+from graft.plan import DataFacts, plan_distillation
+from graft.plan import Upstream as PlanUpstream
+from graft.spec import ModelSpec
 
 STUDENT_OPTIONS = {"layers": ("minilm-l6",), "width": ("cnn-small", "resnet-small"), "hidden": ("mlp",)}
 
 
-def plan(session: Session, principal: Principal, body: DistillJobCreate, limits: BudgetLimits) -> Plan:
+def plan(
+    session: Session, principal: Principal, body: DistillJobCreate, limits: BudgetLimits, seed: int
+) -> Plan:
     teacher = model_upstream(session, principal, body.teacher, param="teacher")
     if not teacher.classes:
         raise Unprocessable(
@@ -76,8 +81,9 @@ def plan(session: Session, principal: Principal, body: DistillJobCreate, limits:
             param="training_dataset",
             code="classes_mismatch",
         )
+    evaluation = None
     if body.evaluation_dataset is not None:
-        check_companion(
+        evaluation = check_companion(
             session,
             principal,
             body.evaluation_dataset,
@@ -102,30 +108,20 @@ def plan(session: Session, principal: Principal, body: DistillJobCreate, limits:
     }
     if "epochs" not in given:
         hyperparameters["epochs"] = min(hyperparameters["epochs"] * DISTILLATION_EPOCHS_FACTOR, 1000)
-    if body.evaluation_dataset is None and (not train.labeled or not hyperparameters["validation_split"]):
+    held = split_sizes(dict(train.class_counts or {}), float(hyperparameters["validation_split"]))[1]
+    if body.evaluation_dataset is None and (not train.labeled or not held):
         raise Unprocessable(
             "the report compares teacher and students on labelled data: give an evaluation_dataset, or labelled "
-            "transfer data with a validation_split above 0",
+            "transfer data with a validation_split above 0 that holds examples"
+            + (
+                ""
+                if not train.labeled or not hyperparameters["validation_split"]
+                else f" ({train.id}'s holds none)"
+            ),
             param="evaluation_dataset",
             code="invalid_request",
         )
     held_out = body.evaluation_dataset is not None or not train.labeled
-    budget = training_budget(
-        "distill",
-        method,
-        hyperparameters,
-        count_train_examples(student.architecture, given, train, held_out=held_out, method=method),
-        labelled=train.labeled,
-        warm_start=builtin.pretrained,  # the student always gets a new head (the teacher's classes)
-    )
-    default_epochs = epochs_by_default(student.architecture, given, train, held_out=held_out, method=method)
-    check_budget(
-        budget,
-        limits,
-        given,
-        default_epochs=min(default_epochs * DISTILLATION_EPOCHS_FACTOR, 1000),
-        default_batch_size=default_hyperparameters(student.architecture, method)["batch_size"],
-    )
     spec = DistillSpec(
         kind="distill",
         teacher=teacher.base_model,
@@ -136,8 +132,42 @@ def plan(session: Session, principal: Principal, body: DistillJobCreate, limits:
         method=method,
         hyperparameters=DistillHyperparameters.model_validate(hyperparameters),
     )
+    student_spec = ModelSpec.for_builtin(student.architecture).model_copy(
+        update={"options": spec.student.options()}
+    )
+    classes = len(teacher.classes)
+    runs = plan_distillation(
+        spec,
+        seed,
+        teacher=network_for(teacher.spec, learned=True, data=train, classes=classes),
+        student=PlanUpstream(
+            id=f"{student.architecture} student",
+            learned=builtin.pretrained,
+            architecture=student.architecture,
+            network=network_for(
+                student_spec,
+                learned=builtin.pretrained,
+                data=train,
+                classes=classes,
+                adapter=hyperparameters.get("adapter_hidden"),
+            ),
+        ),
+        train=DataFacts.of(train),
+        labelled=train.labeled,
+        evaluation=DataFacts.of(evaluation) if evaluation is not None else None,
+    )
+    default_epochs = epochs_by_default(student.architecture, given, train, held_out=held_out, method=method)
+    check_limits(
+        runs,
+        limits,
+        given,
+        default_epochs=min(default_epochs * DISTILLATION_EPOCHS_FACTOR, 1000),
+        default_batch_size=default_hyperparameters(student.architecture, method)["batch_size"],
+        seeds=1,
+    )
     return Plan(
         spec,
+        runs,
         f"Job created: distil {teacher.base_model} into a {student.architecture} student on {train.id} "
         f"({backbone} backbone)",
     )

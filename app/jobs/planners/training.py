@@ -10,20 +10,20 @@ from sqlalchemy.orm import Session
 
 from app.core.errors import Unprocessable
 from app.core.security import Principal
+from app.datasets import service as datasets
 from app.jobs.planners.common import (
     BudgetLimits,
     Plan,
     Upstream,
-    check_budget,
     check_companion,
     check_dataset_fits,
-    count_train_examples,
+    check_limits,
     epochs_by_default,
     labelled_training_dataset,
     model_upstream,
+    network_for,
     request_upstream,
     resolved_budget,
-    training_budget,
     transfer_plan,
 )
 from app.jobs.schemas import METHOD_KEYS, TrainingJobCreate
@@ -36,11 +36,15 @@ from graft.defaults import (
     default_hyperparameters,
     report_folds,
     split_can_choose,
+    split_sizes,
 )
 from graft.jobspec import (
     FinetuneHyperparameters,
     TrainingSpec,
 )
+from graft.plan import DataFacts, JobPlan, plan_training
+from graft.plan import Upstream as PlanUpstream
+from graft.spec import ModelSpec
 from graft.storage import Storage
 from graft.tables import Dataset
 
@@ -141,15 +145,25 @@ def _check_options(
         if (
             body.validation_dataset is None
             and body.evaluation_dataset is None
-            and not hyperparameters["validation_split"]
             and hyperparameters.get("cross_validation_folds", 0) < 2
         ):
-            raise Unprocessable(
-                "the report compares the arms on held-out data: give an evaluation_dataset, a "
-                "validation_dataset, a validation_split above 0 or cross_validation_folds of 2 or more",
-                param="baseline",
-                code="invalid_request",
-            )
+            split = float(hyperparameters["validation_split"])
+            if not split:
+                raise Unprocessable(
+                    "the report compares the arms on held-out data: give an evaluation_dataset, a "
+                    "validation_dataset, a validation_split above 0 or cross_validation_folds of 2 or more",
+                    param="baseline",
+                    code="invalid_request",
+                )
+            if not split_sizes(dict(train.class_counts or {}), split)[1]:
+                raise Unprocessable(
+                    f"the report compares the arms on held-out data, and a validation_split of {split:g} of "
+                    f"dataset {train.id} holds no example (a class needs 2 examples, and a validation share "
+                    "of at least one, to lend one): give an evaluation_dataset, a validation_dataset, a larger "
+                    "validation_split or cross_validation_folds of 2 or more",
+                    param="baseline",
+                    code="invalid_request",
+                )
     if body.seeds is not None and not body.baseline:
         needs = (
             "set baseline to true"
@@ -182,6 +196,21 @@ def _report_folds(
         if asked == 1:
             raise Unprocessable(
                 "cross_validation_folds is 0 (none) or 2 or more: one fold would train on nothing",
+                param="hyperparameters.cross_validation_folds",
+                code="invalid_request",
+            )
+        counts = dict(train.class_counts or {})
+        if asked and counts and asked > min(counts.values()):
+            smallest = min(counts, key=lambda name: counts[name])
+            raise Unprocessable(
+                f"cross_validation_folds is {asked}, and class '{smallest}' of dataset {train.id} has "
+                f"{counts[smallest]} example{'s' if counts[smallest] != 1 else ''}: every fold must hold each "
+                f"class once at least, so at most {counts[smallest]} folds"
+                + (
+                    ""
+                    if counts[smallest] >= 2
+                    else " (too few to cross-validate: give an evaluation_dataset)"
+                ),
                 param="hyperparameters.cross_validation_folds",
                 code="invalid_request",
             )
@@ -312,7 +341,12 @@ def _check_parent(session: Session, principal: Principal, upstream: Upstream, pa
 
 
 def plan(
-    session: Session, storage: Storage, principal: Principal, body: TrainingJobCreate, limits: BudgetLimits
+    session: Session,
+    storage: Storage,
+    principal: Principal,
+    body: TrainingJobCreate,
+    limits: BudgetLimits,
+    seed: int,
 ) -> Plan:
     upstream = request_upstream(session, storage, principal, body)
     self_supervised = body.method == "self_supervised"
@@ -321,8 +355,11 @@ def plan(
     )
     given = body.hyperparameters.model_dump(exclude_none=True)
     _check_method(body, upstream, given)
+    validation = evaluation = None
     if body.validation_dataset is not None:
-        check_companion(session, principal, body.validation_dataset, train, upstream, "validation_dataset")
+        validation = check_companion(
+            session, principal, body.validation_dataset, train, upstream, "validation_dataset"
+        )
     if body.evaluation_dataset is not None:
         if body.type != "finetune" or self_supervised:
             raise Unprocessable(
@@ -330,7 +367,9 @@ def plan(
                 param="evaluation_dataset",
                 code="invalid_request",
             )
-        check_companion(session, principal, body.evaluation_dataset, train, upstream, "evaluation_dataset")
+        evaluation = check_companion(
+            session, principal, body.evaluation_dataset, train, upstream, "evaluation_dataset"
+        )
     semi = _semi_supervised(session, principal, body, train, upstream, given, self_supervised)
     unheld = _unheld_split(body, train, given, upstream.architecture)
     planned = {**given, **unheld}  # what the budget counts: the labels the run trains on
@@ -353,26 +392,6 @@ def plan(
     if self_supervised:
         transfer = None  # no head: nothing to keep or replace
     held_out = body.validation_dataset is not None or self_supervised  # self-supervision trains on all
-    budget = training_budget(
-        body.type,
-        body.method,
-        hyperparameters,
-        count_train_examples(upstream.architecture, planned, train, held_out=held_out, method=body.method),
-        seeds=len(body.seeds) if body.seeds else 1,
-        baseline=bool(body.baseline),
-        baseline_arms=arms or (),
-        warm_start=upstream.has_weights and transfer is not None and transfer["head"] == "new",
-        folds=folds,
-    )
-    check_budget(
-        budget,
-        limits,
-        given,
-        default_epochs=epochs_by_default(
-            upstream.architecture, planned, train, held_out=held_out, method=body.method
-        ),
-        default_batch_size=default_hyperparameters(upstream.architecture, body.method)["batch_size"],
-    )
     initialization = body.initialization
     if body.type == "pretrain" and initialization is None:
         initialization = "pretrained" if upstream.has_weights else "random"
@@ -392,6 +411,31 @@ def plan(
         seeds=body.seeds,
         hyperparameters=FinetuneHyperparameters.model_validate(hyperparameters),
     )
+    classes = 0 if self_supervised else len(train.classes)
+    runs = plan_training(
+        spec,
+        seed,
+        upstream=upstream.for_plan(train, classes),
+        train=DataFacts.of(train),
+        validation=DataFacts.of(validation) if validation is not None else None,
+        evaluation=DataFacts.of(evaluation) if evaluation is not None else None,
+        unlabeled=_facts(session, principal, body.unlabeled_dataset),
+        scratch=network_for(
+            ModelSpec.for_builtin(upstream.architecture), learned=False, data=train, classes=classes
+        ),
+        named=_named_upstreams(session, principal, upstream, arms or [], train),
+    )
+    check_limits(
+        runs,
+        limits,
+        given,
+        default_epochs=epochs_by_default(
+            upstream.architecture, planned, train, held_out=held_out, method=body.method
+        ),
+        default_batch_size=default_hyperparameters(upstream.architecture, body.method)["batch_size"],
+        seeds=len(body.seeds) if body.seeds else 1,
+        pretraining=body.type == "pretrain",
+    )
     start = f"checkpoint {body.from_checkpoint}" if body.from_checkpoint else upstream.base_model
     what = {"pretrain": "pretraining", "finetune": f"{body.method} fine-tune"}[body.type]
     if self_supervised:
@@ -405,7 +449,42 @@ def plan(
             f"(fewer than {MIN_VALIDATION_PER_CLASS} per class) to choose an epoch by, so the last epoch of the "
             "schedule is the result"
         )
-    return Plan(spec, created, transfer)
+    return Plan(spec, runs, created + _reading(runs, train), transfer)
+
+
+def _facts(session: Session, principal: Principal, dataset_id: str | None) -> DataFacts | None:
+    if dataset_id is None:
+        return None
+    return DataFacts.of(datasets.get_dataset(session, principal, dataset_id))
+
+
+def _named_upstreams(
+    session: Session, principal: Principal, upstream: Upstream, arms: list[str], train: Dataset
+) -> dict[str, PlanUpstream]:
+    """The upstream of each named arm that trains (parent, model ids), priced on the training data."""
+    found: dict[str, PlanUpstream] = {}
+    for name in arms:
+        if name in ("scratch", "as_is"):
+            continue
+        model_id = name
+        if name == "parent":
+            row = models.resolve(session, principal, upstream.base_model).row
+            assert row is not None and row.base_model is not None  # checked by _check_parent
+            model_id = row.base_model
+        other = model_upstream(session, principal, model_id)
+        found[name] = other.for_plan(train, len(train.classes)).model_copy(update={"learned": True})
+    return found
+
+
+def _reading(runs: JobPlan, train: Dataset) -> str:
+    """What the job's first event adds about how its network reads the images: the size a network that
+    follows the data chose, and a warning when the images' sizes are far apart."""
+    network = runs.primary.network
+    sizes = (train.profile or {}).get("image_sizes")
+    if network is None or network.side is None or not sizes or runs.primary.learned:
+        return ""
+    text = f". {network.architecture} reads the images at {network.side} px (their median shorter side)"
+    return text + (f"; {sizes['warning']}" if sizes.get("warning") else "")
 
 
 def _unheld_split(
