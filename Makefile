@@ -38,7 +38,7 @@ lint: $(STAMP)
 	$(BIN)/mypy graft ml app workers
 
 bench: $(STAMP)
-	for name in feature_cache service_overhead defaults adaptation distillation transferability resume api job_creation semi_supervised; do \
+	for name in feature_cache service_overhead defaults adaptation distillation transferability resume api job_creation semi_supervised plan_cost; do \
 		$(BIN)/python -m bench.$$name || exit 1; \
 	done
 

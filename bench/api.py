@@ -312,6 +312,83 @@ def resume_state(rng: random.Random, job_id: str, runs: list[str], epochs: int) 
     }
 
 
+def plan_values(
+    kind: str,
+    base: str,
+    method: str | None,
+    hyperparameters: dict[str, Any],
+    *,
+    seed: int,
+    seeds: list[int] | None,
+    baseline: bool,
+    methods: list[str] | None,
+    classes: int,
+) -> dict[str, Any]:
+    """The plan of runs (graft/plan.py) the API would store with such a job, priced for its architecture."""
+    from graft.catalog import BUILTIN_MODELS
+    from graft.compute import Network
+    from graft.jobspec import (
+        AdaptHyperparameters,
+        AdaptSpec,
+        DistillHyperparameters,
+        DistillSpec,
+        EvaluateSpec,
+        FinetuneHyperparameters,
+        Student,
+        TrainingSpec,
+    )
+    from graft.plan import (
+        DataFacts,
+        Upstream,
+        plan_adaptation,
+        plan_distillation,
+        plan_evaluation,
+        plan_training,
+    )
+    from graft.spec import ModelSpec
+
+    architecture = base if base in BUILTIN_MODELS else "resnet-small"
+    network = Network.of(ModelSpec.for_builtin(architecture), classes=classes, mean_text_chars=140.0)
+    upstream = Upstream(id=base, learned=True, architecture=architecture, network=network)
+    data = DataFacts(examples=2000, class_counts={str(c): 2000 // classes for c in range(classes)})
+    if kind == "evaluate":
+        plan = plan_evaluation(
+            EvaluateSpec(kind="evaluate", model=base, dataset="ds"), network=network, dataset=data
+        )
+    elif kind == "adapt":
+        hp = AdaptHyperparameters.model_validate(
+            {
+                "adaptation_weight": 1.0,
+                "pseudo_label_threshold": 0.9,
+                "mcc_temperature": 2.5,
+                **hyperparameters,
+            }
+        )
+        spec = AdaptSpec(
+            kind="adapt", base_model=base, source_dataset="ds", target_dataset="ds2", backbone="full",
+            method="full", methods=[m for m in methods or ["dann"] if m in ("dann", "coral", "mmd")] or ["mmd"],
+            hyperparameters=hp,
+        )  # fmt: skip
+        plan = plan_adaptation(spec, seed, upstream=upstream, source=data, target=data)
+    elif kind == "distill":
+        distilled = DistillSpec(
+            kind="distill", teacher=base, student=Student(architecture="minilm-l6", layers=2),
+            training_dataset="ds", backbone="full", method="full",
+            hyperparameters=DistillHyperparameters.model_validate(hyperparameters),
+        )  # fmt: skip
+        plan = plan_distillation(
+            distilled, seed, teacher=network, student=upstream, train=data, labelled=True
+        )
+    else:
+        training = TrainingSpec(
+            kind=kind, base_model=base, method=method or "full", training_dataset="ds", baseline=baseline,
+            baseline_arms=["scratch"] if baseline else None, seeds=seeds,
+            hyperparameters=FinetuneHyperparameters.model_validate(hyperparameters),
+        )  # fmt: skip
+        plan = plan_training(training, seed, upstream=upstream, train=data, scratch=network)
+    return plan.model_dump(mode="json")
+
+
 def job_values(rng: random.Random, project_id: str, created: datetime, now: datetime) -> dict[str, Any]:
     """One job row as the service and its workers leave it, by status (attribute names of graft.tables.Job)."""
     from graft.ids import new_id
@@ -391,6 +468,19 @@ def job_values(rng: random.Random, project_id: str, created: datetime, now: date
             report = transfer_report(rng, job_id, seeds, epochs, labels)
         elif kind == "adapt" and methods:
             report = adaptation_report(rng, job_id, [1, 2, 3], epochs, methods, labels)
+    base = rng.choice(BASE_MODELS[kind])
+    job_seed = rng.randint(0, 2**31)
+    plan = plan_values(
+        kind,
+        base,
+        method,
+        hyperparameters,
+        seed=job_seed,
+        seeds=seeds,
+        baseline=baseline,
+        methods=methods,
+        classes=len(labels),
+    )
     requeued = status == "queued" and rng.random() < 0.3
     attempts = 0 if status == "queued" and not requeued else rng.choice([1, 1, 1, 1, 2])
     state = None
@@ -408,7 +498,7 @@ def job_values(rng: random.Random, project_id: str, created: datetime, now: date
         "project_id": project_id,
         "type": kind,
         "status": status,
-        "base_model": rng.choice(BASE_MODELS[kind]),
+        "base_model": base,
         "training_dataset": _token(rng, "ds") if kind != "evaluate" else None,
         "validation_dataset": _token(rng, "ds") if rng.random() < 0.2 else None,
         "target_dataset": _token(rng, "ds") if kind == "adapt" else None,
@@ -417,7 +507,8 @@ def job_values(rng: random.Random, project_id: str, created: datetime, now: date
         "student": {"architecture": "minilm-l6", "layers": 2} if kind == "distill" else None,
         "method": method,
         "hyperparameters": hyperparameters,
-        "seed": rng.randint(0, 2**31),
+        "plan": plan,
+        "seed": job_seed,
         "head": None,
         "initialization": None,
         "from_checkpoint": None,
@@ -461,6 +552,7 @@ JSON_COLUMNS = (
     "methods",
     "student",
     "hyperparameters",
+    "plan",
     "seeds",
     "transfer",
     "report",

@@ -46,7 +46,8 @@ JOB_COLUMNS = (
     "progress, metrics, error, result_model, cancel_requested, attempts, worker_losses, created_at, "
     "started_at, finished_at"
 )
-GET_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND project_id = $2"
+# A job with the plan of its runs, as Graft's job GET; its list page leaves plans out.
+GET_JOB = f"SELECT {JOB_COLUMNS}, plan FROM jobs WHERE id = $1 AND project_id = $2"
 LIST_JOBS = f"SELECT {JOB_COLUMNS} FROM jobs WHERE project_id = $1 ORDER BY pk DESC LIMIT $2"
 
 
@@ -76,6 +77,7 @@ def job_view(row: Mapping[str, Any]) -> dict[str, Any]:
         "student": row["student"],
         "method": row["method"],
         "hyperparameters": row["hyperparameters"],
+        **({"plan": row["plan"]} if "plan" in row else {}),
         "head": row["head"],
         "initialization": row["initialization"],
         "from_checkpoint": row["from_checkpoint"],

@@ -116,6 +116,7 @@ Benchmarks of Graft's training path. Run one from the repository root, or all wi
 .venv/bin/python -m bench.distillation
 .venv/bin/python -m bench.transferability
 .venv/bin/python -m bench.job_creation
+.venv/bin/python -m bench.plan_cost
 ```
 
 - `bench.feature_cache`: a `linear_probe` job's training (the recipe, with its feature cache starting
@@ -134,6 +135,8 @@ Benchmarks of Graft's training path. Run one from the repository root, or all wi
 - `bench.transferability`: the transferability scores against the accuracy fine-tuning really reached.
 - `bench.job_creation`: many clients creating jobs at once against one uvicorn worker, on SQLite and on
   PostgreSQL, against the service at an earlier revision run alternately.
+- `bench.plan_cost`: every kind of job on every built-in architecture, its plan's estimated cost against
+  the time the real runner takes; and the speeds the estimate is made with, measured.
 
 Each script prints its tables and rewrites its own section below (between its `<!-- bench:... -->`
 markers), leaving the rest of this file alone. Figures depend on the machine (CPU, cores, threads, disk),

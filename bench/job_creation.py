@@ -4,7 +4,7 @@ ONE uvicorn worker, each polling the job it made, while a probe reads /healthz; 
 (SQLite, filesystem broker) and on PostgreSQL + Redis.
 
 The baseline is the same service at another git revision (`--baseline`, by default the one before job
-specs), run alternately with the current tree in the same script, each round on a fresh database: the
+plans), run alternately with the current tree in the same script, each round on a fresh database: the
 ratio says what the change costs on the request path. Nothing may be lost: every 201 must be a row.
 
     .venv/bin/python -m bench.job_creation --runs 3 --duration 10
@@ -36,7 +36,7 @@ from tests.helpers import Api, free_port, iris_csv, log_tail, shifted_table_csv,
 NAME = "job_creation"
 POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432"
 REDIS = "redis://127.0.0.1:6379/0"
-DEFAULT_BASELINE = "2b6af75"  # main before each job kind had its spec (graft/jobspec.py)
+DEFAULT_BASELINE = "73a8e79"  # main before each job had a plan of its runs (graft/plan.py)
 TABULAR = "tabular_classification"
 
 

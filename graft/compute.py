@@ -31,19 +31,33 @@ CHARS_PER_TOKEN = 4.0
 # and small feature maps far below it.
 FORWARD_FLOPS_PER_SECOND: dict[str, float] = {
     "minilm-l6": 1.4e11,
-    "efficientnet-lite0": 2.0e10,
-    "resnet-small": 1.6e11,
-    "cnn-small": 5.0e10,
+    "efficientnet-lite0": 7.5e10,
+    "resnet-small": 2.1e11,
+    "cnn-small": 6.5e10,
     "mlp": 2.0e10,
 }
 # A training example (forward, backward, the optimiser's share) costs this many forward passes when the whole
-# network trains; the backward pass alone is about twice the forward, the rest is memory traffic.
+# network trains: the backward pass alone is about twice the forward, the rest is memory traffic, which
+# depthwise convolutions have much of (EfficientNet's backward pass is the slowest part of all).
 FULL_TRAINING_FACTOR: dict[str, float] = {
     "minilm-l6": 4.0,
-    "efficientnet-lite0": 3.0,
+    "efficientnet-lite0": 9.3,
     "resnet-small": 4.0,
-    "cnn-small": 2.8,
+    "cnn-small": 1.7,
     "mlp": 4.0,
+}
+# partial trains the top blocks: its examples cost a forward pass plus the training of that share of the
+# network, which is less than its share of the blocks where the top blocks hold less of the work (an
+# EfficientNet's on 7 x 7 maps, a transformer's beside its embeddings).
+PARTIAL_SHARE_WEIGHT: dict[str, float] = {"efficientnet-lite0": 0.4, "minilm-l6": 0.4}
+# The same with LoRA adapters: the activations' gradients still run down through every layer, and on a
+# convolutional network the adapters are convolutions of their own, so it costs as much as training all of
+# it, or more (peft's convolution adapters run beside every adapted layer).
+LORA_TRAINING_FACTOR: dict[str, float] = {
+    "minilm-l6": 3.0,
+    "efficientnet-lite0": 8.3,
+    "resnet-small": 6.8,
+    "cnn-small": 2.2,
 }
 # What every example costs besides its FLOPs (a tiny network's forward pass is mostly this), in seconds.
 EXAMPLE_SECONDS = 2e-6
@@ -51,6 +65,13 @@ EXAMPLE_SECONDS = 2e-6
 # checks) and AdamW's update of each trainable parameter.
 STEP_SECONDS = 1.0e-3
 STEP_SECONDS_PER_PARAMETER = 3e-9
+# A step of a head alone over cached features (a head warm-up, a linear probe) is a few small tensors.
+HEAD_STEP_SECONDS = 2e-4
+# What every run costs besides its epochs: building its network, reading its data, its events.
+RUN_SECONDS = 0.4
+# What every epoch of a run costs besides its steps: its training state journalled (the trained weights,
+# the best ones and AdamW's two moments, written and fsynced: bench.resume) and a checkpoint.
+EPOCH_SECONDS_PER_PARAMETER = 3.5e-8
 
 
 class Network(BaseModel):
@@ -197,15 +218,20 @@ def _conv(cin: int, cout: int, pixels: float, kernel: int = 3) -> float:
 
 def training_factor(network: Network, method: str, share: float = 1.0) -> float:
     """A training example's cost in forward passes, by what trains: the whole network (full), the top
-    `share` of it (partial: the forward pass, then gradients through the top only), LoRA adapters (the
-    activations' gradients run down through every layer, the weights' only through the adapters)."""
+    `share` of it (partial: the forward pass, then gradients through the top only), LoRA adapters."""
     full = FULL_TRAINING_FACTOR[network.architecture]
     if method == "partial":
-        return 1.0 + (full - 1.0) * share
+        return 1.0 + (full - 1.0) * share * PARTIAL_SHARE_WEIGHT.get(network.architecture, 1.0)
     if method == "lora":
-        return 1.0 + (full - 1.0) * 0.6
+        return LORA_TRAINING_FACTOR.get(network.architecture, full)
     return full
 
 
-def step_seconds(trainable_parameters: int) -> float:
-    return STEP_SECONDS + STEP_SECONDS_PER_PARAMETER * trainable_parameters
+def step_seconds(trainable_parameters: int, *, head_only: bool = False) -> float:
+    base = HEAD_STEP_SECONDS if head_only else STEP_SECONDS
+    return base + STEP_SECONDS_PER_PARAMETER * trainable_parameters
+
+
+def run_overhead_seconds(epochs: int, trainable_parameters: int) -> float:
+    """A run's fixed cost and its journal's, each epoch."""
+    return RUN_SECONDS + epochs * EPOCH_SECONDS_PER_PARAMETER * trainable_parameters

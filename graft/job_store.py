@@ -475,7 +475,6 @@ _JOB_COLUMNS = (
     Job.student,
     Job.method,
     Job.hyperparameters,
-    Job.plan,
     Job.head,
     Job.initialization,
     Job.from_checkpoint,
@@ -499,7 +498,8 @@ _JOB_COLUMNS = (
     Job.report.is_not(None).label("has_report"),
 )
 
-JOB_BY_ID = select(*_JOB_COLUMNS).where(
+# A job with the plan of its runs; the list pages leave plans out (a page of them is tens of kilobytes).
+JOB_BY_ID = select(*_JOB_COLUMNS, Job.plan).where(
     Job.id == bindparam("job_id"), Job.project_id == bindparam("project_id")
 )
 

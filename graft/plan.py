@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from graft.compute import Network, step_seconds, training_factor
+from graft.compute import Network, run_overhead_seconds, step_seconds, training_factor
 from graft.defaults import HEAD_WARMUP_LEARNING_RATE, scratch_hyperparameters, split_sizes
-from graft.jobspec import AdaptSpec, DistillSpec, EvaluateSpec, Hyperparameters, TrainingSpec
+from graft.jobspec import AdaptSpec, DistillSpec, EvaluateSpec, TrainingSpec, resolved
 
 if TYPE_CHECKING:  # the rows' module needs SQLAlchemy, which the training side never imports
     from graft.tables import Dataset
@@ -132,7 +132,8 @@ class ArmPlan(BaseModel):
     @property
     def warmup_epochs(self) -> int:
         """Head warm-up epochs of each run (a head fitted on the frozen backbone before it moves)."""
-        return int(self.hyperparameters.get("head_warmup_epochs") or 0) if warms_up(self) else 0
+        warm = warms_up(self.learned, self.method, self.hyperparameters)
+        return int(self.hyperparameters.get("head_warmup_epochs") or 0) if warm else 0
 
 
 class PlannedRun(BaseModel):
@@ -222,24 +223,25 @@ def plan_cost(arms: list[ArmPlan]) -> Cost:
 # ------------------------------------------------------------------------------------------------ pricing
 
 
-def warms_up(arm: ArmPlan) -> bool:
+def warms_up(learned: bool, method: str, hyperparameters: dict[str, Any]) -> bool:
     """A run fits its head on the frozen backbone before the backbone moves (workers/recipes/finetune.py,
     _warm_up_head): learned weights, a method that moves the backbone, and warm-up epochs. A kept head
     warms up too (from its source weights)."""
     return (
-        arm.learned
-        and arm.method in ("full", "partial", "lora")
-        and bool(arm.hyperparameters.get("head_warmup_epochs"))
+        learned and method in ("full", "partial", "lora") and bool(hyperparameters.get("head_warmup_epochs"))
     )
 
 
-def run_cost(arm: ArmPlan, *, teacher: Network | None = None) -> Cost:
-    """One run of `arm`: its feature passes, head warm-up, epochs (with validation, unlabelled or target
-    batches), its final measurements and, for a distilled student, the teacher's predictions."""
+def run_cost(arm: ArmPlan, *, teacher: Network | None = None, embeds: bool = True) -> Cost:
+    """One run of `arm`: its feature passes (unless `embeds` is false: the feature cache has them from an
+    earlier run), head warm-up, epochs (with validation, unlabelled or target batches), its final
+    measurements and, for a distilled student, the teacher's predictions."""
     hp, ex, network = arm.hyperparameters, arm.examples, arm.network
     if not arm.trains:
         forward = float(ex.embedded)
         return _priced(network, Cost(forward_examples=forward), forward=forward)
+    if not embeds:
+        ex = ex.model_copy(update={"embedded": 0})
     epochs = int(hp["epochs"])
     batch = max(1, int(hp["batch_size"]))
     method = arm.method
@@ -255,9 +257,13 @@ def run_cost(arm: ArmPlan, *, teacher: Network | None = None) -> Cost:
     # Examples through the backbone without gradients: features computed once (a linear probe's, the
     # warm-up's), validation each epoch (over cached features when frozen), the final measurements.
     forward = float(ex.embedded + (0 if frozen else epochs * ex.validation) + ex.validation + ex.evaluation)
-    if arm.kind == "adaptation":
-        # target accuracy each epoch, and label-free diagnostics at the end
-        forward += (0 if frozen else epochs * ex.evaluation) + 2 * DIAGNOSTIC_EXAMPLES
+    if arm.kind == "adaptation" and not frozen:
+        # target accuracy each epoch, and label-free diagnostics at the end (over cached features when frozen)
+        forward += (
+            epochs * ex.evaluation
+            + min(ex.train, DIAGNOSTIC_EXAMPLES)
+            + min(ex.unlabeled, DIAGNOSTIC_EXAMPLES)
+        )
     trained = 0.0 if frozen else float(epochs * ex.train)
     if arm.kind == "adaptation" and arm.adaptation != "source_only" and not frozen:
         trained += epochs * ex.unlabeled  # a target batch beside each source batch, through the same pass
@@ -279,9 +285,11 @@ def run_cost(arm: ArmPlan, *, teacher: Network | None = None) -> Cost:
     flops = network.flops() * (forward + trained * 3)
     # Steps over cached features: every epoch of a frozen backbone's head (and adapter), a warm-up's head.
     heads = (epochs * (ex.train + ex.unlabeled) if frozen else 0) + warmup * ex.train
+    trainable = _trainable_parameters(arm, network, share)
     seconds += network.head_seconds(heads)
-    seconds += (steps - warmup_steps) * step_seconds(_trainable_parameters(arm, network, share))
-    seconds += warmup_steps * step_seconds(network.head_parameters())
+    seconds += (steps - warmup_steps) * step_seconds(trainable, head_only=frozen)
+    seconds += warmup_steps * step_seconds(network.head_parameters(), head_only=True)
+    seconds += run_overhead_seconds(epochs, trainable)
     if teacher is not None and ex.teacher:
         seconds += teacher.forward_seconds(ex.teacher)
         flops += teacher.flops() * ex.teacher
@@ -329,7 +337,10 @@ def _arm(
     primary: bool = False,
     adaptation: str | None = None,
     teacher: Network | None = None,
+    cached: bool = False,
 ) -> ArmPlan:
+    """An arm and its cost. A frozen backbone's features with learned weights are computed once per model
+    and dataset (the feature cache): by the arm's first run, or by an earlier arm (`cached`)."""
     runs = len(seeds) * max(folds, 1) if kind not in ("as_is", "evaluation") else 1
     arm = ArmPlan(
         name=name,
@@ -347,18 +358,16 @@ def _arm(
         runs=runs,
         cost=Cost(),
     )
-    return arm.model_copy(update={"cost": run_cost(arm, teacher=teacher).times(runs)})
+    first = run_cost(arm, teacher=teacher, embeds=not (cached and learned))
+    later = run_cost(arm, teacher=teacher, embeds=not learned).times(runs - 1) if runs > 1 else Cost()
+    return arm.model_copy(update={"cost": first + later})
 
 
 def with_warmup_rate(hyperparameters: dict[str, Any], learned: bool, method: str) -> dict[str, Any]:
     """The arm's hyperparameters with the head warm-up's learning rate, where its runs warm a head up."""
-    if learned and method in ("full", "partial", "lora") and hyperparameters.get("head_warmup_epochs"):
+    if warms_up(learned, method, hyperparameters):
         return {"head_warmup_learning_rate": HEAD_WARMUP_LEARNING_RATE, **hyperparameters}
     return hyperparameters
-
-
-def resolved(hyperparameters: Hyperparameters) -> dict[str, Any]:
-    return hyperparameters.model_dump(mode="json", exclude_unset=True)
 
 
 # ------------------------------------------------------------------------------------------------ kinds
@@ -425,7 +434,7 @@ def plan_training(
                 if spec.method == "linear_probe"
                 else 0
             )
-            + (train_examples if _warm(upstream.learned, spec.method, hp) else 0),
+            + (train_examples if warms_up(upstream.learned, spec.method, hp) else 0),
         )
 
     folds = int(spec.hyperparameters.cross_validation_folds or 0)
@@ -557,10 +566,6 @@ def plan_training(
     return JobPlan(kind="study", arms=arms, cost=plan_cost(arms))
 
 
-def _warm(learned: bool, method: str, hp: dict[str, Any]) -> bool:
-    return learned and method in ("full", "partial", "lora") and bool(hp.get("head_warmup_epochs"))
-
-
 def _named_kind(name: str) -> ArmKind:
     return "parent" if name == "parent" else "model"
 
@@ -595,7 +600,7 @@ def plan_adaptation(
         if method == "dann":
             arm_hp = {**arm_hp, "discriminator_learning_rate": arm_hp["learning_rate"]}
         embedded = (train_n + validation_n + target.examples + evaluated) if frozen else 0
-        if _warm(upstream.learned, spec.method, hp):
+        if warms_up(upstream.learned, spec.method, hp):
             embedded += train_n
         arms.append(
             _arm(
@@ -616,6 +621,7 @@ def plan_adaptation(
                     embedded=embedded,
                 ),
                 primary=method == primary,
+                cached=bool(arms),  # every method reads the features the first computed
             )
         )
     return JobPlan(kind="adaptation", arms=arms, cost=plan_cost(arms))
@@ -640,39 +646,30 @@ def plan_distillation(
         train_n, validation_n = split_sizes(train.class_counts, float(spec.hyperparameters.validation_split))
     evaluated = evaluation.examples if evaluation is not None else validation_n
     embedded = (train_n + validation_n) if spec.method == "linear_probe" else 0
-    if _warm(student.learned, spec.method, hp):
+    if warms_up(student.learned, spec.method, hp):
         embedded += train_n
     examples = Examples(train=train_n, validation=validation_n, evaluation=evaluated, embedded=embedded)
+    # The teacher predicts the transfer data once, and the evaluation data for the report.
+    taught = examples.model_copy(update={"teacher": train.examples + evaluated})
+    students: list[tuple[str, ArmKind, Examples]] = [("distilled student", "distilled", taught)]
+    if labelled:
+        students.append(("student alone", "student", examples))
     arms = [
         _arm(
-            "distilled student",
-            "distilled",
+            name,
+            kind,
             upstream=student.id,
             learned=student.learned,
             method=spec.method,
             network=student.network,
             seeds=[seed],
             hyperparameters=hp,
-            # The teacher predicts the transfer data once, and the evaluation data for the report.
-            examples=examples.model_copy(update={"teacher": train.examples + evaluated}),
-            primary=True,
-            teacher=teacher,
+            examples=arm_examples,
+            primary=kind == "distilled",
+            teacher=teacher if kind == "distilled" else None,
         )
+        for name, kind, arm_examples in students
     ]
-    if labelled:
-        arms.append(
-            _arm(
-                "student alone",
-                "student",
-                upstream=student.id,
-                learned=student.learned,
-                method=spec.method,
-                network=student.network,
-                seeds=[seed],
-                hyperparameters=hp,
-                examples=examples,
-            )
-        )
     return JobPlan(kind="distillation", arms=arms, cost=plan_cost(arms))
 
 

@@ -21,6 +21,7 @@ from app.jobs.schemas import (
     JobOut,
     JobReport,
     JobStatus,
+    JobSummary,
 )
 from graft.storage import Storage
 from graft.tables import Checkpoint, Job
@@ -74,7 +75,11 @@ async def create_job(
     return job
 
 
-@router.get("", response_model=ListResponse[JobOut], summary="List jobs, newest first")
+@router.get(
+    "",
+    response_model=ListResponse[JobSummary],
+    summary="List jobs, newest first (each without its plan: GET /v1/jobs/{id} has it)",
+)
 async def list_jobs(
     request: Request,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
@@ -83,7 +88,7 @@ async def list_jobs(
 ) -> Response:
     context, principal = caller(request)
     rows, has_more = await views.list_jobs(context.reader, principal, status=status, after=after, limit=limit)
-    return model_response(ListResponse[JobOut](data=rows, has_more=has_more))
+    return model_response(ListResponse[JobSummary](data=rows, has_more=has_more))
 
 
 @router.get("/{job_id}", response_model=JobOut, summary="Get a job (poll this for status and progress)")

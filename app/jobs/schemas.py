@@ -489,7 +489,9 @@ class JobError(BaseModel):
     message: str
 
 
-class JobOut(BaseModel):
+class JobSummary(BaseModel):
+    """A job as the job list shows it: everything but the plan of its runs (GET /v1/jobs/{id} has it)."""
+
     model_config = ConfigDict(
         from_attributes=True,
         json_schema_extra={
@@ -561,14 +563,6 @@ class JobOut(BaseModel):
     student: dict[str, Any] | None = Field(default=None, description="distill: the student architecture.")
     method: str | None
     hyperparameters: dict[str, Any] = Field(description="As resolved: what you sent, defaults for the rest.")
-    plan: JobPlan | None = Field(
-        default=None,
-        description="Every run the job makes, by arm (the transferred model, the scratch baseline, each "
-        "adaptation method, the distilled student...): the model each starts from, its method, seeds and "
-        "folds, every hyperparameter its runs train with (the scratch arm's own learning rate, the head "
-        "warm-up's), the examples each run touches, and the estimated cost (`cost.seconds`: on the reference "
-        "machine, 2 CPU cores). The worker runs exactly these runs. None for jobs made before plans were.",
-    )
     head: str | None
     initialization: str | None
     from_checkpoint: str | None
@@ -608,6 +602,17 @@ class JobOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+
+
+class JobOut(JobSummary):
+    plan: JobPlan | None = Field(
+        default=None,
+        description="Every run the job makes, by arm (the transferred model, the scratch baseline, each "
+        "adaptation method, the distilled student...): the model each starts from, its method, seeds and "
+        "folds, every hyperparameter its runs train with (the scratch arm's own learning rate, the head "
+        "warm-up's), the examples each run touches, and the estimated cost (`cost.seconds`: on the reference "
+        "machine, 2 CPU cores). The worker runs exactly these runs. None for jobs made before plans were.",
+    )
 
 
 class JobEventOut(BaseModel):

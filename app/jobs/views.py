@@ -8,14 +8,18 @@ from typing import Any
 from app.core.errors import InvalidRequest, not_found
 from app.core.reads import Reader
 from app.core.security import Principal
-from app.jobs.schemas import JobEventOut, JobOut
+from app.jobs.schemas import JobEventOut, JobOut, JobSummary
 from graft import job_store
 
 
-def job_out(row: Mapping[str, Any]) -> JobOut:
+def _values(row: Mapping[str, Any]) -> dict[str, Any]:
     values = dict(row)
     values["report_url"] = f"/v1/jobs/{values['id']}/report" if values.pop("has_report") else None
-    return JobOut.model_validate(values)
+    return values
+
+
+def job_out(row: Mapping[str, Any]) -> JobOut:
+    return JobOut.model_validate(_values(row))
 
 
 async def get_job(reader: Reader, principal: Principal, job_id: str) -> JobOut:
@@ -31,7 +35,7 @@ def _invalid_cursor(after: str) -> InvalidRequest:
 
 async def list_jobs(
     reader: Reader, principal: Principal, *, status: str | None, after: str | None, limit: int
-) -> tuple[list[JobOut], bool]:
+) -> tuple[list[JobSummary], bool]:
     """One page, newest first, and whether there is more."""
     params: dict[str, Any] = {"project_id": principal.project_id, "limit": limit + 1}
     if status is not None:
@@ -44,7 +48,7 @@ async def list_jobs(
         params.pop("limit")
         if await reader.one(job_store.JOB_CURSOR[status is not None], params) is None:
             raise _invalid_cursor(after)
-    return [job_out(row) for row in rows[:limit]], len(rows) > limit
+    return [JobSummary.model_validate(_values(row)) for row in rows[:limit]], len(rows) > limit
 
 
 async def list_events(

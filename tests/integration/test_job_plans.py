@@ -23,7 +23,7 @@ from tests.helpers import (
     text_csv,
     unlabelled_csv,
 )
-from tests.integration.conftest import run_in_process
+from tests.integration.conftest import succeeded
 
 TABULAR = "tabular_classification"
 HYPERPARAMETERS = {
@@ -59,15 +59,6 @@ def executed(api: Api, job_id: str) -> dict[str, dict[str, Any]]:
     return found
 
 
-def run_job(api: Api, settings: Settings, body: dict[str, Any]) -> dict[str, Any]:
-    response = api.create_job(body)
-    assert response.status_code == 201, response.text
-    run_in_process(settings, response.json()["id"])
-    job = api.get(f"/v1/jobs/{response.json()['id']}").json()
-    assert job["status"] == "succeeded", job["error"]
-    return job
-
-
 def assert_ran_as_planned(api: Api, job: dict[str, Any]) -> JobPlan:
     plan = JobPlan.model_validate(job["plan"])
     kind = HYPERPARAMETERS[job["type"]]
@@ -96,7 +87,7 @@ def iris(project: Api) -> str:
 def learned(project: Api, settings: Settings, iris: str) -> str:
     """An mlp trained on iris: learned weights to transfer from."""
     return str(
-        run_job(
+        succeeded(
             project,
             settings,
             {"base_model": "mlp", "training_dataset": iris, "hyperparameters": {"epochs": 3}},
@@ -106,7 +97,7 @@ def learned(project: Api, settings: Settings, iris: str) -> str:
 
 def test_a_baseline_study_runs_its_plan(project: Api, settings: Settings, iris: str, learned: str) -> None:
     held = project.upload_ok(iris_csv(60, seed=3), "held.csv", TABULAR, label_column="species")["id"]
-    job = run_job(
+    job = succeeded(
         project,
         settings,
         {
@@ -134,7 +125,7 @@ def test_a_baseline_study_runs_its_plan(project: Api, settings: Settings, iris: 
 def test_a_cross_validated_study_runs_its_plan(
     project: Api, settings: Settings, iris: str, learned: str
 ) -> None:
-    job = run_job(
+    job = succeeded(
         project,
         settings,
         {
@@ -169,14 +160,14 @@ def test_pretraining_and_self_supervision_run_their_plans(
             "hyperparameters": {"epochs": 2},
         },
     ):
-        assert len(assert_ran_as_planned(project, run_job(project, settings, body)).runs()) == 1
+        assert len(assert_ran_as_planned(project, succeeded(project, settings, body)).runs()) == 1
 
 
 def test_semi_supervised_fine_tuning_runs_its_plan(
     project: Api, settings: Settings, iris: str, learned: str
 ) -> None:
     unlabelled = project.upload_ok(unlabelled_csv(iris_csv(90, seed=5)), "u.csv", TABULAR)["id"]
-    job = run_job(
+    job = succeeded(
         project,
         settings,
         {
@@ -197,7 +188,7 @@ def test_adaptation_runs_its_plan(project: Api, settings: Settings) -> None:
     target = project.upload_ok(
         shifted_table_csv(120, domain="target", with_labels=False), "target.csv", TABULAR
     )["id"]
-    job = run_job(
+    job = succeeded(
         project,
         settings,
         {
@@ -221,7 +212,7 @@ def test_adaptation_runs_its_plan(project: Api, settings: Settings) -> None:
 
 
 def test_distillation_runs_its_plan(project: Api, settings: Settings, iris: str, learned: str) -> None:
-    job = run_job(
+    job = succeeded(
         project,
         settings,
         {
@@ -242,7 +233,7 @@ def test_an_evaluation_job_is_planned_and_priced(settings: Settings) -> None:
     with TestClient(create_app(queued)) as client:
         api = new_project(Api(client, ADMIN_KEY))
         iris = api.upload_ok(iris_csv(), "iris.csv", TABULAR, label_column="species")["id"]
-        model = run_job(
+        model = succeeded(
             api, settings, {"base_model": "mlp", "training_dataset": iris, "hyperparameters": {"epochs": 2}}
         )
         response = api.post(f"/v1/models/{model['result_model']}/evaluate", json={"dataset": iris})
